@@ -1,0 +1,93 @@
+"""Datasets as in-memory uint8 tensors, shared helpers for loaders (missing files, safe unpickling)."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import pickle
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .options import NoOptions
+
+
+@dataclasses.dataclass
+class ImageData:
+    """A whole split in memory: images uint8 [N, C, H, W], labels int64 [N] (-1 = unlabeled)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    name: str
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, index: torch.Tensor | list[int]) -> "ImageData":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ImageData(self.images[index], self.labels[index], self.classes, self.name)
+
+    def resized(self, size: int) -> "ImageData":
+        """Images at ``size``×``size`` (antialiased bilinear), kept as uint8."""
+        if self.images.shape[-1] == size and self.images.shape[-2] == size:
+            return self
+        out = []
+        for chunk in self.images.split(1024):
+            x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+        return ImageData(torch.cat(out), self.labels, self.classes, self.name)
+
+
+class Dataset:
+    """Base class of dataset plugins. Subclasses set ``name``, ``splits`` and implement ``load``."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    splits: ClassVar[tuple[str, ...]] = ("train", "test")
+
+    def __init__(self, options: Any, root: Path) -> None:
+        self.options = options
+        self.root = Path(root)
+
+    def load(self, split: str) -> ImageData:
+        """Return the split; raise ``missing_data(...)`` when its files are absent."""
+        raise NotImplementedError
+
+    def download(self) -> None:
+        """Fetch the files into ``self.root`` in the format ``load`` reads (only when the user asks)."""
+        raise UserError(f"{self.name}: this dataset cannot be downloaded by rsslctl; place its files under {self.root}")
+
+
+def missing_data(dataset: str, looked_for: list[Path], how: str) -> UserError:
+    """The one-line error for absent dataset files: what, where we looked, how to get them."""
+    shown = str(Path(looked_for[0]).resolve())
+    more = f" (and {len(looked_for) - 1} more)" if len(looked_for) > 1 else ""
+    return UserError(f"{dataset}: data files not found: looked for {shown}{more}; {how}")
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays (dataset batches), never arbitrary code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        ("builtins", "bytes"), ("builtins", "bytearray"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def safe_unpickle(path: Path) -> Any:
+    """Load a dataset batch stored as a pickle (CIFAR python version, ImageNet-32) without executing code."""
+    try:
+        with open(path, "rb") as fh:
+            return _SafeUnpickler(io.BytesIO(fh.read()), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise UserError(f"{path}: not a valid dataset batch file ({exc}); re-extract the archive") from None

@@ -1,0 +1,34 @@
+"""Hook specifications: every plugin kind is one hook returning the classes a plugin provides.
+
+A plugin is any module registered under the ``rsslctl`` entry-point group that implements some of
+these hooks with ``@rsslctl.hookimpl``. Each returned class has a ``name`` (str), an ``Options``
+dataclass (see rsslctl.options) and a docstring whose first line describes it.
+"""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("rsslctl")
+
+
+@hookspec
+def rsslctl_methods() -> list[type]:
+    """Pretraining methods (subclasses of rsslctl.method.Method)."""
+
+
+@hookspec
+def rsslctl_attacks() -> list[type]:
+    """Adversarial attacks (subclasses of rsslctl.attack.Attack)."""
+
+
+@hookspec
+def rsslctl_backbones() -> list[type]:
+    """Backbone builders (subclasses of rsslctl.encoder.Backbone)."""
+
+
+@hookspec
+def rsslctl_coreset_selectors() -> list[type]:
+    """Coreset selectors (subclasses of rsslctl.coreset.CoresetSelector)."""
+
+
+@hookspec
+def rsslctl_datasets() -> list[type]:
+    """Datasets (subclasses of rsslctl.data.Dataset)."""
