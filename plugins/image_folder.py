@@ -1,0 +1,60 @@
+"""Any image collection in torchvision ImageFolder layout: <root>/<path>/<split>/<class>/<images>."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from rsslctl import hookimpl
+from rsslctl.data import Dataset, ImageData, missing_data
+from rsslctl.errors import UserError
+from rsslctl.options import opt
+
+_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+@dataclasses.dataclass
+class ImageFolderOptions:
+    path: str = opt("", "folder under data.root holding one sub-folder per split")
+    image_size: int = opt(32, "images are resized to this square size", min=8)
+
+
+class ImageFolder(Dataset):
+    """Images in one sub-folder per class (ImageFolder layout), resized to a square size, as RGB."""
+
+    name = "image_folder"
+    Options = ImageFolderOptions
+    splits = ("train", "val", "test")
+
+    def load(self, split: str) -> ImageData:
+        from PIL import Image, UnidentifiedImageError
+
+        base = self.root / self.options.path
+        folder = base / split
+        present = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        if split not in self.splits and split not in present:
+            raise UserError(f"{self.name}: unknown split '{split}'; valid splits: "
+                            f"{', '.join(sorted(set(self.splits) | set(present)))}")
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        files = [(f, i) for i, c in enumerate(classes) for f in sorted((folder / c).rglob("*"))
+                 if f.is_file() and f.suffix.lower() in _EXTENSIONS]
+        if not files:
+            raise missing_data(self.name, [folder],
+                               f"put one sub-folder per class holding png/jpg/jpeg/bmp/webp images there "
+                               "(or set the dataset's path option)")
+        size = self.options.image_size
+        images = np.empty((len(files), size, size, 3), dtype=np.uint8)
+        for n, (f, _) in enumerate(files):
+            try:
+                with Image.open(f) as im:
+                    images[n] = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+            except (OSError, UnidentifiedImageError, ValueError) as exc:
+                raise UserError(f"{f}: cannot read image ({exc}); fix or remove the file") from None
+        labels = torch.tensor([i for _, i in files], dtype=torch.int64)
+        return ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, classes, self.name)
+
+
+@hookimpl
+def rsslctl_datasets() -> list[type]:
+    return [ImageFolder]

@@ -1,0 +1,70 @@
+"""Downsampled ImageNet 32x32 (Chrabaszcz et al., 2017), npz or pickled release."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rsslctl import hookimpl
+from rsslctl.data import Dataset, ImageData, missing_data, safe_unpickle
+from rsslctl.errors import UserError
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(data uint8 [N, 3072], labels 1..1000) of one batch file."""
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return npz["data"], npz["labels"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+            raise UserError(f"{path}: not a valid ImageNet-32 batch ({exc}); re-extract the archive") from None
+    batch: Any = safe_unpickle(path)
+    try:
+        get = lambda k: batch[k] if k in batch else batch[k.encode()]  # noqa: E731  (str or bytes keys)
+        return get("data"), get("labels")
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a valid ImageNet-32 batch (missing {exc}); re-extract the archive") from None
+
+
+class Imagenet32(Dataset):
+    """ImageNet at 32x32: 1,281,167 train / 50,000 val colour images in 1,000 classes."""
+
+    name = "imagenet32"
+    splits = ("train", "val")
+
+    def load(self, split: str) -> ImageData:
+        split = "val" if split == "test" else split  # the official val set serves as the test set
+        if split not in self.splits:
+            raise UserError(f"{self.name}: unknown split '{split}'; valid splits: train, val (or test)")
+        stems = [f"train_data_batch_{i}" for i in range(1, 11)] if split == "train" else ["val_data"]
+        npz = [self.root / f"Imagenet32_{split}_npz" / f"{s}.npz" for s in stems]
+        pkl = [self.root / f"Imagenet32_{split}" / s for s in stems]
+        paths = npz if all(p.is_file() for p in npz) else pkl
+        if not all(p.is_file() for p in paths):
+            raise missing_data(self.name, [p for p in npz + pkl if not p.is_file()],
+                               f"download 'Imagenet32_{split}_npz.zip' from image-net.org (downsampled images) "
+                               f"and extract it under {self.root}")
+        parts = [_read(p) for p in paths]
+        try:
+            data = np.concatenate([np.asarray(d, dtype=np.uint8) for d, _ in parts]).reshape(-1, 3, 32, 32)
+            labels = np.concatenate([np.asarray(y, dtype=np.int64).reshape(-1) for _, y in parts]) - 1
+            if len(data) != len(labels):
+                raise ValueError(f"{len(data)} images but {len(labels)} labels")
+        except ValueError as exc:
+            raise UserError(f"{paths[0].parent}: corrupted ImageNet-32 files ({exc}); re-extract the archive") from None
+        # Optional synset map ("n01440764 1 tench" per line) gives readable class names.
+        classes = [str(i) for i in range(1000)]
+        names = self.root / "map_clsloc.txt"
+        for line in names.read_text().splitlines() if names.is_file() else []:
+            words = line.split()
+            if len(words) >= 3 and words[1].isdigit() and 1 <= int(words[1]) <= 1000:
+                classes[int(words[1]) - 1] = words[2]
+        return ImageData(torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels), classes, self.name)
+
+
+@hookimpl
+def rsslctl_datasets() -> list[type]:
+    return [Imagenet32]

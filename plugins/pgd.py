@@ -1,0 +1,45 @@
+"""PGD (Madry et al.): iterated projected steepest ascent in an L∞ or L2 ε-ball."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from torch import Tensor
+
+from rsslctl import hookimpl
+from rsslctl.attack import Attack, Objective, ascent_step, input_grad, project, random_start
+from rsslctl.options import Number, opt
+
+
+@dataclasses.dataclass
+class PGDOptions:
+    eps: Number = opt(8 / 255, "radius of the ε-ball, e.g. '8/255'", min=0)
+    step_size: Number = opt(2 / 255, "step α per iteration", min=0)
+    steps: int = opt(5, "number of iterations", min=1)
+    norm: Literal["linf", "l2"] = opt("linf", "threat model")
+    random_start: bool = opt(True, "start from a uniform random point in the ε-ball")
+    clamp_start: bool = opt(True, "clip the random start into [0, 1] before the first step "
+                                  "(false = reference ACL behaviour)")
+
+
+class PGD(Attack):
+    """Projected gradient descent, L∞ or L2, with optional uniform random start."""
+
+    name = "pgd"
+    Options = PGDOptions
+
+    def perturb(self, x: Tensor, objective: Objective) -> Tensor:
+        o = self.options
+        x = x.detach().float()
+        x_adv = random_start(x, o.eps, o.norm) if o.random_start else x.clone()
+        if o.clamp_start:
+            x_adv = x_adv.clamp(0.0, 1.0)
+        for _ in range(o.steps):
+            _, grad = input_grad(objective, x_adv)
+            x_adv = project(x, x_adv.detach() + ascent_step(grad, o.step_size, o.norm), o.eps, o.norm)
+        return x_adv.detach()
+
+
+@hookimpl
+def rsslctl_attacks() -> list[type]:
+    return [PGD]

@@ -1,0 +1,34 @@
+"""SimCLR (Chen et al., 2020): two augmented views, NT-Xent between them, no adversary."""
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor
+
+from rsslctl import hookimpl
+from rsslctl.augment import multi_view
+from rsslctl.losses import nt_xent
+from rsslctl.method import Method
+from rsslctl.options import opt
+
+
+@dataclasses.dataclass
+class SimCLROptions:
+    temperature: float = opt(0.5, "NT-Xent temperature τ", min=1e-3)
+
+
+class SimCLR(Method):
+    """SimCLR: NT-Xent on two augmented views (standard, non-robust contrastive learning)."""
+
+    name = "simclr"
+    Options = SimCLROptions
+
+    def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        views = multi_view(images, self.augment, 2)
+        loss = nt_xent(self.encoder(views), self.options.temperature)
+        return loss, {"loss_nat": loss.detach()}
+
+
+@hookimpl
+def rsslctl_methods() -> list[type]:
+    return [SimCLR]

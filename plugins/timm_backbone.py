@@ -1,0 +1,64 @@
+"""Any timm model as a backbone, with the CIFAR stem option for 32×32 ResNets."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+from rsslctl import hookimpl
+from rsslctl.encoder import Backbone, apply_cifar_stem
+from rsslctl.errors import UserError
+from rsslctl.options import closest, opt
+
+
+@dataclasses.dataclass
+class TimmOptions:
+    model: str = opt("resnet18", "timm model name (see timm.list_models())")
+    cifar_stem: bool = opt(True, "ResNets: 3×3 stride-1 first conv and no max-pool, for 32×32 inputs")
+    model_kwargs: dict = opt({}, "extra keyword arguments for timm.create_model, e.g. {channels = [16, 32, 64, 128]}")
+    weights: str = opt("", "optional safetensors file with initial backbone weights (timm key layout)")
+
+
+class TimmBackbone(Backbone):
+    """timm.create_model(model, num_classes=0, **model_kwargs), optionally with the CIFAR stem."""
+
+    name = "timm"
+    Options = TimmOptions
+
+    def check(self) -> None:
+        o = self.options
+        if o.model not in timm.list_models():
+            raise UserError(f"backbone.model: unknown timm model '{o.model}'{closest(o.model, timm.list_models())}; "
+                            "see `python -c 'import timm; print(timm.list_models())'`")
+        if o.weights and not Path(o.weights).is_file():
+            raise UserError(f"backbone.weights: file not found: {Path(o.weights).resolve()}")
+
+    def build(self) -> nn.Module:
+        o = self.options
+        self.check()
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in o.model_kwargs.items()}
+        try:
+            model = timm.create_model(o.model, pretrained=False, num_classes=0, **kwargs)
+        except TypeError as exc:
+            raise UserError(f"backbone.model_kwargs: {o.model} rejects them ({exc})") from None
+        if o.cifar_stem:
+            apply_cifar_stem(model)
+        if o.weights:
+            from safetensors.torch import load_file
+            missing, unexpected = model.load_state_dict(load_file(o.weights), strict=False)
+            if missing or unexpected:
+                raise UserError(f"backbone.weights: {o.weights} does not fit {o.model} "
+                                f"(missing {len(missing)} keys, unexpected {len(unexpected)}); check cifar_stem/model_kwargs")
+        return model
+
+    def export_info(self) -> dict[str, Any]:
+        return {"library": "timm", "model": self.options.model, "cifar_stem": self.options.cifar_stem,
+                "model_kwargs": self.options.model_kwargs}
+
+
+@hookimpl
+def rsslctl_backbones() -> list[type]:
+    return [TimmBackbone]

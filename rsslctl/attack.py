@@ -1,0 +1,87 @@
+"""The attack interface (torchattacks style): every attack maximises a scalar objective of the input.
+
+Attacks take gradients with respect to the input only (``torch.autograd.grad`` on δ), so no weight
+gradients are computed or leaked into the training step. Results are clamped to [0, 1] and lie
+inside the ε-ball of the chosen norm.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .options import NoOptions
+
+Objective = Callable[[Tensor], Tensor]
+
+
+class Attack:
+    """Base class of attack plugins: ``perturb(x, objective)`` returns x_adv maximising ``objective``."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def perturb(self, x: Tensor, objective: Objective) -> Tensor:
+        """``objective(x_adv)`` returns a scalar to maximise (e.g. summed CE or a contrastive loss)."""
+        raise NotImplementedError
+
+    @property
+    def eps(self) -> float:
+        return float(getattr(self.options, "eps", 0.0))
+
+
+def input_grad(objective: Objective, x_adv: Tensor) -> tuple[Tensor, Tensor]:
+    """(loss, ∂loss/∂x_adv): the objective is evaluated in fp32 and differentiated w.r.t. the input only."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    loss = objective(x_adv).float()
+    (grad,) = torch.autograd.grad(loss, x_adv)
+    return loss.detach(), grad
+
+
+def _norms(t: Tensor) -> Tensor:
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def ascent_step(grad: Tensor, step: float, norm: str) -> Tensor:
+    """Steepest-ascent direction for the norm, scaled by ``step``."""
+    if norm == "linf":
+        return step * grad.sign()
+    return step * grad / _norms(grad)
+
+
+def project(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:
+    """Project ``x_adv`` onto the ε-ball around ``x`` intersected with the [0, 1] box."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _norms(delta)).clamp(max=1.0)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def random_start(x: Tensor, eps: float, norm: str) -> Tensor:
+    """A uniform random point in the ε-ball (L∞: per pixel; L2: uniform in the ball)."""
+    if norm == "linf":
+        return x + torch.empty_like(x).uniform_(-eps, eps)
+    d = torch.randn_like(x)
+    n = x[0].numel()
+    r = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype) ** (1.0 / n)
+    return x + eps * r * d / _norms(d)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Temporarily switch modules to eval mode (BN running stats), restoring their previous mode."""
+    was = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, w in zip(modules, was):
+            m.train(w)

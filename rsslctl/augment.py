@@ -1,0 +1,126 @@
+"""Batched view augmentation for contrastive/adversarial SSL (METHODS.md §1.1).
+
+The pipeline, parameterised by a strength ``s`` in (0, 1]:
+
+1. RandomResizedCrop, area scale ``(1 - 0.9 s, 1)``, ratio ``(3/4, 4/3)``, bicubic (ACL/AIR/RCS) or bilinear (DynACL);
+2. RandomHorizontalFlip, p = 0.5 (never annealed);
+3. ColorJitter(0.4 s, 0.4 s, 0.4 s, 0.1 s) with probability 0.8 s (torchvision semantics);
+4. RandomGrayscale, p = 0.2 s;
+5. float32 output in [0, 1], no normalisation.
+
+At ``s = 1`` this is the SimCLR CIFAR pipeline with crop scale (0.1, 1). Every random parameter is drawn per
+sample, on the CPU, from torch's global RNG (so ``torch.manual_seed`` and ``torch.get_rng_state`` reproduce it);
+the images stay on their device and are processed in one batched call, without host syncs.
+
+Known difference from torchvision: kornia draws one random order of the four colour-jitter steps per batch, not
+per image (the jitter factors themselves are per image).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal
+
+import kornia.augmentation as K
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .options import Number, opt
+
+MIN_STRENGTH = 0.01
+
+
+@dataclasses.dataclass
+class AugmentOptions:
+    """The recipe's ``[augment]`` section."""
+
+    strength: Number = opt(1.0, "augmentation strength s; scales crop area, jitter and grayscale",
+                           min=MIN_STRENGTH, max=1.0)
+    crop_scale: tuple[float, float] | None = opt(None, "RandomResizedCrop area range; default (1 - 0.9 s, 1)")
+    crop_ratio: tuple[float, float] = opt((3 / 4, 4 / 3), "RandomResizedCrop aspect-ratio range")
+    flip_p: float = opt(0.5, "horizontal flip probability (not scaled by s)", min=0.0, max=1.0)
+    jitter: tuple[float, float, float, float] = opt(
+        (0.4, 0.4, 0.4, 0.1), "colour jitter brightness, contrast, saturation, hue at s = 1 (scaled by s)")
+    jitter_p: float = opt(0.8, "colour jitter probability at s = 1 (scaled by s)", min=0.0, max=1.0)
+    grayscale_p: float = opt(0.2, "grayscale probability at s = 1 (scaled by s)", min=0.0, max=1.0)
+    interpolation: Literal["bicubic", "bilinear"] = opt(
+        "bicubic", "crop resize interpolation (ACL/AIR/RCS: bicubic, official DynACL: bilinear)",
+        choices=("bicubic", "bilinear"))
+
+
+class _ResizedCrop(K.RandomResizedCrop):
+    """kornia's RandomResizedCrop (same torchvision-style parameter draw), resized like torchvision.
+
+    kornia's "slice" mode crops each image in a Python loop that reads the boxes back to the host, and its
+    "resample" mode maps corner pixel centres; this warps the whole batch with one ``grid_sample`` on the
+    half-pixel grid, which equals torchvision's crop + ``interpolate(align_corners=False)``, then clamps the
+    bicubic overshoot to [0, 1].
+    """
+
+    def apply_transform(self, input: Tensor, params: dict[str, Tensor], flags: dict[str, Any],
+                        transform: Tensor | None = None) -> Tensor:
+        box = params["src"]  # (B, 4, 2) inclusive integer corners (x, y): top-left, ..., bottom-left
+        x0, y0 = box[:, 0, 0], box[:, 0, 1]
+        w, h = box[:, 2, 0] - x0 + 1, box[:, 2, 1] - y0 + 1
+        in_h, in_w = input.shape[-2:]
+        zero = torch.zeros_like(w)
+        theta = torch.stack([torch.stack([w / in_w, zero, (2 * x0 + w) / in_w - 1], -1),
+                             torch.stack([zero, h / in_h, (2 * y0 + h) / in_h - 1], -1)], 1)
+        theta = theta.to(input.device, input.dtype, non_blocking=True)
+        grid = F.affine_grid(theta, [input.shape[0], input.shape[1], *flags["size"]], align_corners=False)
+        out = F.grid_sample(input, grid, mode=flags["resample"].name.lower(), padding_mode="border",
+                            align_corners=False)
+        return out.clamp_(0.0, 1.0)
+
+
+class ViewAugment(torch.nn.Module):
+    """Random views of a batch: uint8 (0..255) or float ([0, 1]) ``[N, C, H, W]`` -> float32 ``[N, C, size, size]``."""
+
+    def __init__(self, size: int, options: AugmentOptions) -> None:
+        super().__init__()
+        self.size = size
+        self.options = options
+        self.set_strength(options.strength)
+
+    def set_strength(self, s: float) -> None:
+        """Re-parameterise the pipeline for strength ``s`` in (0, 1] (DynACL anneals it during training)."""
+        if not 0.0 < s <= 1.0:
+            raise ValueError(f"augmentation strength must be in (0, 1], got {s}")
+        o = self.options
+        self.strength = float(s)
+        scale = o.crop_scale if o.crop_scale is not None else (1.0 - 0.9 * s, 1.0)
+        b, c, sat, hue = (v * s for v in o.jitter)
+        self.geometric = torch.nn.Sequential(
+            _ResizedCrop((self.size, self.size), scale=scale, ratio=o.crop_ratio, resample=o.interpolation.upper(),
+                         align_corners=False),
+            K.RandomHorizontalFlip(p=o.flip_p),
+        )
+        # ColorJitter (not ColorJiggle) follows torchvision's brightness/contrast/saturation/hue formulas.
+        self.colour = torch.nn.Sequential(
+            K.ColorJitter(b, c, sat, hue, p=o.jitter_p * s),
+            K.RandomGrayscale(p=o.grayscale_p * s),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        out = self.geometric(x)
+        if out.shape[1] == 3:  # colour ops need RGB; a grayscale batch gets crop + flip only
+            out = self.colour(out)
+        return out.clamp_(0.0, 1.0)
+
+
+def multi_view(x: Tensor, augment: Callable[[Tensor], Tensor], n_views: int) -> Tensor:
+    """``n_views`` augmented views per image, interleaved: rows ``k*n .. k*n+n-1`` are the views of image ``k``."""
+    return augment(x.repeat_interleave(n_views, dim=0))
+
+
+def strength_schedule(epoch: int, total_epochs: int, period: int = 50) -> float:
+    """DynACL's annealed strength for 1-based ``epoch``: ``s = 1 - floor((epoch - 1) / K) * K / E``.
+
+    ``K`` is ``period`` and ``E`` is ``total_epochs`` (Luo et al., ICLR 2023); the result never drops below
+    ``MIN_STRENGTH``. For E = 1000, K = 50 it steps 1.0, 0.95, ..., 0.05 (20 values).
+    """
+    if epoch < 1 or total_epochs < 1 or period < 1:
+        raise ValueError(f"need epoch >= 1, total_epochs >= 1, period >= 1; got {epoch}, {total_epochs}, {period}")
+    done = (epoch - 1) // period * period
+    return max((total_epochs - done) / total_epochs, MIN_STRENGTH)

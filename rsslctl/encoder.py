@@ -1,0 +1,160 @@
+"""Encoder = in-model normalisation + backbone + projection head, with optional dual batch norm.
+
+Attacks work in [0, 1] pixel space because mean/std normalisation happens inside ``Encoder``.
+Dual BN keeps separate statistics and affine parameters for clean ('normal', index 0) and
+adversarial ('pgd', index 1) inputs; the key layout ``<bn>.bn_list.{0,1}.*`` matches the
+reference checkpoints (METHODS.md §1.2).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError
+from .options import NoOptions, opt
+
+ROUTES = ("normal", "pgd")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Backbone:
+    """Base class of backbone plugins: ``build()`` returns a module mapping images to [N, D] features."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def check(self) -> None:
+        """Raise UserError for options that cannot build (called during recipe validation)."""
+
+    def build(self) -> nn.Module:
+        """Return the feature extractor; it must expose ``num_features``."""
+        raise NotImplementedError
+
+    def export_info(self) -> dict[str, Any]:
+        """How to rebuild the exported backbone outside rsslctl (stored in the export's metadata)."""
+        return {}
+
+
+@dataclasses.dataclass
+class EncoderOptions:
+    """The recipe's [encoder] section."""
+
+    dual_bn: Literal["auto", "on", "off"] = opt("auto", "separate BN for clean/adversarial inputs; auto = what the method asks for")
+    head_layers: int = opt(3, "projection-head linear layers (0 = no head)", min=0, max=8)
+    head_hidden: int = opt(0, "hidden width of the head (0 = backbone feature width)", min=0)
+    head_dim: int = opt(0, "output width of the head (0 = backbone feature width)", min=0)
+    mean: tuple[float, float, float] = opt(IMAGENET_MEAN, "per-channel mean used inside the model")
+    std: tuple[float, float, float] = opt(IMAGENET_STD, "per-channel std used inside the model")
+
+
+class DualBatchNorm(nn.Module):
+    """Two batch norms behind one module; ``route`` (0 normal, 1 pgd) picks which one a forward uses."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        import copy
+        self.bn_list = nn.ModuleList([bn, copy.deepcopy(bn)])
+        self.route = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn_list[self.route](x)
+
+
+def convert_dual_bn(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm in ``module`` (recursively, in place) by a DualBatchNorm."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, DualBatchNorm(child))
+        else:
+            convert_dual_bn(child)
+    return module
+
+
+def apply_cifar_stem(model: nn.Module) -> nn.Module:
+    """3×3 stride-1 first conv and no max-pool, so 32×32 inputs keep their resolution (ResNet style)."""
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise UserError("backbone.cifar_stem: only ResNet-style models with 'conv1' and 'maxpool' support it; "
+                        "set backbone.cifar_stem = false")
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+class ProjectionHead(nn.Sequential):
+    """ACL head: Linear(bias)→BN→ReLU→[Linear(no bias)→BN→ReLU]…→Linear(no bias)→BN (no ReLU at the end)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int) -> None:
+        mods: list[nn.Module] = []
+        width = in_dim
+        for i in range(layers):
+            last = i == layers - 1
+            nxt = out_dim if last else hidden
+            mods += [nn.Linear(width, nxt, bias=i == 0), nn.BatchNorm1d(nxt)]
+            if not last:
+                mods.append(nn.ReLU(inplace=True))
+            width = nxt
+        super().__init__(*mods)
+
+
+class Encoder(nn.Module):
+    """Normalise → backbone → (head). ``forward(x, route)`` takes pixels in [0, 1]."""
+
+    def __init__(self, backbone: nn.Module, options: EncoderOptions, dual_bn: bool) -> None:
+        super().__init__()
+        c = len(options.mean)
+        self.register_buffer("mean", torch.tensor(options.mean).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(options.std).view(1, c, 1, 1))
+        self.backbone = backbone
+        self.num_features = int(backbone.num_features)
+        hidden = options.head_hidden or self.num_features
+        self.out_dim = options.head_dim or self.num_features if options.head_layers else self.num_features
+        self.head = (ProjectionHead(self.num_features, hidden, self.out_dim, options.head_layers)
+                     if options.head_layers else nn.Identity())
+        self.dual_bn = dual_bn
+        if dual_bn:
+            convert_dual_bn(self.backbone)
+            convert_dual_bn(self.head)
+        self._dual = [m for m in self.modules() if isinstance(m, DualBatchNorm)]
+        self._route = 0
+
+    def set_route(self, route: str) -> None:
+        index = ROUTES.index(route)
+        if index != self._route:
+            for m in self._dual:
+                m.route = index
+            self._route = index
+
+    def features(self, x: Tensor, route: str = "normal") -> Tensor:
+        """Backbone features [N, D] (no head)."""
+        self.set_route(route)
+        return self.backbone((x - self.mean) / self.std)
+
+    def forward(self, x: Tensor, route: str = "normal") -> Tensor:
+        return self.head(self.features(x, route))
+
+
+def single_bn_state(module: nn.Module, route: str = "pgd") -> dict[str, Tensor]:
+    """State dict of ``module`` with the chosen BN route collapsed into plain BN keys (export/fine-tuning)."""
+    keep = f".bn_list.{ROUTES.index(route)}."
+    out = {}
+    for key, value in module.state_dict().items():
+        if ".bn_list." in key:
+            if keep not in key:
+                continue
+            key = key.replace(keep, ".")
+        out[key] = value
+    return out
+
+
+def build_encoder(backbone: Backbone, options: EncoderOptions, method_wants_dual_bn: bool) -> Encoder:
+    dual = {"auto": method_wants_dual_bn, "on": True, "off": False}[options.dual_bn]
+    return Encoder(backbone.build(), options, dual)

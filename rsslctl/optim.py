@@ -1,0 +1,88 @@
+"""Optimisers (SGD, Adam, LARS) and the per-iteration cosine schedule with linear warm-up (METHODS.md §1.5)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Literal
+
+import torch
+from torch import Tensor
+
+from .options import opt
+
+
+@dataclasses.dataclass
+class OptimizerOptions:
+    """The recipe's [optimizer] section."""
+
+    name: Literal["sgd", "adam", "lars"] = opt("lars", "optimiser")
+    lr: float = opt(5.0, "peak learning rate", min=0)
+    momentum: float = opt(0.9, "SGD/LARS momentum", min=0, max=1)
+    nesterov: bool = opt(False, "SGD Nesterov momentum")
+    weight_decay: float = opt(1e-6, "weight decay (LARS applies it to every tensor, as the reference)", min=0)
+    trust_coefficient: float = opt(1e-3, "LARS trust coefficient η", min=0)
+    betas: tuple[float, float] = opt((0.9, 0.999), "Adam betas")
+
+
+@dataclasses.dataclass
+class ScheduleOptions:
+    """The recipe's [schedule] section."""
+
+    epochs: int = opt(100, "training epochs", min=1)
+    batch_size: int = opt(512, "images per step", min=2)
+    warmup_epochs: float = opt(10, "linear warm-up length in epochs", min=0)
+    kind: Literal["cosine", "constant"] = opt("cosine", "learning-rate schedule after warm-up")
+    min_lr: float = opt(1e-6, "final learning rate of the cosine schedule (absolute)", min=0)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in the ACL reference: per tensor, local = η‖w‖/(‖g‖ + wd‖w‖) (1 if a norm < 1e-15),
+    buf ← μ·buf + local·lr·(g + wd·w), w ← w − buf. Uses multi-tensor (foreach) ops, no Python math per element."""
+
+    def __init__(self, params: Iterable[Tensor], lr: float, momentum: float = 0.9, weight_decay: float = 1e-6,
+                 trust_coefficient: float = 1e-3) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            wd, eta, mom, lr = group["weight_decay"], group["eta"], group["momentum"], group["lr"]
+            w_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            ok = (w_norm >= 1e-15) & (g_norm >= 1e-15)
+            local = torch.where(ok, eta * w_norm / (g_norm + wd * w_norm), torch.ones_like(w_norm))
+            update = torch._foreach_add(grads, params, alpha=wd) if wd else [g.clone() for g in grads]
+            torch._foreach_mul_(update, list((local * lr).unbind()))
+            bufs = []
+            for p, u in zip(params, update):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, mom)
+            torch._foreach_add_(bufs, update)
+            torch._foreach_sub_(params, bufs)
+
+
+def make_optimizer(params: list[Tensor], o: OptimizerOptions) -> torch.optim.Optimizer:
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                               weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    return LARS(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: ScheduleOptions) -> float:
+    """Learning rate for iteration ``step`` (0-based): linear warm-up to ``peak``, then cosine to min_lr."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule.kind == "constant":
+        return peak
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    lo = min(schedule.min_lr, peak)
+    return lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))

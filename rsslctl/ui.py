@@ -1,0 +1,30 @@
+"""Console output: rich progress bar and summary tables (stderr for errors is handled by the CLI)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def progress_bar(quiet: bool = False) -> Iterator[Progress]:
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                   console=console, disable=quiet, transient=False)
+    with bar:
+        yield bar
+
+
+def summary_table(title: str, rows: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    return table

@@ -1,0 +1,1 @@
+"""Example third-party plugin package for rsslctl."""

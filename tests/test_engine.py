@@ -1,0 +1,165 @@
+"""Engine behaviour: training runs, exact resume after a kill, NaN stop, checkpoint integrity, export."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from rsslctl import hookimpl, registry
+from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
+from rsslctl.encoder import apply_cifar_stem
+from rsslctl.engine import Trainer
+from rsslctl.errors import TrainingDiverged, UserError
+from rsslctl.method import Method
+from rsslctl.recipe import load
+from rsslctl.runs import export_encoder, prepare_run_dir
+
+CLI = [sys.executable, "-m", "rsslctl.cli"]
+
+
+def _train(recipe_path: Path, run_dir: Path, overrides: list[str] = (), on_step=None) -> Trainer:
+    recipe = load(recipe_path, list(overrides))
+    trainer = Trainer(recipe, run_dir, quiet=True, on_step=on_step)
+    prepare_run_dir(recipe, run_dir, force=False)
+    trainer.fit()
+    return trainer
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(latest_checkpoint(run_dir))[0]
+
+
+def test_training_writes_metrics_checkpoints_and_recipe(tiny_recipe: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _train(tiny_recipe, run)
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(9))  # 3 epochs × 3 steps, one line each
+    assert all({"loss", "lr", "loss_nat", "loss_adv"} <= set(r) for r in steps)
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2, 3]
+    assert steps[0]["lr"] < steps[2]["lr"]  # warm-up
+    ckpt = latest_checkpoint(run)
+    assert ckpt.name == "epoch-0003"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["recipe"]["method"]["name"] == "acl" and "method:acl" in meta["plugins"]
+    assert (run / "recipe.toml").read_text().count("[method]") == 1
+    assert load(run / "recipe.toml").resolved == load(tiny_recipe).resolved
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_recipe: Path, tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    _train(tiny_recipe, full)
+
+    class Killed(Exception):
+        pass
+
+    def kill_mid_epoch_3(step: int) -> None:
+        if step == 7:  # epoch 3 (steps 6-8) is half done; only epochs 1-2 are checkpointed
+            raise Killed
+
+    broken = tmp_path / "broken"
+    with pytest.raises(Killed):
+        _train(tiny_recipe, broken, on_step=kill_mid_epoch_3)
+    assert latest_checkpoint(broken).name == "epoch-0002"
+    Trainer(load(broken / "recipe.toml"), broken, quiet=True).fit(resume=True)
+    a, b = _final_weights(full), _final_weights(broken)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(l)["step"] for l in (broken / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "step"]
+    assert steps == list(range(9))  # the killed run's partial epoch was dropped from the log
+
+
+def test_sigkill_and_cli_resume_match_uninterrupted_run(tiny_recipe: Path, tmp_path: Path) -> None:
+    """A real process killed with SIGKILL after its first checkpoint resumes to identical weights."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(CLI + ["pretrain", str(tiny_recipe), "--run-dir", str(full), "--quiet"], check=True)
+    proc = subprocess.Popen(CLI + ["pretrain", str(tiny_recipe), "--run-dir", str(killed), "--quiet"])
+    deadline = time.time() + 120
+    while latest_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(CLI + ["pretrain", "--resume", str(killed), "--quiet"], check=True)
+    a, b = _final_weights(full), _final_weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_recipe: Path, tmp_path: Path) -> None:
+    class NanAfterEpoch1(Method):
+        """Returns a finite loss in epoch 1, NaN afterwards."""
+
+        name = "nan_after_epoch1"
+
+        def on_epoch_start(self, epoch: int, total: int) -> None:
+            self.epoch = epoch
+
+        def training_step(self, images, labels):
+            loss = self.encoder(images.float() / 255).pow(2).mean()
+            return (loss if self.epoch == 1 else loss * float("nan")), {}
+
+    plugin = types.ModuleType("nan_plugin")
+    plugin.rsslctl_methods = hookimpl(lambda: [NanAfterEpoch1])
+    registry.registry().register(plugin)
+    run = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2.*epoch-0001"):
+        _train(tiny_recipe, run, ["method.name=nan_after_epoch1", "attack.name=none"])
+    assert latest_checkpoint(run).name == "epoch-0001"
+    model, _, _ = load_checkpoint(latest_checkpoint(run))
+    assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
+
+
+def test_corrupted_checkpoint_is_detected(tiny_recipe: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _train(tiny_recipe, run, ["schedule.epochs=1"])
+    ckpt = latest_checkpoint(run)
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="checksum mismatch"):
+        load_checkpoint(ckpt)
+
+
+def test_no_partial_checkpoint_directory_is_ever_visible(tiny_recipe: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _train(tiny_recipe, run, ["engine.keep_checkpoints=1"])
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["epoch-0003"]  # temporary directories renamed away, older ones pruned
+
+
+def test_existing_run_dir_is_not_overwritten(tiny_recipe: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    recipe = load(tiny_recipe)
+    with pytest.raises(UserError, match="already exists.*--force"):
+        prepare_run_dir(recipe, run, force=False)
+    assert (run / "precious.txt").read_text() == "keep me"
+
+
+def test_export_loads_into_plain_timm_model(tiny_recipe: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    trainer = _train(tiny_recipe, run, ["schedule.epochs=1"])
+    out, info = export_encoder(run)
+    assert info["bn_route"] == "pgd" and info["backbone"]["cifar_stem"] is True
+    model = timm.create_model("resnet18", num_classes=0, channels=(8, 16, 16, 16))
+    apply_cifar_stem(model)
+    model.load_state_dict(load_file(str(out)), strict=True)
+    model.eval()
+    enc = trainer.method.encoder.eval()
+    x = torch.rand(4, 3, 16, 16)
+    mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(model((x - mean) / std), enc.features(x, "pgd"), atol=1e-5)
