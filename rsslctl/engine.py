@@ -121,8 +121,10 @@ class Trainer:
         self.method = build_method(recipe, self.device)
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, recipe.optimizer)
-        self.total_steps = recipe.schedule.epochs * self.steps_per_epoch
-        self.warmup_steps = round(recipe.schedule.warmup_epochs * self.steps_per_epoch)
+        self.replays = int(getattr(self.method, "replays", 1))
+        # the LR schedule counts optimizer steps, so replayed minibatches (free AT) stay aligned with it
+        self.total_steps = recipe.schedule.epochs * self.steps_per_epoch * self.replays
+        self.warmup_steps = round(recipe.schedule.warmup_epochs * self.steps_per_epoch * self.replays)
         self.epoch = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
@@ -140,7 +142,7 @@ class Trainer:
         optimizer_from_flat(self.optimizer, state, meta["optimizer"])
         set_rng_state(state)
         self.epoch = int(meta["epoch"])
-        self._truncate_metrics(self.epoch * self.steps_per_epoch)
+        self._truncate_metrics(self.epoch * self.steps_per_epoch * self.replays)
         return True
 
     def _truncate_metrics(self, first_lost_step: int) -> None:
@@ -182,26 +184,27 @@ class Trainer:
                 losses: list[float] = []
                 t0 = time.perf_counter()
                 for i in range(spe):
-                    step = (epoch - 1) * spe + i
-                    lr = lr_at(step, self.total_steps, self.warmup_steps, peak, r.schedule)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
                     idx = perm[i]
-                    with autocast(self.device, r.engine.precision):
-                        loss, metrics = self.method.training_step(images[idx], labels[idx])
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if r.engine.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(self.params, r.engine.grad_clip)
-                    self.optimizer.step()
-                    self.method.after_optimizer_step()
-                    pending.append((step, lr, loss.detach(), metrics))
-                    if self.on_step:
-                        self.on_step(step)
+                    for rep in range(self.replays):
+                        step = ((epoch - 1) * spe + i) * self.replays + rep
+                        lr = lr_at(step, self.total_steps, self.warmup_steps, peak, r.schedule)
+                        for group in self.optimizer.param_groups:
+                            group["lr"] = lr
+                        with autocast(self.device, r.engine.precision):
+                            loss, metrics = self.method.training_step(images[idx], labels[idx])
+                        self.optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        if r.engine.grad_clip:
+                            torch.nn.utils.clip_grad_norm_(self.params, r.engine.grad_clip)
+                        self.optimizer.step()
+                        self.method.after_optimizer_step()
+                        pending.append((step, lr, loss.detach(), metrics))
+                        if self.on_step:
+                            self.on_step(step)
                     if (i + 1) % r.engine.log_every == 0 or i == spe - 1:
                         losses += self._flush(pending, epoch, log)
                         elapsed = time.perf_counter() - t0
-                        bar.update(task, advance=len(pending), info=f"ep {epoch}/{r.schedule.epochs} loss {losses[-1]:.4f} "
+                        bar.update(task, advance=len(pending) // self.replays, info=f"ep {epoch}/{r.schedule.epochs} loss {losses[-1]:.4f} "
                                    f"lr {lr:.3g} {(i + 1) * bs / elapsed:,.0f} img/s")
                         pending = []
                 seconds = time.perf_counter() - t0

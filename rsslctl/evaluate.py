@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import registry
 from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint
-from .encoder import Encoder
+from .method import Method
 from .engine import autocast, build_method, load_split, select_device
 from .errors import UserError
 from .options import validate
@@ -22,24 +22,24 @@ from .runs import load_run_recipe
 
 
 class Classifier(nn.Module):
-    """Frozen encoder features (one BN route) followed by a linear head; takes pixels in [0, 1]."""
+    """Frozen method features (one BN route) followed by a linear head; takes pixels in [0, 1]."""
 
-    def __init__(self, encoder: Encoder, head: nn.Linear, route: str) -> None:
+    def __init__(self, method: Method, head: nn.Linear, route: str) -> None:
         super().__init__()
-        self.encoder, self.head, self.route = encoder, head, route
+        self.method, self.head, self.route = method, head, route
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder.features(x, self.route).float())
+        return self.head(self.method.eval_features(x, self.route).float())
 
 
 @torch.no_grad()
-def extract_features(encoder: Encoder, images: Tensor, route: str, device: torch.device, precision: str,
+def extract_features(method: Method, images: Tensor, route: str, device: torch.device, precision: str,
                      batch: int = 512) -> Tensor:
-    encoder.eval()
+    method.eval()
     out = []
     for chunk in images.split(batch):
         with autocast(device, precision):
-            out.append(encoder.features(chunk.to(device).float().div_(255), route).float())
+            out.append(method.eval_features(chunk.to(device).float().div_(255), route).float())
     return torch.cat(out)
 
 
@@ -99,13 +99,13 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), quiet: bool = False) 
         raise UserError(f"data.train_split = '{recipe.data.train_split}' has no labels; set data.train_split to a labelled split")
     if ev.limit:
         test = test.subset(torch.arange(min(ev.limit, len(test))))
-    for p in encoder.parameters():
+    for p in method.parameters():
         p.requires_grad_(False)
-    feats = extract_features(encoder, train.images, route, device, recipe.engine.precision)
+    feats = extract_features(method, train.images, route, device, recipe.engine.precision)
     num_classes = len(train.classes)
     head = train_linear_probe(feats, train.labels.to(device), num_classes, ev.epochs, ev.lr, ev.batch_size,
                               ev.weight_decay, recipe.run.seed)
-    model = Classifier(encoder, head, route)
+    model = Classifier(method, head, route)
     attack_cls = registry.get("attack", ev.attack, "evaluation.attack")
     keys = {f.name for f in dataclasses.fields(attack_cls.Options)}
     attack = attack_cls(validate(attack_cls.Options, {k: getattr(ev, k) for k in ("eps", "step_size", "steps") if k in keys},

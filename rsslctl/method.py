@@ -23,6 +23,8 @@ class Method(nn.Module):
     needs_attack: ClassVar[bool] = False
     #: does the method want a dual-BN encoder when [encoder] dual_bn = "auto"?
     wants_dual_bn: ClassVar[bool] = False
+    #: optimizer steps per minibatch; free adversarial training replays each minibatch m times
+    replays: int = 1
 
     def __init__(self, encoder: Encoder, options: Any, attack: Attack | None,
                  augment: Callable[[Tensor], Tensor]) -> None:
@@ -44,6 +46,10 @@ class Method(nn.Module):
 
     def after_optimizer_step(self) -> None:
         """Called after each optimizer step (e.g. EMA updates of a momentum encoder)."""
+
+    def eval_features(self, x: Tensor, route: str) -> Tensor:
+        """Features used by evaluation for pixels ``x`` in [0, 1] (bag-of-features methods override it)."""
+        return self.eval_encoder().features(x, route)
 
     def eval_encoder(self) -> Encoder:
         """The encoder to export and evaluate (a method with a momentum encoder may return that one)."""
