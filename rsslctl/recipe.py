@@ -40,7 +40,7 @@ class DataOptions:
 @dataclasses.dataclass
 class EngineOptions:
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
     channels_last: bool = opt(True, "channels_last memory format for model and inputs")
     compile: bool = opt(False, "torch.compile the encoder")
     grad_clip: float = opt(0.0, "clip the global gradient norm (0 = off)", min=0)
