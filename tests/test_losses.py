@@ -154,12 +154,13 @@ def test_bf16_inputs_give_fp32_result():
     assert out.item() == pytest.approx(acl_form(z.float(), 0.5), abs=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: nt_xent under bf16 autocast computes z @ z.t() in bf16 and returns "
-                                       "a bf16 loss, despite 'Computed in fp32 whatever the autocast dtype'")
 def test_fp32_result_under_bf16_autocast():
+    """The engine runs training steps under bf16 autocast; the loss itself must stay fp32 and accurate."""
     z = embeddings(n_images=16, dim=32, seed=12)
     ref = acl_form(z, 0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = nt_xent(z)
-    assert out.dtype == torch.float32
+        out_bf16_in = nt_xent(z.bfloat16())
+    assert out.dtype == torch.float32 and out_bf16_in.dtype == torch.float32
     assert out.item() == pytest.approx(ref, abs=1e-5)
+    assert out_bf16_in.item() == pytest.approx(acl_form(z.bfloat16().float(), 0.5), abs=1e-5)
