@@ -48,7 +48,8 @@ device = "cpu"
 log_every = 2
 
 [evaluation]
-epochs = 3
+epochs = 30
+lr = 0.05
 steps = 2
 limit = 64
 """
