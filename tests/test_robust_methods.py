@@ -3,6 +3,7 @@ regularisers (true KL and the reference quantity), EMP-SSL coding rate and loss,
 leakage, the reference free-AT schedule, rotation and jigsaw tasks."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -255,3 +256,37 @@ def test_jigsaw_task_permutes_tiles(tiny_recipe: Path) -> None:
             r, c = divmod(t, 2)
             assert torch.equal(x[i, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8], tiles[order[t]])
     assert len({tuple(p) for p in permutation_set(9, 31).tolist()}) == 31
+
+
+# -- DynACL++ post-processing ----------------------------------------------------------------------------------
+def test_dynacl_pp_writes_an_evaluable_run(tiny_recipe: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
+    from rsslctl.evaluate import evaluate_run
+    from rsslctl.runs import prepare_run_dir
+    recipe = load(tiny_recipe, ["method.name=dynacl", "method.momentum_encoder=true", "schedule.epochs=1",
+                                "data.limit=64"])
+    src = tmp_path / "src"
+    trainer = Trainer(recipe, src, quiet=True)
+    prepare_run_dir(recipe, src, force=False)
+    trainer.fit()
+    before = load_checkpoint(latest_checkpoint(src))[0]
+    out = tmp_path / "pp"
+    cli = [sys.executable, "-m", "rsslctl.cli", "dynacl-pp", str(src), "--out", str(out), "--clusters", "3",
+           "--probe-epochs", "1", "--epochs", "1", "--batch-size", "32", "--steps", "1"]
+    res = subprocess.run(cli, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    info = json.loads((out / "postprocess.json").read_text())
+    assert sum(info["cluster_sizes"]) == 64 and len(info["cluster_sizes"]) == 3
+    after = load_checkpoint(latest_checkpoint(out))[0]
+    key = [k for k in after if k.startswith("key_encoder.backbone.") and k.endswith("conv1.weight")][0]
+    assert not torch.equal(before[key], after[key])  # the evaluated (key) encoder was fine-tuned
+    q = key.replace("key_encoder.", "encoder.", 1)
+    assert torch.equal(before[q], after[q])  # the trained encoder is left alone
+    assert torch.equal(load_checkpoint(latest_checkpoint(src))[0][key], before[key])  # source run untouched
+    result = evaluate_run(out, ["evaluation.epochs=1", "evaluation.limit=16", "evaluation.steps=1"])
+    assert 0.0 <= result["clean_accuracy"] <= 1.0
+    again = subprocess.run(cli, capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
