@@ -1,7 +1,7 @@
 """Pretrain SimCLR, ACL, DynACL, ACL-AIR, EMP-SSL and CF-AMC-SSL on the bundled digits with one small budget,
 then evaluate each (linear probe on frozen features, clean and PGD-20 accuracy at ε 8/255).
 
-Usage: python benchmarks/bench_methods_digits.py [--epochs 3] [--image-size 16] [--limit 512] [--eval-limit 200] [--out runs/bench_issue3]
+Usage: python benchmarks/bench_methods_digits.py [--epochs 6] [--image-size 16] [--limit 640] [--eval-limit 200] [--out runs/bench_issue3]
 Each method starts from its paper recipe (recipes/<name>.toml) with the same digits overrides: the quickstart
 model (narrow ResNet-18, channels 16-32-64-128), batch 128, 3-step training attack, 50-epoch probe.
 ACL-family methods use the quickstart optimiser (SGD lr 0.5); EMP-SSL methods keep their SGD lr 0.3.
@@ -24,7 +24,7 @@ from rsslctl.runs import prepare_run_dir
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_OPT = ["optimizer.name=sgd", "optimizer.lr=0.5", "optimizer.weight_decay=1e-4", "schedule.warmup_epochs=1"]
 EMP_SMALL = ["method.n_views=8", "method.pre_dim=512", "method.hidden_dim=512", "method.z_dim=128",
-             "method.eval_views=2"]
+             "method.eval_views=4"]
 METHODS = {  # label: (recipe, extra overrides)
     "SimCLR": ("simclr", QUICK_OPT),
     "ACL": ("acl", QUICK_OPT + ["attack.steps=3"]),
@@ -37,11 +37,11 @@ METHODS = {  # label: (recipe, extra overrides)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--image-size", type=int, default=16)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_issue3")
-    ap.add_argument("--limit", type=int, default=512, help="training images used for pretraining")
-    ap.add_argument("--eval-limit", type=int, default=200, help="test images for clean/PGD-20 accuracy")
+    ap.add_argument("--limit", type=int, default=640, help="training images used for pretraining (0 = all 1,347)")
+    ap.add_argument("--eval-limit", type=int, default=200, help="test images for clean/PGD-20 accuracy (0 = all 450)")
     ap.add_argument("--only", nargs="*", default=list(METHODS))
     args = ap.parse_args()
     rows = []
