@@ -127,6 +127,33 @@ def plugins(show_options: bool) -> None:
     console.print(table)
 
 
+@main.command("dynacl-pp")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="New run directory for the post-processed encoder (evaluate it with `rsslctl evaluate`).")
+@click.option("--clusters", default=10, show_default=True, help="k-means clusters for the pseudo labels.")
+@click.option("--probe-epochs", default=10, show_default=True, help="Linear probing epochs on pseudo labels.")
+@click.option("--epochs", default=25, show_default=True, help="Pseudo-label TRADES epochs.")
+@click.option("--batch-size", default=512, show_default=True, help="Batch size of both stages.")
+@click.option("--steps", default=10, show_default=True, help="PGD steps of the TRADES attack.")
+@click.option("--force", is_flag=True, help="Replace an existing --out directory.")
+@user_errors
+def dynacl_pp(run_dir: Path, out_dir: Path, clusters: int, probe_epochs: int, epochs: int, batch_size: int,
+              steps: int, force: bool) -> None:
+    """DynACL++ post-processing of RUN_DIR: k-means pseudo labels, linear probing, pseudo-label TRADES."""
+    from .postprocess import PostprocessOptions, dynacl_pp as run
+    if not Path(run_dir).is_dir():
+        raise UserError(f"{run_dir}: run directory not found")
+    for name, value in (("--clusters", clusters), ("--probe-epochs", probe_epochs), ("--epochs", epochs),
+                        ("--batch-size", batch_size), ("--steps", steps)):
+        if value < 1 or (name == "--clusters" and value < 2):
+            raise UserError(f"{name} = {value}: must be at least {2 if name == '--clusters' else 1}")
+    info = run(run_dir, out_dir, PostprocessOptions(clusters=clusters, probe_epochs=probe_epochs, epochs=epochs,
+                                                    batch_size=batch_size, steps=steps), force)
+    console.print(f"wrote {out_dir} (pseudo-label cluster sizes {info['cluster_sizes']}); "
+                  f"evaluate with `rsslctl evaluate {out_dir}`")
+
+
 @main.group()
 def recipe() -> None:
     """Inspect recipes."""

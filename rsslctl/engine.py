@@ -140,9 +140,12 @@ class Trainer:
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, recipe.optimizer)
         self.replays = int(getattr(self.method, "replays", 1))
-        # the LR schedule counts optimizer steps, so replayed minibatches (free AT) stay aligned with it
-        self.total_steps = recipe.schedule.epochs * self.steps_per_epoch * self.replays
-        self.warmup_steps = round(recipe.schedule.warmup_epochs * self.steps_per_epoch * self.replays)
+        # the LR schedule counts optimizer steps, so replayed minibatches (free AT) stay aligned with it;
+        # a method may ask for the reference quirk instead (length in minibatches, cosine over-stepped m times)
+        self.schedule_in_minibatches = bool(getattr(self.method, "schedule_in_minibatches", False))
+        sched_replays = 1 if self.schedule_in_minibatches else self.replays
+        self.total_steps = recipe.schedule.epochs * self.steps_per_epoch * sched_replays
+        self.warmup_steps = round(recipe.schedule.warmup_epochs * self.steps_per_epoch * sched_replays)
         self.epoch = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
@@ -206,7 +209,8 @@ class Trainer:
                     idx = perm[i]
                     for rep in range(self.replays):
                         step = ((epoch - 1) * spe + i) * self.replays + rep
-                        lr = lr_at(step, self.total_steps, self.warmup_steps, peak, r.schedule)
+                        lr = lr_at(step, self.total_steps, self.warmup_steps, peak, r.schedule,
+                                   periodic=self.schedule_in_minibatches)
                         for group in self.optimizer.param_groups:
                             group["lr"] = lr
                         with autocast(self.device, r.engine.precision):

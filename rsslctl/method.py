@@ -25,6 +25,8 @@ class Method(nn.Module):
     wants_dual_bn: ClassVar[bool] = False
     #: optimizer steps per minibatch; free adversarial training replays each minibatch m times
     replays: int = 1
+    #: reference free-AT quirk (METHODS.md §8.3): LR schedule length counted in minibatches, not optimizer steps
+    schedule_in_minibatches: bool = False
 
     def __init__(self, encoder: Encoder, options: Any, attack: Attack | None,
                  augment: Callable[[Tensor], Tensor]) -> None:

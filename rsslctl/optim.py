@@ -77,12 +77,17 @@ def make_optimizer(params: list[Tensor], o: OptimizerOptions) -> torch.optim.Opt
     return LARS(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient)
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: ScheduleOptions) -> float:
-    """Learning rate for iteration ``step`` (0-based): linear warm-up to ``peak``, then cosine to min_lr."""
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: ScheduleOptions,
+          periodic: bool = False) -> float:
+    """Learning rate for iteration ``step`` (0-based): linear warm-up to ``peak``, then cosine to min_lr.
+
+    ``periodic`` lets the cosine run on past ``total_steps`` (back up, down again, ...) like an over-stepped
+    CosineAnnealingLR; only the reference free-AT schedule quirk uses it (METHODS.md §8.3).
+    """
     if warmup_steps > 0 and step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     if schedule.kind == "constant":
         return peak
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     lo = min(schedule.min_lr, peak)
-    return lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * (t if periodic else min(1.0, t))))

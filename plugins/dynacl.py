@@ -1,0 +1,92 @@
+"""DynACL (Luo, Wang, Wang, ICLR 2023): ACL with annealed augmentation strength and adversarial weight.
+
+Per epoch e of E: augmentation strength s(e) = 1 − ⌊(e−1)/K⌋·K/E and weight ω(e) (METHODS.md §3.1–§3.2);
+loss ½[(1−ω)·L_nat + (1+ω)·L_adv]. The official code also trains with a momentum ("key") encoder: view 1
+goes through the trained encoder, view 2 through its EMA copy (0.99), and the key encoder is the one
+evaluated (§3.3); the AIR/RCS re-implementations use a single encoder (``momentum_encoder = false``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from rsslctl import hookimpl
+from rsslctl.attack import eval_mode
+from rsslctl.augment import multi_view, strength_schedule
+from rsslctl.encoder import Encoder
+from rsslctl.losses import dynacl_weight, nt_xent, pair_rows
+from rsslctl.method import Method
+from rsslctl.options import Number, opt
+
+
+@dataclasses.dataclass
+class DynACLOptions:
+    temperature: float = opt(0.5, "NT-Xent temperature τ", min=1e-3)
+    period: int = opt(50, "K: epochs between strength/weight steps (--reload_frequency)", min=1)
+    anneal_augment: bool = opt(True, "anneal the augmentation strength s(e) (false: keep [augment] strength)")
+    swap: Number = opt(2 / 3, "λ of the weight schedule (--swap_param)", min=0, max=1.5)
+    weight_form: Literal["air", "official"] = opt(
+        "air", "air: ω = λ(1−s(e)) (AIR/RCS); official: ω = min(⌊e/K⌋·K/E·λ, 1) (PKU-ML/DYNACL)")
+    momentum_encoder: bool = opt(False, "official DynACL: EMA key encoder on view 2, evaluated instead of the "
+                                        "trained encoder")
+    momentum: float = opt(0.99, "EMA factor of the key encoder", min=0, max=1)
+
+
+class DynACL(Method):
+    """DynACL: dual-stream ACL with annealed augmentation and ω; optional EMA key encoder."""
+
+    name = "dynacl"
+    Options = DynACLOptions
+    needs_attack = True
+    wants_dual_bn = True
+
+    def __init__(self, encoder: Encoder, options: DynACLOptions, attack, augment) -> None:
+        super().__init__(encoder, options, attack, augment)
+        self.key_encoder = copy.deepcopy(encoder).requires_grad_(False) if options.momentum_encoder else None
+        self.omega = 0.0
+
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
+        o = self.options
+        if o.anneal_augment:
+            self.augment_module.set_strength(strength_schedule(epoch, total_epochs, o.period))
+        self.omega = dynacl_weight(epoch, total_epochs, o.period, o.swap, o.weight_form)
+
+    def embed(self, views: Tensor, route: str) -> Tensor:
+        """Interleaved embeddings; with the key encoder, odd rows (view 2) go through it (official 'swap')."""
+        if self.key_encoder is None:
+            return self.encoder(views, route)
+        return pair_rows(self.encoder(views[0::2], route), self.key_encoder(views[1::2], route))
+
+    def embeddings(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(z, z̃) of ACL-DS: contrastive PGD on both views jointly (eval mode, pgd BN, METHODS.md §1.4),
+        then clean views through the normal BN and adversarial views through the pgd BN (train mode)."""
+        tau = self.options.temperature
+        views = multi_view(images, self.augment, 2)
+        with eval_mode(self):
+            adv = self.attack.perturb(views, lambda xa: nt_xent(self.embed(xa, "pgd"), tau))
+        return self.embed(views, "normal"), self.embed(adv, "pgd")
+
+    def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        z, z_adv = self.embeddings(images)
+        loss_nat, loss_adv = nt_xent(z, self.options.temperature), nt_xent(z_adv, self.options.temperature)
+        w = self.omega
+        loss = 0.5 * ((1 - w) * loss_nat + (1 + w) * loss_adv)
+        return loss, {"loss_nat": loss_nat.detach(), "loss_adv": loss_adv.detach()}
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.key_encoder is not None:  # θ_k ← m·θ_k + (1−m)·θ_q, parameters only (BN buffers: own forwards)
+            torch._foreach_lerp_(list(self.key_encoder.parameters()), list(self.encoder.parameters()),
+                                 1.0 - self.options.momentum)
+
+    def eval_encoder(self) -> Encoder:
+        return self.key_encoder if self.key_encoder is not None else self.encoder
+
+
+@hookimpl
+def rsslctl_methods() -> list[type]:
+    return [DynACL]

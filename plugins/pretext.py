@@ -1,0 +1,131 @@
+"""Supervised adversarial training (SAT) and the pretext tasks of the transfer-learning seed: rotation and jigsaw.
+
+Each trains a classification head owned by the method (checkpointed with it) on the encoder features,
+with labels (SAT) or self-generated labels (rotation: 0/90/180/270°, jigsaw: tile permutation index).
+With an [attack] table the task is trained adversarially (PGD-AT on the task's cross-entropy, attack in
+eval mode); SAT always is. The recipe sets ``encoder.head_layers = 0``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rsslctl import hookimpl
+from rsslctl.attack import eval_mode
+from rsslctl.encoder import Encoder
+from rsslctl.errors import UserError
+from rsslctl.method import Method
+from rsslctl.options import opt
+
+
+class ClassificationTask(Method):
+    """Base: ``task(views, labels) -> (inputs, targets)``; cross-entropy of a linear head, PGD-AT if an attack is set."""
+
+    num_outputs = 0
+
+    def __init__(self, encoder: Encoder, options, attack, augment) -> None:
+        super().__init__(encoder, options, attack, augment)
+        self.classifier = nn.Linear(encoder.out_dim, self.num_outputs)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.classifier(self.encoder(x))
+
+    def task(self, views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        x, y = self.task(self.augment(images), labels)
+        if self.attack is not None:
+            with eval_mode(self):
+                x = self.attack.perturb(x, lambda xa: F.cross_entropy(self.logits(xa).float(), y, reduction="sum"))
+        logits = self.logits(x).float()
+        loss = F.cross_entropy(logits, y)
+        return loss, {"task_accuracy": (logits.argmax(1) == y).float().mean().detach()}
+
+
+@dataclasses.dataclass
+class SATOptions:
+    num_classes: int = opt(10, "number of classes of the training labels", min=2)
+
+
+class SAT(ClassificationTask):
+    """Supervised adversarial training (Madry et al.): PGD-AT with the true labels."""
+
+    name = "sat"
+    Options = SATOptions
+    needs_attack = True
+
+    def __init__(self, encoder: Encoder, options: SATOptions, attack, augment) -> None:
+        self.num_outputs = options.num_classes
+        super().__init__(encoder, options, attack, augment)
+
+    def task(self, views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return views, labels
+
+
+class Rotation(ClassificationTask):
+    """Rotation prediction (Gidaris et al., 2018): every image in all four rotations, 4-way classification."""
+
+    name = "rotation"
+    num_outputs = 4
+
+    def task(self, views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.cat([torch.rot90(views, k, dims=(2, 3)) for k in range(4)])
+        y = torch.arange(4, device=views.device).repeat_interleave(views.shape[0])
+        return x, y
+
+
+@dataclasses.dataclass
+class JigsawOptions:
+    grid: int = opt(2, "tiles per side (the image size must be divisible by it)", min=2, max=4)
+    permutations: int = opt(24, "number of tile permutations to classify (fixed set, seeded)", min=2)
+
+
+def permutation_set(tiles: int, count: int, seed: int = 0) -> Tensor:
+    """``count`` distinct permutations of ``tiles`` tiles: all of them when few, else a seeded random choice."""
+    if count <= 720 and tiles <= 6:
+        perms = torch.tensor(list(itertools.permutations(range(tiles))))
+        if count >= len(perms):
+            return perms
+        return perms[torch.randperm(len(perms), generator=torch.Generator().manual_seed(seed))[:count]]
+    g = torch.Generator().manual_seed(seed)
+    chosen: dict[tuple[int, ...], None] = {}
+    while len(chosen) < count:
+        chosen[tuple(torch.randperm(tiles, generator=g).tolist())] = None
+    return torch.tensor(list(chosen))
+
+
+class Jigsaw(ClassificationTask):
+    """Jigsaw (Noroozi & Favaro, 2016): shuffle a grid×grid tiling by one of a fixed set of permutations,
+    classify which permutation was applied."""
+
+    name = "jigsaw"
+    Options = JigsawOptions
+
+    def __init__(self, encoder: Encoder, options: JigsawOptions, attack, augment) -> None:
+        tiles = options.grid ** 2
+        perms = permutation_set(tiles, options.permutations)
+        self.num_outputs = len(perms)
+        super().__init__(encoder, options, attack, augment)
+        self.register_buffer("perms", perms, persistent=False)
+
+    def task(self, views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        n, c, h, w = views.shape
+        g = self.options.grid
+        if h % g or w % g:
+            raise UserError(f"method.grid = {g} does not divide the {h}×{w} images; set data.image_size to a multiple")
+        y = torch.randint(len(self.perms), (n,)).to(views.device, non_blocking=True)
+        tiles = views.view(n, c, g, h // g, g, w // g).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, c, h // g, w // g)
+        order = self.perms[y]  # [n, tiles]: output tile t takes input tile order[t]
+        shuffled = tiles[torch.arange(n, device=views.device)[:, None], order]
+        x = shuffled.view(n, g, g, c, h // g, w // g).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+        return x.contiguous(), y
+
+
+@hookimpl
+def rsslctl_methods() -> list[type]:
+    return [SAT, Rotation, Jigsaw]

@@ -1,0 +1,106 @@
+"""Adversarial training on views, shared by methods: PGD-AT or free AT (METHODS.md §8.2–§8.4).
+
+* ``pgd``: the configured attack perturbs the views (input gradients only). With ``leak_attack_grads`` the
+  parameter gradients of every attack step are added to the training gradient, as the CF-AMC-SSL scripts do
+  by zeroing the optimizer before the attack instead of after it (reference behaviour, off by default).
+* ``free`` (Shafahi et al., 2019): a persistent perturbation δ is carried across minibatches; each minibatch
+  is replayed ``replays`` times on the same views; the engine's single backward fills both the parameter
+  gradients and ``x_adv.grad``, from which δ takes one signed step after every optimizer step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from .attack import Attack
+from .options import opt
+
+
+@dataclasses.dataclass
+class AdvTrainingOptions:
+    """Options mixed into a method's Options dataclass."""
+
+    training: Literal["pgd", "free"] = opt("pgd", "pgd: attack the views every step (PGD-AT); "
+                                                  "free: persistent δ, each minibatch replayed `replays` times")
+    replays: int = opt(3, "free AT: optimizer steps per minibatch (m)", min=1)
+    leak_attack_grads: bool = opt(False, "pgd: add the attack steps' weight gradients to the update "
+                                         "(reference CF-AMC-SSL bug, for parity only)")
+    reference_schedule: bool = opt(False, "free: LR schedule length counted in minibatches, so the cosine runs "
+                                          "m half-periods (reference CF-AMC-SSL quirk, for parity only)")
+
+
+class FreePerturbation:
+    """Persistent δ for free adversarial training; ``inputs`` gives a leaf x+δ, ``update`` steps δ from its grad."""
+
+    def __init__(self, eps: float, step: float) -> None:
+        self.eps, self.step = eps, step
+        self.delta: Tensor | None = None
+        self.x: Tensor | None = None
+        self.x_adv: Tensor | None = None
+
+    def inputs(self, x: Tensor) -> Tensor:
+        x = x.detach()
+        if self.delta is None or self.delta.shape != x.shape:
+            self.delta = torch.zeros_like(x)  # zeros at the first minibatch, as in the reference
+        self.x = x
+        self.x_adv = (x + self.delta).clamp(0.0, 1.0).requires_grad_(True)
+        return self.x_adv
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """δ ← clip(δ + α·sign(∇δ), −ε, ε), using the gradient the training backward left on x+δ."""
+        if self.x_adv is None or self.x_adv.grad is None:
+            return
+        self.delta = (self.delta + self.step * self.x_adv.grad.sign()).clamp_(-self.eps, self.eps)
+        self.x_adv = None
+
+
+class AdversarialTraining:
+    """Mixin for a ``Method`` whose options include ``AdvTrainingOptions``; call ``setup_adversarial()`` in __init__."""
+
+    options: AdvTrainingOptions
+    attack: Attack
+
+    def setup_adversarial(self) -> None:
+        o = self.options
+        free = o.training == "free"
+        self.replays = o.replays if free else 1
+        self.schedule_in_minibatches = free and o.reference_schedule
+        step = float(getattr(self.attack.options, "step_size", self.attack.eps / 4))
+        self.free = FreePerturbation(self.attack.eps, step) if free else None
+        self._replay, self._views = 0, None
+
+    def replayed(self, make: Callable[[], Tensor]) -> Tensor:
+        """Fresh views on the first replay of a minibatch, the same views on the following ``replays − 1``."""
+        if self._replay == 0 or self._views is None:
+            self._views = make().detach()
+        self._replay = (self._replay + 1) % self.replays
+        return self._views
+
+    def adversarial(self, x: Tensor, objective: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(x_adv, grad_only_term): add ``grad_only_term`` (value 0) to the loss when not None."""
+        if self.free is not None:
+            return self.free.inputs(x), None
+        if not self.options.leak_attack_grads:
+            return self.attack.perturb(x, objective), None
+        params = [p for p in self.parameters() if p.requires_grad]
+        leaked = [torch.zeros_like(p) for p in params]
+
+        def leaky(xa: Tensor) -> Tensor:
+            loss = objective(xa)
+            grads = torch.autograd.grad(loss.float(), params, retain_graph=True, allow_unused=True)
+            for acc, g in zip(leaked, grads):
+                if g is not None:
+                    acc.add_(g)
+            return loss
+
+        x_adv = self.attack.perturb(x, leaky)
+        term = sum((p * g).sum() for p, g in zip(params, leaked))
+        return x_adv, term - term.detach()
+
+    def after_optimizer_step(self) -> None:
+        if self.free is not None:
+            self.free.update()
