@@ -89,7 +89,8 @@ def build_method(recipe: Recipe, device: torch.device) -> Method:
 
 def plugin_versions(recipe: Recipe) -> dict[str, str]:
     out = {}
-    for table, kind in (("data", "dataset"), ("backbone", "backbone"), ("method", "method"), ("attack", "attack")):
+    for table, kind in (("data", "dataset"), ("backbone", "backbone"), ("method", "method"), ("attack", "attack"),
+                       ("coreset", "coreset")):
         cls = recipe.plugin_cls.get(table)
         if cls is not None:
             info = registry.registry().entries(kind)[cls.name]
