@@ -9,6 +9,7 @@ from torch import Tensor
 from rsslctl import hookimpl
 from rsslctl.attack import eval_mode
 from rsslctl.augment import multi_view
+from rsslctl.coreset import ContrastiveTarget
 from rsslctl.losses import nt_xent, pair_rows
 from rsslctl.method import Method
 from rsslctl.options import opt
@@ -52,6 +53,10 @@ class ACL(Method):
         loss_nat = nt_xent(enc(views, "normal"), o.temperature)
         loss = 0.5 * ((1 - o.weight) * loss_nat + (1 + o.weight) * loss_adv)
         return loss, {"loss_nat": loss_nat.detach(), "loss_adv": loss_adv.detach()}
+
+    def coreset_target(self) -> ContrastiveTarget:
+        """RCS differentiates the projection head's linear layers with the plain ACL loss (any variant, §5.2)."""
+        return ContrastiveTarget(self.encoder, self.attack, self.augment, self.options.temperature)
 
 
 @hookimpl

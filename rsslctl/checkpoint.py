@@ -2,7 +2,7 @@
 
 Layout of one checkpoint directory (``<run>/checkpoints/epoch-0003/``):
   model.safetensors  the method's state (encoder, heads, momentum encoders …)
-  state.safetensors  optimizer tensors and RNG states
+  state.safetensors  optimizer tensors, RNG states and extra run state (e.g. the current coreset indices)
   meta.json          epoch, step, metrics, resolved recipe, plugin versions, optimizer hyper-parameters,
                      sha256 of both tensor files; written last, so a directory with it is complete
 The directory is assembled under a temporary name and renamed into place (atomic on POSIX).
@@ -97,8 +97,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(run_dir: Path, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``<run>/checkpoints/epoch-XXXX`` atomically and prune to the ``keep`` newest."""
+                    meta: dict[str, Any], keep: int = 2, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``<run>/checkpoints/epoch-XXXX`` atomically and prune to the ``keep`` newest; ``extra`` tensors go
+    into state.safetensors next to the optimizer and RNG state."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"epoch-{epoch:04d}"
@@ -108,7 +109,7 @@ def save_checkpoint(run_dir: Path, epoch: int, model: torch.nn.Module, optimizer
     opt_tensors, opt_rest = optimizer_to_flat(optimizer)
     save_file({k: _plain(v) for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
               metadata={"epoch": str(epoch), "format": "pt"})
-    save_file({k: _plain(v) for k, v in {**opt_tensors, **rng_state()}.items()}, str(tmp / "state.safetensors"))
+    save_file({k: _plain(v) for k, v in {**opt_tensors, **rng_state(), **(extra or {})}.items()}, str(tmp / "state.safetensors"))
     meta = dict(meta, epoch=epoch, optimizer=opt_rest,
                 sha256={f: sha256(tmp / f) for f in ("model.safetensors", "state.safetensors")})
     atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, default=str))

@@ -152,6 +152,29 @@ def dynacl_pp(run_dir: Path, out_dir: Path, clusters: int, probe_epochs: int, ep
                                                     batch_size=batch_size, steps=steps), force)
     console.print(f"wrote {out_dir} (pseudo-label cluster sizes {info['cluster_sizes']}); "
                   f"evaluate with `rsslctl evaluate {out_dir}`")
+@main.command("select-coreset")
+@click.argument("recipe_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Select with this run's current encoder (its newest checkpoint) and saved recipe.")
+@click.option("--fraction", type=float, required=True, help="Coreset size as a fraction of the training pool, in (0, 1].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output file: .safetensors (indices tensor, metadata in the header) or .json.")
+@SET
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@user_errors
+def select_coreset(recipe_file: Path | None, run_dir: Path | None, fraction: float, out: Path,
+                   overrides: tuple[str, ...], force: bool) -> None:
+    """Select a training coreset (RCS unless [coreset] name says otherwise) and write its indices.
+
+    Train on it with `--set coreset.indices_file=OUT` in `rsslctl pretrain`.
+    """
+    from .coreset import select_standalone
+    meta = select_standalone(recipe_file, run_dir, fraction, out, list(overrides), force)
+    console.print(summary_table(f"coreset written to {out}", {
+        "selector": meta["selector"], "images": f"{meta['size']} of {meta['pool_size']} "
+        f"(fraction {meta['fraction']:g}, {meta['validation_size']} held out for validation)",
+        "encoder": f"{meta['source']} (epoch {meta['epoch']}), sha256 {meta['encoder_sha256'][:16]}…",
+        "selection time": f"{meta['seconds']:.1f} s", "use it": f"--set coreset.indices_file={str(out)!r}"}))
 
 
 @main.group()

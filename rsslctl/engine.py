@@ -20,12 +20,13 @@ from torch import Tensor
 
 from . import registry
 from .augment import ViewAugment
+from .coreset import CoresetRun, method_target
 from .checkpoint import latest_checkpoint, load_checkpoint, optimizer_from_flat, save_checkpoint, set_rng_state
 from .data import ImageData
 from .encoder import build_encoder
 from .errors import TrainingDiverged, UserError
 from .method import Method
-from .optim import lr_at, make_optimizer
+from .optim import StepClock, lr_at, make_optimizer
 from .recipe import Recipe
 from .ui import console, progress_bar, summary_table
 
@@ -106,7 +107,8 @@ def build_method(recipe: Recipe, device: torch.device) -> Method:
 
 def plugin_versions(recipe: Recipe) -> dict[str, str]:
     out = {}
-    for table, kind in (("data", "dataset"), ("backbone", "backbone"), ("method", "method"), ("attack", "attack")):
+    for table, kind in (("data", "dataset"), ("backbone", "backbone"), ("method", "method"), ("attack", "attack"),
+                       ("coreset", "coreset")):
         cls = recipe.plugin_cls.get(table)
         if cls is not None:
             info = registry.registry().entries(kind)[cls.name]
@@ -140,12 +142,20 @@ class Trainer:
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, recipe.optimizer)
         self.replays = int(getattr(self.method, "replays", 1))
+        self.coreset = self._make_coreset()
+        if self.coreset:  # the validation split is held out for the whole run
+            self.steps_per_epoch = len(self.coreset.pool) // self.batch_size
         # the LR schedule counts optimizer steps, so replayed minibatches (free AT) stay aligned with it;
-        # a method may ask for the reference quirk instead (length in minibatches, cosine over-stepped m times)
+        # coreset epochs are shorter, and the clock keeps the schedule aligned with training progress
+        epoch_steps = self.coreset.epoch_steps() if self.coreset else [self.steps_per_epoch] * recipe.schedule.epochs
+        self.clock = StepClock(epoch_steps, self.replays, recipe.schedule.warmup_epochs, recipe.coreset.lr_schedule)
+        self.total_steps = self.clock.total_steps
+        # a method may ask for the free-AT reference quirk instead: schedule length in minibatches, but stepped
+        # once per optimizer step, so the cosine is over-stepped m times (METHODS.md §8.3)
         self.schedule_in_minibatches = bool(getattr(self.method, "schedule_in_minibatches", False))
-        sched_replays = 1 if self.schedule_in_minibatches else self.replays
-        self.total_steps = recipe.schedule.epochs * self.steps_per_epoch * sched_replays
-        self.warmup_steps = round(recipe.schedule.warmup_epochs * self.steps_per_epoch * sched_replays)
+        self.minibatch_clock = StepClock(epoch_steps, 1, recipe.schedule.warmup_epochs, recipe.coreset.lr_schedule)
+        #: length of the LR schedule in its own units (optimizer steps, or minibatches under the quirk)
+        self.schedule_steps = (self.minibatch_clock if self.schedule_in_minibatches else self.clock).total_steps
         self.epoch = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
@@ -163,8 +173,22 @@ class Trainer:
         optimizer_from_flat(self.optimizer, state, meta["optimizer"])
         set_rng_state(state)
         self.epoch = int(meta["epoch"])
-        self._truncate_metrics(self.epoch * self.steps_per_epoch * self.replays)
+        if self.coreset and "coreset.indices" in state:
+            self.coreset.indices = state["coreset.indices"]
+        self._truncate_metrics(self.clock.step(self.epoch + 1, 0))
         return True
+
+    def _make_coreset(self) -> CoresetRun | None:
+        """The [coreset] schedule, or None when the run trains on the whole split every epoch."""
+        r = self.recipe
+        o, cls = r.coreset, r.plugin_cls.get("coreset")
+        if cls is None and not o.indices_file:
+            return None
+        selector = cls(r.plugin["coreset"]) if cls else None
+        if selector is not None and selector.needs_target:
+            method_target(self.method)  # fail now, not after the warm-up
+        return CoresetRun(o, selector, len(self.train), self.batch_size, r.schedule.epochs, r.run.seed,
+                          r.resolved["data"]["name"])
 
     def _truncate_metrics(self, first_lost_step: int) -> None:
         """Drop records a killed run wrote after its last checkpoint, so the log matches the weights."""
@@ -196,21 +220,29 @@ class Trainer:
         start_epoch = self.epoch
         t_run = time.perf_counter()
         with progress_bar(self.quiet) as bar:
-            task = bar.add_task("pretrain", total=(r.schedule.epochs - start_epoch) * spe, info="")
+            task = bar.add_task("pretrain", total=sum(self.clock.epoch_steps[start_epoch:]), info="")
             for epoch in range(start_epoch + 1, r.schedule.epochs + 1):
                 self.method.train()
                 self.method.on_epoch_start(epoch, r.schedule.epochs)
+                t_select = time.perf_counter()
+                active = self.coreset.active(epoch, images, labels, self.method) if self.coreset else None
+                t_select = time.perf_counter() - t_select
+                spe = self.clock.epoch_steps[epoch - 1]
                 g = torch.Generator().manual_seed(r.run.seed * 1_000_003 + epoch)
-                perm = torch.randperm(n, generator=g)[: spe * bs].to(self.device).view(spe, bs)
+                perm = torch.randperm(n if active is None else len(active), generator=g)[: spe * bs]
+                perm = (perm if active is None else active[perm]).to(self.device).view(spe, bs)
                 pending: list[tuple[int, float, Tensor, dict[str, Tensor]]] = []
                 losses: list[float] = []
                 t0 = time.perf_counter()
                 for i in range(spe):
                     idx = perm[i]
                     for rep in range(self.replays):
-                        step = ((epoch - 1) * spe + i) * self.replays + rep
-                        lr = lr_at(step, self.total_steps, self.warmup_steps, peak, r.schedule,
-                                   periodic=self.schedule_in_minibatches)
+                        step = self.clock.step(epoch, i, rep)
+                        if self.schedule_in_minibatches:
+                            _, total, warm = self.minibatch_clock.lr_position(epoch, i)
+                            lr = lr_at(step, total, warm, peak, r.schedule, periodic=True)
+                        else:
+                            lr = lr_at(*self.clock.lr_position(epoch, i, rep), peak, r.schedule)
                         for group in self.optimizer.param_groups:
                             group["lr"] = lr
                         with autocast(self.device, r.engine.precision):
@@ -233,19 +265,23 @@ class Trainer:
                 seconds = time.perf_counter() - t0
                 summary = {"epoch": epoch, "loss": sum(losses) / len(losses), "seconds": seconds,
                            "images_per_s": spe * bs / seconds}
+                if self.coreset:
+                    summary.update(images=spe * bs, selected=self.coreset.due(epoch), selection_seconds=t_select)
                 log.write(json.dumps({"kind": "epoch", **summary}) + "\n")
                 log.flush()
                 self.epoch = epoch
                 if epoch % r.engine.checkpoint_every == 0 or epoch == r.schedule.epochs:
+                    current = self.coreset.indices if self.coreset else None
+                    extra = {"coreset.indices": current} if current is not None else None
                     save_checkpoint(self.run_dir, epoch, self.method, self.optimizer, self._meta(summary),
-                                    keep=r.engine.keep_checkpoints)
+                                    keep=r.engine.keep_checkpoints, extra=extra)
         log.close()
         summary["total_seconds"] = time.perf_counter() - t_run
         if not self.quiet:
             console.print(summary_table("pretraining finished", {
                 "method": r.resolved["method"]["name"], "device": str(self.device),
                 "precision": "bf16 autocast" if uses_bf16(self.device, r.engine.precision) else "fp32",
-                "epochs": r.schedule.epochs, "steps/epoch": spe,
+                "epochs": r.schedule.epochs, "steps/epoch": self.steps_per_epoch,
                 "final loss": f"{summary['loss']:.4f}", "images/s (last epoch)": f"{summary['images_per_s']:,.0f}",
                 "wall time": f"{summary['total_seconds']:.1f} s", "run directory": str(self.run_dir)}))
         return summary

@@ -11,13 +11,14 @@ def fp32(t: Tensor) -> torch.autocast:
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
-def nt_xent(z: Tensor, temperature: float = 0.5, n_views: int = 2) -> Tensor:
+def nt_xent(z: Tensor, temperature: float = 0.5, n_views: int = 2, reduction: str = "mean") -> Tensor:
     """NT-Xent (SimCLR) over interleaved views: rows k·n … k·n+n−1 are the views of image k.
 
     For each anchor a, ℓ_a = −log( Σ_{p ∈ pos(a)} … ) is computed per positive as in SimCLR:
     ℓ_{a,p} = −log( exp(s_ap/τ) / Σ_{b≠a} exp(s_ab/τ) ), with s = cosine similarity; the loss is the
     mean over all (anchor, positive) pairs. With n_views = 2 this is the ACL/SimCLR loss (METHODS.md §1.3).
-    Computed in fp32 whatever the autocast dtype.
+    ``reduction="per_image"`` returns each image's share instead (the mean of its anchors' terms, [N]), whose
+    mean is the loss. Computed in fp32 whatever the autocast dtype.
     """
     with fp32(z):
         z = F.normalize(z.float(), dim=1)
@@ -28,7 +29,8 @@ def nt_xent(z: Tensor, temperature: float = 0.5, n_views: int = 2) -> Tensor:
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     group = torch.arange(m, device=z.device) // n_views
     pos = (group[:, None] == group[None, :]) & ~eye
-    return -(log_prob[pos]).mean()
+    terms = -log_prob[pos]  # row-major: image k's n·(n−1) terms are contiguous
+    return terms.view(m // n_views, -1).mean(1) if reduction == "per_image" else terms.mean()
 
 
 def pair_rows(a: Tensor, b: Tensor) -> Tensor:

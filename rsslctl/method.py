@@ -53,6 +53,11 @@ class Method(nn.Module):
         """Features used by evaluation for pixels ``x`` in [0, 1] (bag-of-features methods override it)."""
         return self.eval_encoder().features(x, route)
 
+    def coreset_target(self) -> Any:
+        """What gradient-based coreset selection (RCS) differentiates: a ``rsslctl.coreset.CoresetTarget``, or None
+        when the method does not support it (random selection still works)."""
+        return None
+
     def eval_encoder(self) -> Encoder:
         """The encoder to export and evaluate (a method with a momentum encoder may return that one)."""
         return self.encoder

@@ -91,3 +91,45 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule:
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     lo = min(schedule.min_lr, peak)
     return lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * (t if periodic else min(1.0, t))))
+
+
+@dataclasses.dataclass
+class StepClock:
+    """Optimizer-step bookkeeping when epochs differ in length (a coreset shrinks them after its warm-up).
+
+    ``epoch_steps[e - 1]`` minibatches in epoch ``e``, each replayed ``replays`` times. ``step`` counts the optimizer
+    steps actually taken. ``lr_position`` places a step on the LR schedule: ``by = "steps"`` spreads warm-up and
+    cosine over the steps the run will really take; ``by = "epochs"`` (the RCS reference) spreads them over
+    fractions of epochs, i.e. the LR of step i of epoch e is the full-data run's LR at the same epoch fraction.
+    With equal epochs both equal the plain per-iteration schedule.
+    """
+
+    epoch_steps: list[int]
+    replays: int = 1
+    warmup_epochs: float = 0.0
+    by: Literal["steps", "epochs"] = "steps"
+
+    def __post_init__(self) -> None:
+        self._offset = [0]
+        for n in self.epoch_steps:
+            self._offset.append(self._offset[-1] + n)
+        self._ref = max(self.epoch_steps)
+
+    def step(self, epoch: int, i: int, rep: int = 0) -> int:
+        """0-based optimizer step of replay ``rep`` of minibatch ``i`` (0-based) in ``epoch`` (1-based)."""
+        return (self._offset[epoch - 1] + i) * self.replays + rep
+
+    @property
+    def total_steps(self) -> int:
+        return self._offset[-1] * self.replays
+
+    def lr_position(self, epoch: int, i: int, rep: int = 0) -> tuple[float, float, float]:
+        """(position, total, warm-up length) in the units ``lr_at`` expects."""
+        if self.by == "steps":
+            whole = min(int(self.warmup_epochs), len(self.epoch_steps))
+            part = self.epoch_steps[whole] * (self.warmup_epochs - whole) if whole < len(self.epoch_steps) else 0
+            return self.step(epoch, i, rep), self.total_steps, round((self._offset[whole] + part) * self.replays)
+        scale = self._ref / self.epoch_steps[epoch - 1]  # one short-epoch step covers `scale` full-epoch steps
+        r = self.replays
+        return (((epoch - 1) * self._ref) * r + (i * r + rep) * scale, len(self.epoch_steps) * self._ref * r,
+                round(self.warmup_epochs * self._ref * r))

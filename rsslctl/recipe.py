@@ -1,6 +1,6 @@
 """TOML recipes: parse, apply ``--set`` overrides, validate every section and plugin option up front.
 
-A recipe is a set of tables. Plugin tables (``data``, ``backbone``, ``method``, ``attack``) hold
+A recipe is a set of tables. Plugin tables (``data``, ``backbone``, ``method``, ``attack``, ``coreset``) hold
 ``name`` (the plugin) next to the core keys and the plugin's own options, all in one flat table.
 The resolved recipe (every default filled in) is what runs and what is written to the run directory.
 """
@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from . import registry
 from .augment import AugmentOptions
+from .coreset import CoresetOptions, check_options as check_coreset
 from .encoder import EncoderOptions
 from .errors import UserError
 from .options import Number, as_dict, closest, opt, validate
@@ -66,9 +67,9 @@ class EvaluationOptions:
 
 CORE = {"run": RunOptions, "data": DataOptions, "augment": AugmentOptions, "backbone": None, "encoder": EncoderOptions,
         "method": None, "attack": None, "optimizer": OptimizerOptions, "schedule": ScheduleOptions,
-        "engine": EngineOptions, "evaluation": EvaluationOptions}
-PLUGIN_TABLES = {"data": "dataset", "backbone": "backbone", "method": "method", "attack": "attack"}
-DEFAULT_NAMES = {"data": "digits", "backbone": "timm", "method": "simclr"}
+        "coreset": CoresetOptions, "engine": EngineOptions, "evaluation": EvaluationOptions}
+PLUGIN_TABLES = {"data": "dataset", "backbone": "backbone", "method": "method", "attack": "attack", "coreset": "coreset"}
+DEFAULT_NAMES = {"data": "digits", "backbone": "timm", "method": "simclr", "coreset": "none"}
 
 
 @dataclasses.dataclass
@@ -149,6 +150,11 @@ def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "") ->
                 plugin_cls[table], plugin[table], core[table] = None, None, None
                 resolved[table] = {"name": "none"}
                 continue
+            if table == "coreset" and name == "none":  # no selector; the core keys still apply (indices_file)
+                plugin_cls[table], plugin[table] = None, None
+                core[table] = validate(core_cls, values, loc, extra_keys=("name",))
+                resolved[table] = {"name": "none", **as_dict(core[table])}
+                continue
             cls = registry.get(PLUGIN_TABLES[table], name, f"{loc}.name")
             plugin_cls[table] = cls
             core_keys = {f.name for f in dataclasses.fields(core_cls)} if core_cls else set()
@@ -165,6 +171,7 @@ def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "") ->
             core[table] = validate(core_cls, values, loc)
             resolved[table] = as_dict(core[table])
     _check_evaluation(core["evaluation"], where)
+    check_coreset(core["coreset"], resolved["coreset"]["name"], core["schedule"].epochs, f"{where}: coreset")
     return Recipe(resolved, core, plugin, plugin_cls, source)
 
 
