@@ -58,7 +58,8 @@ def read_corruptions(folder: Path, limit: int = 0) -> Iterator[tuple[str, int, T
                             f"got {data.dtype} {list(data.shape)}")
         for s in SEVERITIES:
             rows = slice((s - 1) * per, (s - 1) * per + take)
-            images = torch.from_numpy(np.ascontiguousarray(data[rows])).permute(0, 3, 1, 2).contiguous()
+            images = torch.from_numpy(np.array(data[rows]))  # copy out of the read-only memory map
+            images = images.permute(0, 3, 1, 2).contiguous()
             yield name, s, images, torch.from_numpy(labels[rows].astype(np.int64))
 
 
@@ -117,11 +118,17 @@ def _pixelate(x: Tensor, s: int, g: torch.Generator) -> Tensor:
 
 
 def _jpeg_compression(x: Tensor, s: int, g: torch.Generator) -> Tensor:
-    from torchvision.io import decode_jpeg, encode_jpeg
+    import io
+
+    from PIL import Image
     quality = (80, 65, 58, 50, 40)[s - 1]
-    u8 = (x * 255).round().clamp(0, 255).to(torch.uint8).cpu()
-    out = decode_jpeg(encode_jpeg(list(u8), quality=quality))
-    return torch.stack(out).to(x.device, x.dtype) / 255
+    u8 = (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for img in u8:  # PIL's encoder, as the CIFAR-C script used
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=quality)
+        out.append(np.asarray(Image.open(buf).convert("RGB")))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255
 
 
 GENERATED: dict[str, Callable[[Tensor, int, torch.Generator], Tensor]] = {

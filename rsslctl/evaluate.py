@@ -160,11 +160,12 @@ def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, opts: 
                         state_path: Path) -> dict[str, Any]:
     """AutoAttack (pyautoattack, the authors' package) on the full test set or a seeded subset; resumable.
 
-    Robust accuracy is read from the evaluation state (correct on every attack so far), which stays right when a
-    killed evaluation is resumed from ``state_path`` (the adversarial images returned then cover only new attacks).
+    The attacks of the chosen version run one after another on the images still classified correctly, as
+    AutoAttack itself does; after each attack the per-image robust flags go to ``state_path`` (JSON), so a killed
+    evaluation resumes after the last finished attack. (pyautoattack 0.2.0's own state file cannot be read back:
+    it stores a Python set as a string.) Robust accuracy = images correct under every attack.
     """
     from pyautoattack import AutoAttack
-    from pyautoattack.state import EvaluationState
 
     if opts.aa_limit and opts.aa_limit < len(labels):
         g = torch.Generator().manual_seed(opts.seed)
@@ -178,15 +179,37 @@ def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, opts: 
         kwargs["attacks"] = list(opts.aa_attacks)
     model.eval()
     adversary = AutoAttack(model, **kwargs)
+    attacks = list(adversary.attacks_to_run)
     x = images.float().div(255)
-    x_adv, _ = adversary.run_standard_evaluation(x, labels, batch_size=opts.aa_batch, state_path=state_path)
-    state = EvaluationState.from_disk(state_path)
-    flags = state.robust_flags
-    max_delta = float((x_adv - x).abs().flatten(1).max(1).values.max()) if norm == "Linf" else \
-        float((x_adv - x).flatten(1).norm(dim=1).max())
-    return {"robust_accuracy": float(flags.float().mean()), "clean_accuracy": float(state.clean_accuracy),
-            "images": len(labels), "version": opts.aa_version, "attacks": list(adversary.attacks_to_run),
-            "norm": norm, "eps": opts.eps, "max_perturbation": max_delta, "state_file": str(state_path)}
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if state is None or state.get("attacks") != attacks or len(state["robust"]) != len(labels):
+        with torch.no_grad():
+            correct = torch.cat([model(xb.to(device)).argmax(1).cpu() == yb for xb, yb in zip(x.split(opts.aa_batch),
+                                                                                        labels.split(opts.aa_batch))])
+        state = {"attacks": attacks, "done": [], "clean": correct.tolist(), "robust": correct.tolist(), "max_delta": 0.0}
+        atomic_write_text(state_path, json.dumps(state))
+    robust = torch.tensor(state["robust"], dtype=torch.bool)
+    for attack in attacks:
+        if attack in state["done"]:
+            continue
+        idx = robust.nonzero().flatten()
+        if len(idx):
+            adversary.attacks_to_run = [attack]  # as pyautoattack's run_standard_evaluation_individual does
+            x_adv, _ = adversary.run_standard_evaluation(x[idx], labels[idx], batch_size=opts.aa_batch)
+            with torch.no_grad():
+                still = torch.cat([model(xb.to(device)).argmax(1).cpu() == yb
+                                   for xb, yb in zip(x_adv.split(opts.aa_batch), labels[idx].split(opts.aa_batch))])
+            delta = (x_adv - x[idx]).flatten(1)
+            size = delta.abs().max(1).values if norm == "Linf" else delta.norm(dim=1)
+            state["max_delta"] = max(state["max_delta"], float(size.max()))
+            robust[idx[~still]] = False
+        state["done"].append(attack)
+        state["robust"] = robust.tolist()
+        atomic_write_text(state_path, json.dumps(state))
+    n = len(labels)
+    return {"robust_accuracy": float(robust.float().mean()), "clean_accuracy": sum(state["clean"]) / n, "images": n,
+            "version": opts.aa_version, "attacks": attacks, "norm": norm, "eps": opts.eps,
+            "max_perturbation": state["max_delta"], "state_file": str(state_path)}
 
 
 def corruption_accuracy(model: nn.Module, test: Any, dataset: str, root: Path, opts: SuiteOptions,

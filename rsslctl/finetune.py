@@ -187,12 +187,16 @@ def build_backbone(spec: Mapping[str, Any]) -> nn.Module:
 
 def load_strict(module: nn.Module, state: Mapping[str, Tensor], where: str) -> None:
     """Load every tensor or fail with the keys that do not match (never drops weights silently)."""
-    missing, unexpected = module.load_state_dict(dict(state), strict=False)
-    if missing or unexpected:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shape:
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:4]) + (f" … ({len(keys)} in all)" if len(keys) > 4 else "") if keys else "none"
-        raise UserError(f"{where}: weights do not match the model: missing {show(list(missing))}; "
-                        f"unexpected {show(list(unexpected))}; check the model name, --cifar-stem and the checkpoint")
+        raise UserError(f"{where}: weights do not match the model: missing {show(missing)}; unexpected "
+                        f"{show(unexpected)}; wrong shape {show(shape)}; check the model name, --cifar-stem and the checkpoint")
+    module.load_state_dict(dict(state))
 
 
 @dataclasses.dataclass
