@@ -199,7 +199,7 @@ def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, opts: 
             with torch.no_grad():
                 still = torch.cat([model(xb.to(device)).argmax(1).cpu() == yb
                                    for xb, yb in zip(x_adv.split(opts.aa_batch), labels[idx].split(opts.aa_batch))])
-            delta = (x_adv - x[idx]).flatten(1)
+            delta = (x_adv - x[idx]).flatten(1)  # AutoAttack returns the clean image where it failed
             size = delta.abs().max(1).values if norm == "Linf" else delta.norm(dim=1)
             state["max_delta"] = max(state["max_delta"], float(size.max()))
             robust[idx[~still]] = False
