@@ -71,18 +71,93 @@ def pretrain(recipe_file: Path | None, overrides: tuple[str, ...], run_dir: Path
     trainer.fit()
 
 
+def _eps(text: str) -> float:
+    from .options import parse_number
+    return parse_number(text.strip(), "--eps")
+
+
+def suite_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Flags of the evaluation suite (shared by `evaluate --mode` and `finetune`)."""
+    opts = [
+        click.option("--eps", default="8/255", show_default=True, help="Attack radius (L∞: e.g. 8/255; L2: e.g. 0.5)."),
+        click.option("--step-size", default="2/255", show_default=True, help="PGD step size."),
+        click.option("--pgd-steps", default=20, show_default=True, type=click.IntRange(1), help="PGD iterations."),
+        click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True, help="Threat model."),
+        click.option("--fgsm/--no-fgsm", default=True, show_default=True, help="Also report FGSM accuracy."),
+        click.option("--autoattack", is_flag=True, help="Run AutoAttack (pyautoattack); resumable through its state file."),
+        click.option("--aa-version", type=click.Choice(["standard", "plus", "rand", "custom"]), default="standard",
+                     show_default=True, help="AutoAttack version (custom needs --aa-attacks)."),
+        click.option("--aa-attacks", default="", help="Custom AutoAttack list, e.g. apgd-ce,apgd-t,fab-t,square."),
+        click.option("--aa-limit", default=0, type=click.IntRange(0), help="AutoAttack on a seeded random subset of N test images (0 = all)."),
+        click.option("--aa-batch", default=128, show_default=True, type=click.IntRange(1), help="AutoAttack batch size."),
+        click.option("--corruptions", is_flag=True, help="Common corruptions: CIFAR-10-C/100-C files if present, else generated."),
+        click.option("--corruption-dir", default="", help="Folder with the CIFAR-C .npy files (default: data root)."),
+        click.option("--corruption-limit", default=0, type=click.IntRange(0), help="First N images per severity (0 = all)."),
+        click.option("--eps-curve", default="0,1,2,4,8,16", show_default=True,
+                     help="ε values for the accuracy-vs-ε plot (L∞ in 1/255 units; '' = none)."),
+        click.option("--test-limit", default=0, type=click.IntRange(0), help="Evaluate on the first N test images (0 = all)."),
+        click.option("--eval-seed", default=0, type=click.IntRange(0), show_default=True, help="Seed of attacks and subsets."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _suite(kw: dict[str, Any]) -> Any:
+    from .evaluate import SuiteOptions
+    scale = 255 if kw["norm"] == "linf" else 1
+    try:
+        curve = tuple(float(v) / scale for v in kw["eps_curve"].split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--eps-curve: expected numbers separated by commas, got {kw['eps_curve']!r}") from None
+    attacks = tuple(a.strip() for a in kw["aa_attacks"].split(",") if a.strip())
+    bad = [a for a in attacks if a not in ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")]
+    if bad:
+        raise UserError(f"--aa-attacks: unknown attack {bad[0]!r}; choose from apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square")
+    if attacks and kw["aa_version"] != "custom":
+        raise UserError("--aa-attacks needs --aa-version custom")
+    return SuiteOptions(eps=_eps(kw["eps"]), step_size=_eps(kw["step_size"]), pgd_steps=kw["pgd_steps"], norm=kw["norm"],
+                        fgsm=kw["fgsm"], autoattack=kw["autoattack"], aa_version=kw["aa_version"], aa_attacks=attacks,
+                        aa_limit=kw["aa_limit"], aa_batch=kw["aa_batch"], corruptions=kw["corruptions"],
+                        corruption_dir=kw["corruption_dir"], corruption_limit=kw["corruption_limit"], eps_curve=curve,
+                        test_limit=kw["test_limit"], seed=kw["eval_seed"])
+
+
+SUITE_KEYS = ("eps", "step_size", "pgd_steps", "norm", "fgsm", "autoattack", "aa_version", "aa_attacks", "aa_limit",
+              "aa_batch", "corruptions", "corruption_dir", "corruption_limit", "eps_curve", "test_limit", "eval_seed")
+
+
+def _show_report(report: dict[str, Any], out_dir: Path, as_json: bool) -> None:
+    import json
+
+    from .evaluate import report_table
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    console.print(report_table(report))
+    console.print(f"saved to {Path(out_dir) / 'evaluation' / 'report.json'}")
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @SET
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--mode", type=click.Choice(["SLF", "ALF", "AFF", "ALL"]), default=None,
+              help="Evaluate the fine-tuned model(s) of RUN_DIR/finetune/<MODE> with the full suite.")
+@click.option("--force", is_flag=True, help="Replace existing evaluation results.")
+@suite_options
 @user_errors
-def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool) -> None:
-    """Linear probe on frozen features, then clean and PGD-20 accuracy (saved to RUN_DIR/eval.json)."""
+def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool, mode: str | None, force: bool, **kw: Any) -> None:
+    """Without --mode: linear probe + PGD-20 (RUN_DIR/eval.json). With --mode: the robustness suite of §6.4."""
     import json
 
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_finetuned, evaluate_run
     if not Path(run_dir).is_dir():
         raise UserError(f"{run_dir}: run directory not found")
+    if mode:
+        modes = ["SLF", "ALF", "AFF"] if mode == "ALL" else [mode]
+        _show_report(evaluate_finetuned(run_dir, modes, _suite(kw), list(overrides), force), run_dir, as_json)
+        return
     result = evaluate_run(run_dir, list(overrides))
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -93,6 +168,76 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool) -> None:
         "clean accuracy": f"{100 * result['clean_accuracy']:.2f} %",
         f"robust accuracy ({a['name'].upper()}-{a['steps']}, ε {a['eps'] * 255:.3g}/255)": f"{100 * result['robust_accuracy']:.2f} %",
         "saved to": str(Path(run_dir) / "eval.json")}))
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--mode", type=click.Choice(["SLF", "ALF", "AFF", "ALL"]), default="ALL", show_default=True,
+              help="Fine-tuning mode; ALL runs SLF, ALF and AFF from one immutable configuration.")
+@click.option("--timm", "timm_model", help="External encoder: timm model name (with --weights).")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="External encoder weights (.safetensors).")
+@click.option("--cifar-stem/--no-cifar-stem", default=None, help="External ResNet: 3×3 stem without max-pool (default: from the file's metadata, else off).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Output directory (default RUN_DIR; required with --weights).")
+@click.option("--data", help="Downstream dataset (transfer), e.g. cifar100 or stl10 (default: the run's dataset).")
+@click.option("--data-root", help="Data root of the downstream dataset.")
+@click.option("--image-size", type=click.IntRange(8), help="Downstream image size (e.g. 32 for STL-10 cross-task, 96 self-task).")
+@click.option("--pretraining", default="auto", show_default=True,
+              help="Row of the §6.3 hyper-parameter table: ACL, DynACL, DynACL++, ACL-AIR, DynACL-AIR, DynACL-AIR++, "
+                   "AdvCL, A-InfoNCE, DeACL or other (auto: from the run's method).")
+@click.option("--epochs", type=click.IntRange(1), help="Epochs (default: §6.3 table, else 25).")
+@click.option("--batch-size", type=click.IntRange(1), help="Batch size (default: §6.3 table).")
+@click.option("--lr", type=float, help="Learning rate (default: §6.3 table).")
+@click.option("--milestones", help="LR ×0.1 after these epochs, e.g. 15,20 (default: §6.3 table).")
+@click.option("--weight-decay", type=float, help="SGD weight decay (default 2e-4).")
+@click.option("--beta", type=float, help="TRADES β for AFF (default 6).")
+@click.option("--train-eps", help="Training attack radius (default 8/255).")
+@click.option("--train-step-size", help="Training attack step (default 2/255).")
+@click.option("--train-steps", type=click.IntRange(1), help="Training attack iterations (default 10).")
+@click.option("--label-fraction", type=float, help="Class-balanced seeded fraction of training labels, e.g. 0.01, 0.1.")
+@click.option("--single-bn", is_flag=True, help="AFF on a dual-BN checkpoint: single-BN TRADES (reference --dualBN 0).")
+@click.option("--seed", type=click.IntRange(0), help="Seed of the label subset, augmentation and attacks (default 0).")
+@click.option("--evaluate/--no-evaluate", "then_evaluate", default=True, show_default=True, help="Run the evaluation suite afterwards.")
+@SET
+@click.option("--force", is_flag=True, help="Replace existing fine-tuning (and evaluation) outputs.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@suite_options
+@user_errors
+def finetune(run_dir: Path | None, mode: str, timm_model: str | None, weights: Path | None, cifar_stem: bool | None,
+             out_dir: Path | None, data: str | None, data_root: str | None, image_size: int | None, pretraining: str,
+             overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool, then_evaluate: bool, **kw: Any) -> None:
+    """Fine-tune a pretrained encoder (SLF / ALF / AFF, METHODS.md §6) and evaluate it."""
+    from . import finetune as ft
+    from .evaluate import evaluate_finetuned
+    if (run_dir is None) == (weights is None):
+        raise UserError("pass either RUN_DIR (a pretraining run) or --weights FILE.safetensors [--timm MODEL]")
+    if run_dir is not None:
+        if not Path(run_dir).is_dir():
+            raise UserError(f"{run_dir}: run directory not found")
+        source = ft.from_run(run_dir)
+    else:
+        if out_dir is None:
+            raise UserError("--weights needs --out DIR for the results")
+        source = ft.from_safetensors(weights, timm_model, cifar_stem)
+    out_dir = Path(out_dir or run_dir)
+    recipe = ft.downstream_recipe(source.recipe_raw, data, data_root, image_size, list(overrides))
+    train_keys = ("epochs", "batch_size", "lr", "weight_decay", "beta", "train_steps", "label_fraction", "seed")
+    user: dict[str, Any] = {k: kw.pop(k) for k in train_keys}
+    user["eps"] = _eps(kw.pop("train_eps")) if kw.get("train_eps") else kw.pop("train_eps")
+    user["step_size"] = _eps(kw.pop("train_step_size")) if kw.get("train_step_size") else kw.pop("train_step_size")
+    ms = kw.pop("milestones")
+    try:
+        user["milestones"] = tuple(int(m) for m in ms.split(",") if m.strip()) if ms is not None else None
+    except ValueError:
+        raise UserError(f"--milestones: expected epochs separated by commas, e.g. 15,20; got {ms!r}") from None
+    user["dual_bn"] = False if kw.pop("single_bn") else None
+    row = source.pretraining if pretraining == "auto" else pretraining
+    configs = ft.resolve_configs(mode, row, recipe.resolved["data"]["name"], recipe.data.image_size, user)
+    suite = _suite(kw)  # validate evaluation flags before training
+    ft.finetune(source, recipe, configs, out_dir, force, quiet)
+    if then_evaluate:
+        report = evaluate_finetuned(out_dir, [c.mode for c in configs], suite, list(overrides), force)
+        _show_report(report, out_dir, as_json)
 
 
 @main.command()

@@ -144,9 +144,14 @@ class Encoder(nn.Module):
 
 def single_bn_state(module: nn.Module, route: str = "pgd") -> dict[str, Tensor]:
     """State dict of ``module`` with the chosen BN route collapsed into plain BN keys (export/fine-tuning)."""
+    return collapse_bn_state(module.state_dict(), route)
+
+
+def collapse_bn_state(state: dict[str, Tensor], route: str = "pgd") -> dict[str, Tensor]:
+    """Keep one BN route of a dual-BN state dict under plain BN keys; other keys pass through."""
     keep = f".bn_list.{ROUTES.index(route)}."
     out = {}
-    for key, value in module.state_dict().items():
+    for key, value in state.items():
         if ".bn_list." in key:
             if keep not in key:
                 continue
