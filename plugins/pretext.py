@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from rsslctl import hookimpl
 from rsslctl.attack import eval_mode
 from rsslctl.encoder import Encoder
+from rsslctl.coreset import ClassifierTarget
 from rsslctl.errors import UserError
 from rsslctl.method import Method
 from rsslctl.options import opt
@@ -65,6 +66,10 @@ class SAT(ClassificationTask):
 
     def task(self, views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         return views, labels
+
+    def coreset_target(self) -> ClassifierTarget:
+        """SAT-RCS (METHODS.md §5.4): gradients of the classifier's last layer, RD on the logits."""
+        return ClassifierTarget(self.encoder, self.classifier, self.attack, [self], self.augment)
 
 
 class Rotation(ClassificationTask):

@@ -401,3 +401,16 @@ def test_indices_file_from_another_dataset_size_is_refused(tiny_recipe: Path, tm
 def test_default_recipe_has_no_coreset(tiny_recipe: Path) -> None:
     recipe = load(tiny_recipe)
     assert recipe.resolved["coreset"]["name"] == "none" and recipe.plugin_cls["coreset"] is None
+
+
+def test_sat_rcs_selects_through_the_sat_plugin(tiny_recipe: Path, tmp_path: Path) -> None:
+    """SAT-RCS end to end: the `sat` method exposes its last linear layer to RCS."""
+    from click.testing import CliRunner
+
+    from rsslctl.cli import main
+    out = tmp_path / "sat_rcs.json"
+    result = CliRunner().invoke(main, ["select-coreset", str(tiny_recipe), "--fraction", "0.5", "--out", str(out),
+                                       "--set", "method.name=sat", "--set", "coreset.name=rcs"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads(out.read_text())
+    assert meta["selector"] == "rcs" and 0 < len(meta["indices"]) < 96
