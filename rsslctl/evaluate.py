@@ -7,7 +7,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +35,14 @@ class Classifier(nn.Module):
 
 
 @torch.no_grad()
-def extract_features(method: Method, images: Tensor, route: str, device: torch.device, precision: str,
-                     batch: int = 512) -> Tensor:
-    method.eval()
+def extract_features(model: nn.Module, features: Callable[[Tensor], Tensor], images: Tensor, device: torch.device,
+                     precision: str, batch: int = 512) -> Tensor:
+    """``features(pixels in [0, 1])`` of uint8 images, batched, with ``model`` in eval mode (no augmentation)."""
+    model.eval()
     out = []
     for chunk in images.split(batch):
         with autocast(device, precision):
-            out.append(method.eval_features(chunk.to(device).float().div_(255), route).float())
+            out.append(features(chunk.to(device).float().div_(255)).float())
     return torch.cat(out)
 
 
@@ -105,7 +106,8 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), quiet: bool = False) 
         test = test.subset(torch.arange(min(ev.limit, len(test))))
     for p in method.parameters():
         p.requires_grad_(False)
-    feats = extract_features(method, train.images, route, device, recipe.engine.precision)
+    feats = extract_features(method, lambda x: method.eval_features(x, route), train.images, device,
+                             recipe.engine.precision)
     num_classes = len(train.classes)
     head = train_linear_probe(feats, train.labels.to(device), num_classes, ev.epochs, ev.lr, ev.batch_size,
                               ev.weight_decay, recipe.run.seed)

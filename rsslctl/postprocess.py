@@ -27,7 +27,7 @@ from .attack import eval_mode
 from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint, save_tensors
 from .engine import autocast, build_method, load_split, select_device
 from .errors import UserError
-from .evaluate import train_linear_probe
+from .evaluate import extract_features, train_linear_probe
 from .runs import RECIPE_FILE, load_run_recipe
 
 
@@ -45,18 +45,6 @@ class PostprocessOptions:
     eps: float = 8 / 255
     step_size: float = 2 / 255
     steps: int = 10
-
-
-@torch.no_grad()
-def backbone_features(encoder: nn.Module, images: Tensor, route: str, device: torch.device, precision: str,
-                      batch: int = 512) -> Tensor:
-    """Backbone features (no head) of uint8 images, encoder in eval mode, no augmentation."""
-    encoder.eval()
-    out = []
-    for chunk in images.split(batch):
-        with autocast(device, precision):
-            out.append(encoder.features(chunk.to(device).float().div_(255), route).float())
-    return torch.cat(out)
 
 
 def kmeans_labels(features: Tensor, clusters: int, seed: int) -> Tensor:
@@ -130,8 +118,9 @@ def dynacl_pp(run_dir: Path, out_dir: Path, options: PostprocessOptions = Postpr
     prec = recipe.engine.precision
 
     # 1. pseudo labels from normal-route features; 2. linear probe on them over frozen features
-    labels = kmeans_labels(backbone_features(encoder, train.images, "normal", device, prec), o.clusters, recipe.run.seed)
-    feats = backbone_features(encoder, train.images, route, device, prec)
+    labels = kmeans_labels(extract_features(encoder, lambda x: encoder.features(x, "normal"), train.images, device, prec),
+                           o.clusters, recipe.run.seed)
+    feats = extract_features(encoder, lambda x: encoder.features(x, route), train.images, device, prec)
     head = train_linear_probe(feats, labels.to(device), o.clusters, o.probe_epochs, o.probe_lr, o.batch_size,
                               o.weight_decay, recipe.run.seed)
 
