@@ -104,3 +104,11 @@ class AdversarialTraining:
     def after_optimizer_step(self) -> None:
         if self.free is not None:
             self.free.update()
+
+    def run_state(self) -> dict[str, Tensor]:
+        """Free AT's δ persists across minibatches and epochs, so it is checkpointed for exact resume."""
+        return {"free_delta": self.free.delta} if self.free is not None and self.free.delta is not None else {}
+
+    def load_run_state(self, state: dict[str, Tensor]) -> None:
+        if self.free is not None and "free_delta" in state:
+            self.free.delta = state["free_delta"]

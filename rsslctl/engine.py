@@ -173,6 +173,8 @@ class Trainer:
         optimizer_from_flat(self.optimizer, state, meta["optimizer"])
         set_rng_state(state)
         self.epoch = int(meta["epoch"])
+        self.method.load_run_state({k[len("method."):]: v.to(self.device) for k, v in state.items()
+                                    if k.startswith("method.")})
         if self.coreset and "coreset.indices" in state:
             self.coreset.indices = state["coreset.indices"]
         self._truncate_metrics(self.clock.step(self.epoch + 1, 0))
@@ -272,7 +274,9 @@ class Trainer:
                 self.epoch = epoch
                 if epoch % r.engine.checkpoint_every == 0 or epoch == r.schedule.epochs:
                     current = self.coreset.indices if self.coreset else None
-                    extra = {"coreset.indices": current} if current is not None else None
+                    extra = {f"method.{k}": v for k, v in self.method.run_state().items()}
+                    if current is not None:
+                        extra["coreset.indices"] = current
                     save_checkpoint(self.run_dir, epoch, self.method, self.optimizer, self._meta(summary),
                                     keep=r.engine.keep_checkpoints, extra=extra)
         log.close()

@@ -49,6 +49,13 @@ class Method(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called after each optimizer step (e.g. EMA updates of a momentum encoder)."""
 
+    def run_state(self) -> dict[str, Tensor]:
+        """Tensors outside the module state that exact resume needs (e.g. free AT's persistent δ)."""
+        return {}
+
+    def load_run_state(self, state: dict[str, Tensor]) -> None:
+        """Restore what ``run_state`` returned."""
+
     def eval_features(self, x: Tensor, route: str) -> Tensor:
         """Features used by evaluation for pixels ``x`` in [0, 1] (bag-of-features methods override it)."""
         return self.eval_encoder().features(x, route)

@@ -163,3 +163,26 @@ def test_export_loads_into_plain_timm_model(tiny_recipe: Path, tmp_path: Path) -
     mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
         assert torch.allclose(model((x - mean) / std), enc.features(x, "pgd"), atol=1e-5)
+
+
+def test_free_adversarial_training_resumes_exactly(tiny_recipe: Path, tmp_path: Path) -> None:
+    """Free AT keeps δ across minibatches and epochs; it is checkpointed, so a resumed run matches."""
+    free = ["method.name=simclr_adv", "method.training=free", "method.replays=2"]
+    full = tmp_path / "full"
+    _train(tiny_recipe, full, free)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step: int) -> None:
+        if step == 14:  # epoch 3 = optimizer steps 12-17
+            raise Killed
+
+    broken = tmp_path / "broken"
+    with pytest.raises(Killed):
+        _train(tiny_recipe, broken, free, on_step=kill)
+    state = load_checkpoint(latest_checkpoint(broken))[1]
+    assert state["method.free_delta"].abs().max() > 0  # a non-trivial δ was saved
+    Trainer(load(broken / "recipe.toml"), broken, quiet=True).fit(resume=True)
+    a, b = _final_weights(full), _final_weights(broken)
+    assert all(torch.equal(a[k], b[k]) for k in a)
