@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import registry
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint
+from .checkpoint import atomic_write_text
 from .method import Method
-from .engine import autocast, build_method, load_split, select_device
+from .engine import autocast, load_split, select_device
 from .errors import UserError
 from .options import validate
 from .recipe import Recipe
-from .runs import load_run_recipe
+from .runs import load_run_recipe, load_trained_method
 
 
 class Classifier(nn.Module):
@@ -88,14 +88,9 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), quiet: bool = False) 
     """Linear probe + clean/robust accuracy of the newest checkpoint of ``run_dir``; writes eval.json."""
     run_dir = Path(run_dir)
     recipe: Recipe = load_run_recipe(run_dir, overrides)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise UserError(f"{run_dir}: no checkpoint to evaluate yet; run `rsslctl pretrain` first")
     device = select_device(recipe.engine.device)
     torch.manual_seed(recipe.run.seed)
-    method = build_method(recipe, device)
-    model_state, _, meta = load_checkpoint(ckpt)
-    method.load_state_dict(model_state)
+    method, ckpt, meta = load_trained_method(run_dir, recipe, device, "evaluate")
     encoder = method.eval_encoder()
     ev = recipe.evaluation
     route = ("pgd" if encoder.dual_bn else "normal") if ev.route == "auto" else ev.route

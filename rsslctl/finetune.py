@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import registry
 from .attack import ascent_step, eval_mode, input_grad, project
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_tensors
+from .checkpoint import atomic_write_text, save_tensors
 from .encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderOptions, collapse_bn_state, single_bn_state
 from .engine import autocast, load_split, select_device
 from .errors import TrainingDiverged, UserError
@@ -223,16 +223,10 @@ class Pretrained:
 
 def from_run(run_dir: Path, overrides: list[str] = ()) -> Pretrained:
     """The newest checkpoint of a pretraining run (the encoder a method exports for evaluation)."""
-    from .engine import build_method
-    from .runs import load_run_recipe
+    from .runs import load_run_recipe, load_trained_method
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir, overrides)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise UserError(f"{run_dir}: no checkpoint to fine-tune yet; run `rsslctl pretrain` first")
-    method = build_method(recipe, torch.device("cpu"))
-    model_state, _, _ = load_checkpoint(ckpt)
-    method.load_state_dict(model_state)
+    method, ckpt, _ = load_trained_method(run_dir, recipe, torch.device("cpu"), "fine-tune")
     enc = method.eval_encoder()
     bb = recipe.resolved["backbone"]
     name = recipe.resolved["method"]["name"]

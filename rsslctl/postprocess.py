@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attack import eval_mode
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint, save_tensors
-from .engine import autocast, build_method, load_split, select_device
+from .checkpoint import atomic_write_text, save_checkpoint, save_tensors
+from .engine import autocast, load_split, select_device
 from .errors import UserError
 from .evaluate import extract_features, train_linear_probe
-from .runs import RECIPE_FILE, load_run_recipe
+from .runs import RECIPE_FILE, load_run_recipe, load_trained_method
 
 
 @dataclasses.dataclass
@@ -96,18 +96,13 @@ def dynacl_pp(run_dir: Path, out_dir: Path, options: PostprocessOptions = Postpr
     """Post-process the newest checkpoint of ``run_dir`` into the new run directory ``out_dir``."""
     run_dir, out_dir, o = Path(run_dir), Path(out_dir), options
     recipe = load_run_recipe(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise UserError(f"{run_dir}: no checkpoint to post-process yet; run `rsslctl pretrain` first")
     if out_dir.resolve() == run_dir.resolve():
         raise UserError(f"{out_dir}: the output must be a new run directory, not the source run")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UserError(f"{out_dir}: directory already exists; pass --force to replace it or choose another --out")
     device = select_device(recipe.engine.device)
     torch.manual_seed(recipe.run.seed)
-    method = build_method(recipe, device)
-    model_state, _, meta = load_checkpoint(ckpt)
-    method.load_state_dict(model_state)
+    method, ckpt, meta = load_trained_method(run_dir, recipe, device, "post-process")
     encoder = method.eval_encoder()
     train = load_split(recipe, recipe.data.train_split)
     if recipe.data.limit:

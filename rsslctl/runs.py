@@ -33,20 +33,27 @@ def load_run_recipe(run_dir: Path, overrides: list[str] = ()) -> Recipe:
     return load(path, overrides)
 
 
+def load_trained_method(run_dir: Path, recipe: Recipe, device: Any, purpose: str) -> tuple[Any, Path, dict[str, Any]]:
+    """(method with the weights of the run's newest checkpoint, that checkpoint, its meta); ``purpose`` names the
+    command in the error raised when the run has no checkpoint yet."""
+    from .engine import build_method
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError(f"{run_dir}: no checkpoint to {purpose} yet; run `rsslctl pretrain` first")
+    method = build_method(recipe, device)
+    model_state, _, meta = load_checkpoint(ckpt)
+    method.load_state_dict(model_state)
+    return method, ckpt, meta
+
+
 def export_encoder(run_dir: Path, out: Path | None = None, route: str = "auto") -> tuple[Path, dict[str, Any]]:
     """Write the backbone alone (one BN route) as safetensors in the backbone library's own key layout."""
     from .encoder import single_bn_state
-    from .engine import build_method
 
     import torch
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise UserError(f"{run_dir}: no checkpoint to export yet")
-    method = build_method(recipe, torch.device("cpu"))
-    model_state, _, meta = load_checkpoint(ckpt)
-    method.load_state_dict(model_state)
+    method, _, meta = load_trained_method(run_dir, recipe, torch.device("cpu"), "export")
     encoder = method.eval_encoder()
     if route == "auto":
         route = "pgd" if encoder.dual_bn else "normal"
