@@ -7,7 +7,7 @@ from typing import Literal
 from torch import Tensor
 
 from rsslctl import hookimpl
-from rsslctl.attack import Attack, Objective, ascent_step, input_grad, project, random_start
+from rsslctl.attack import Attack, Objective, projected_ascent, random_start
 from rsslctl.options import Number, opt
 
 
@@ -30,8 +30,7 @@ class FGSM(Attack):
         x = x.detach().float()
         step = o.step_size or (1.25 * o.eps if o.random_start else o.eps)
         x_adv = random_start(x, o.eps, o.norm).clamp(0.0, 1.0) if o.random_start else x
-        _, grad = input_grad(objective, x_adv)
-        return project(x, x_adv + ascent_step(grad, step, o.norm), o.eps, o.norm).detach()
+        return projected_ascent(x, x_adv, objective, step, 1, o.eps, o.norm)
 
 
 @hookimpl

@@ -7,7 +7,7 @@ from typing import Literal
 from torch import Tensor
 
 from rsslctl import hookimpl
-from rsslctl.attack import Attack, Objective, ascent_step, input_grad, project, random_start
+from rsslctl.attack import Attack, Objective, projected_ascent, random_start
 from rsslctl.options import Number, opt
 
 
@@ -34,10 +34,7 @@ class PGD(Attack):
         x_adv = random_start(x, o.eps, o.norm) if o.random_start else x.clone()
         if o.clamp_start:
             x_adv = x_adv.clamp(0.0, 1.0)
-        for _ in range(o.steps):
-            _, grad = input_grad(objective, x_adv)
-            x_adv = project(x, x_adv.detach() + ascent_step(grad, o.step_size, o.norm), o.eps, o.norm)
-        return x_adv.detach()
+        return projected_ascent(x, x_adv, objective, o.step_size, o.steps, o.eps, o.norm)
 
 
 @hookimpl

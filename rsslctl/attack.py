@@ -64,6 +64,16 @@ def project(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:
     return (x + delta).clamp(0.0, 1.0)
 
 
+def projected_ascent(x: Tensor, x_adv: Tensor, objective: Objective, step: float, steps: int, eps: float,
+                     norm: str) -> Tensor:
+    """``steps`` steepest-ascent steps on ``objective`` from ``x_adv``, each projected onto the ε-ball around ``x``
+    intersected with [0, 1] (the loop shared by PGD, FGSM and the TRADES adversaries)."""
+    for _ in range(steps):
+        _, grad = input_grad(objective, x_adv)
+        x_adv = project(x, x_adv.detach() + ascent_step(grad, step, norm), eps, norm)
+    return x_adv.detach()
+
+
 def random_start(x: Tensor, eps: float, norm: str) -> Tensor:
     """A uniform random point in the ε-ball (L∞: per pixel; L2: uniform in the ball)."""
     if norm == "linf":

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import registry
-from .attack import ascent_step, eval_mode, input_grad, project
+from .attack import eval_mode, projected_ascent
 from .checkpoint import atomic_write_text, save_tensors
 from .encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderOptions, collapse_bn_state, single_bn_state
 from .engine import autocast, load_split, select_device
@@ -329,11 +329,9 @@ def trades_adversary(net: FinetuneNet, x: Tensor, clean_route: str, cfg: Finetun
     with eval_mode(net):
         with torch.no_grad():
             p_nat = F.softmax(net(x, clean_route), 1)
-        x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0.0, 1.0)
-        for _ in range(cfg.train_steps):
-            _, grad = input_grad(lambda xa: F.kl_div(F.log_softmax(net(xa, "pgd"), 1), p_nat, reduction="sum"), x_adv)
-            x_adv = project(x, x_adv + ascent_step(grad, cfg.step_size, "linf"), cfg.eps, "linf")
-    return x_adv.detach()
+        start = (x + 0.001 * torch.randn_like(x)).clamp(0.0, 1.0)
+        return projected_ascent(x, start, lambda xa: F.kl_div(F.log_softmax(net(xa, "pgd"), 1), p_nat, reduction="sum"),
+                                cfg.step_size, cfg.train_steps, cfg.eps, "linf")
 
 
 def trades_loss(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> Tensor:

@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attack import eval_mode
+from .attack import eval_mode, projected_ascent
 from .checkpoint import atomic_write_text, save_checkpoint, save_tensors
 from .engine import autocast, load_split, select_device
 from .errors import UserError
 from .evaluate import extract_features, train_linear_probe
+from .finetune import crop_flip, trades_loss
 from .runs import RECIPE_FILE, load_run_recipe, load_trained_method
 
 
@@ -53,33 +54,14 @@ def kmeans_labels(features: Tensor, clusters: int, seed: int) -> Tensor:
     return torch.from_numpy(km.labels_).long()
 
 
-def crop_flip(x: Tensor, pad: int = 4) -> Tensor:
-    """RandomCrop(size, padding=pad) + horizontal flip, per image, batched (zero padding as torchvision)."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n, 1, 1)).to(x.device)
-    rows = (torch.arange(h, device=x.device).view(1, h, 1) + dy).expand(n, h, w)
-    cols = (torch.arange(w, device=x.device).view(1, 1, w) + dx).expand(n, h, w)
-    flip = (torch.rand(n, 1, 1) < 0.5).to(x.device)
-    cols = torch.where(flip, cols.flip(-1), cols)
-    batch = torch.arange(n, device=x.device).view(n, 1, 1)
-    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
-
-
 def trades_step(model: nn.Module, x: Tensor, y: Tensor, o: PostprocessOptions) -> Tensor:
-    """TRADES loss CE(f(x), y) + β·(1/N)·Σ KL(softmax f(x) ‖ softmax f(x')), x' from PGD on the KL (no random start)."""
+    """TRADES loss on pseudo labels; its PGD on the KL starts at x itself (no random start, as LPAFT)."""
     with eval_mode(model):
         with torch.no_grad():
             p_nat = F.softmax(model(x).float(), dim=1)
-        x_adv = x.detach().clone()
-        for _ in range(o.steps):
-            x_adv.requires_grad_(True)
-            kl = F.kl_div(F.log_softmax(model(x_adv).float(), dim=1), p_nat, reduction="sum")
-            (grad,) = torch.autograd.grad(kl, x_adv)
-            x_adv = torch.min(torch.max(x_adv.detach() + o.step_size * grad.sign(), x - o.eps), x + o.eps).clamp(0, 1)
-    logits = model(x).float()
-    kl = F.kl_div(F.log_softmax(model(x_adv).float(), dim=1), F.softmax(logits, dim=1), reduction="sum")
-    return F.cross_entropy(logits, y) + o.beta * kl / x.shape[0]
+        x_adv = projected_ascent(x, x.detach(), lambda xa: F.kl_div(F.log_softmax(model(xa).float(), dim=1), p_nat,
+                                                                   reduction="sum"), o.step_size, o.steps, o.eps, "linf")
+    return trades_loss(model(x), model(x_adv), y, o.beta)
 
 
 class _Net(nn.Module):
@@ -129,13 +111,14 @@ def dynacl_pp(run_dir: Path, out_dir: Path, options: PostprocessOptions = Postpr
     images, y_all = train.images.to(device), labels.to(device)
     bs = min(o.batch_size, len(train))
     g = torch.Generator().manual_seed(recipe.run.seed)
+    g_aug = torch.Generator().manual_seed(recipe.run.seed + 1)
     loss = torch.zeros(())
     for _ in range(o.epochs):
         net.train()
         for idx in torch.randperm(len(train), generator=g)[: len(train) // bs * bs].view(-1, bs):
             idx = idx.to(device)
             with autocast(device, prec):
-                loss = trades_step(net, crop_flip(images[idx].float().div_(255)), y_all[idx], o)
+                loss = trades_step(net, crop_flip(images[idx], 4, g_aug), y_all[idx], o)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
