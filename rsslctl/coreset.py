@@ -466,7 +466,7 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
 
     from . import __version__
     from .checkpoint import latest_checkpoint, load_checkpoint
-    from .engine import build_method, load_split, select_device
+    from .engine import build_method, load_train_split, select_device
     from .recipe import load_raw, resolve
     from .runs import RECIPE_FILE
 
@@ -500,9 +500,7 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
         state, _, meta = load_checkpoint(ckpt)
         method.load_state_dict(state)
         epoch = int(meta["epoch"])
-    train = load_split(recipe, recipe.data.train_split)
-    if recipe.data.limit:
-        train = train.subset(torch.arange(min(recipe.data.limit, len(train))))
+    train = load_train_split(recipe)
     selector = recipe.plugin_cls["coreset"](recipe.plugin["coreset"])
     bs = recipe.schedule.batch_size
     plan = CoresetRun(recipe.coreset, selector, len(train), bs, recipe.schedule.epochs, recipe.run.seed)

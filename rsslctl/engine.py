@@ -84,6 +84,14 @@ def load_split(recipe: Recipe, split: str) -> ImageData:
     return data.resized(recipe.data.image_size)
 
 
+def load_train_split(recipe: Recipe) -> ImageData:
+    """The recipe's training split, cut to its first ``data.limit`` images when a limit is set."""
+    train = load_split(recipe, recipe.data.train_split)
+    if recipe.data.limit:
+        train = train.subset(torch.arange(min(recipe.data.limit, len(train))))
+    return train
+
+
 def build_method(recipe: Recipe, device: torch.device) -> Method:
     """Backbone → encoder → attack → augmentation → method, on ``device`` (channels_last if asked)."""
     method_cls = recipe.plugin_cls["method"]
@@ -130,9 +138,7 @@ class Trainer:
             torch.set_num_threads(e.threads)
         self.device = select_device(e.device)
         torch.manual_seed(recipe.run.seed)
-        self.train = load_split(recipe, recipe.data.train_split)
-        if recipe.data.limit:
-            self.train = self.train.subset(torch.arange(min(recipe.data.limit, len(self.train))))
+        self.train = load_train_split(recipe)
         self.batch_size = recipe.schedule.batch_size
         self.steps_per_epoch = len(self.train) // self.batch_size
         if self.steps_per_epoch == 0:

@@ -30,7 +30,7 @@ from . import registry
 from .attack import eval_mode, projected_ascent
 from .checkpoint import atomic_write_text, save_tensors
 from .encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderOptions, collapse_bn_state, single_bn_state
-from .engine import autocast, load_split, select_device
+from .engine import autocast, load_train_split, select_device
 from .errors import TrainingDiverged, UserError
 from .options import validate
 from .recipe import Recipe, resolve
@@ -416,9 +416,7 @@ def finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConfig, 
     device = select_device(recipe.engine.device)
     if recipe.engine.threads:
         torch.set_num_threads(recipe.engine.threads)
-    train_data = load_split(recipe, recipe.data.train_split)
-    if recipe.data.limit:
-        train_data = train_data.subset(torch.arange(min(recipe.data.limit, len(train_data))))
+    train_data = load_train_split(recipe)
     if (train_data.labels < 0).any():
         raise UserError(f"data.train_split = '{recipe.data.train_split}' is unlabelled; fine-tuning needs labels")
     num_classes = len(train_data.classes)

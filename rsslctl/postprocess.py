@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .attack import eval_mode, projected_ascent
 from .checkpoint import atomic_write_text, save_checkpoint, save_tensors
-from .engine import autocast, load_split, select_device
+from .engine import autocast, load_train_split, select_device
 from .errors import UserError
 from .evaluate import extract_features, train_linear_probe
 from .finetune import crop_flip, trades_loss
@@ -86,9 +86,7 @@ def dynacl_pp(run_dir: Path, out_dir: Path, options: PostprocessOptions = Postpr
     torch.manual_seed(recipe.run.seed)
     method, ckpt, meta = load_trained_method(run_dir, recipe, device, "post-process")
     encoder = method.eval_encoder()
-    train = load_split(recipe, recipe.data.train_split)
-    if recipe.data.limit:
-        train = train.subset(torch.arange(min(recipe.data.limit, len(train))))
+    train = load_train_split(recipe)
     if len(train) < o.clusters:
         raise UserError(f"{run_dir}: {len(train)} training images cannot form {o.clusters} clusters; lower --clusters")
     route = "pgd" if encoder.dual_bn else "normal"
