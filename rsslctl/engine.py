@@ -155,15 +155,29 @@ class Trainer:
         # coreset epochs are shorter, and the clock keeps the schedule aligned with training progress
         epoch_steps = self.coreset.epoch_steps() if self.coreset else [self.steps_per_epoch] * recipe.schedule.epochs
         self.clock = StepClock(epoch_steps, self.replays, recipe.schedule.warmup_epochs, recipe.coreset.lr_schedule)
-        self.total_steps = self.clock.total_steps
         # a method may ask for the free-AT reference quirk instead: schedule length in minibatches, but stepped
         # once per optimizer step, so the cosine is over-stepped m times (METHODS.md §8.3)
         self.schedule_in_minibatches = bool(getattr(self.method, "schedule_in_minibatches", False))
         self.minibatch_clock = StepClock(epoch_steps, 1, recipe.schedule.warmup_epochs, recipe.coreset.lr_schedule)
-        #: length of the LR schedule in its own units (optimizer steps, or minibatches under the quirk)
-        self.schedule_steps = (self.minibatch_clock if self.schedule_in_minibatches else self.clock).total_steps
         self.epoch = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps the whole run takes."""
+        return self.clock.total_steps
+
+    @property
+    def schedule_steps(self) -> float:
+        """Length of the LR schedule in its own units (optimizer steps, or minibatches under the quirk)."""
+        return self.lr_position(1, 0, 0)[1]
+
+    def lr_position(self, epoch: int, i: int, rep: int) -> tuple[float, float, float]:
+        """(position, length, warm-up) of optimizer step ``rep`` of minibatch ``i`` of ``epoch`` on the LR schedule."""
+        if not self.schedule_in_minibatches:
+            return self.clock.lr_position(epoch, i, rep)
+        _, total, warm = self.minibatch_clock.lr_position(epoch, i)
+        return self.clock.step(epoch, i, rep), total, warm
 
     # -- state -------------------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -246,11 +260,7 @@ class Trainer:
                     idx = perm[i]
                     for rep in range(self.replays):
                         step = self.clock.step(epoch, i, rep)
-                        if self.schedule_in_minibatches:
-                            _, total, warm = self.minibatch_clock.lr_position(epoch, i)
-                            lr = lr_at(step, total, warm, peak, r.schedule, periodic=True)
-                        else:
-                            lr = lr_at(*self.clock.lr_position(epoch, i, rep), peak, r.schedule)
+                        lr = lr_at(*self.lr_position(epoch, i, rep), peak, r.schedule, periodic=self.schedule_in_minibatches)
                         for group in self.optimizer.param_groups:
                             group["lr"] = lr
                         with autocast(self.device, r.engine.precision):
