@@ -7,12 +7,13 @@ inside the ε-ball of the chosen norm.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from .options import NoOptions
+from .options import NoOptions, validate
 
 Objective = Callable[[Tensor], Tensor]
 
@@ -33,6 +34,17 @@ class Attack:
     @property
     def eps(self) -> float:
         return float(getattr(self.options, "eps", 0.0))
+
+
+def make_attack(name: str, where: str = "attack", known_only: bool = False, **values: Any) -> Attack:
+    """The installed attack plugin ``name`` built from validated option ``values``; ``known_only`` drops values the
+    attack does not take (e.g. ``steps`` for FGSM) instead of rejecting them."""
+    from . import registry
+    cls = registry.get("attack", name, where)
+    if known_only:
+        keys = {f.name for f in dataclasses.fields(cls.Options)}
+        values = {k: v for k, v in values.items() if k in keys}
+    return cls(validate(cls.Options, values, where))
 
 
 def input_grad(objective: Objective, x_adv: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import registry
+from .attack import make_attack
 from .checkpoint import atomic_write_text
 from .method import Method
 from .engine import autocast, load_split, select_device
 from .errors import UserError
-from .options import validate
 from .recipe import Recipe
 from .runs import load_run_recipe, load_trained_method
 
@@ -107,10 +106,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), quiet: bool = False) 
     head = train_linear_probe(feats, train.labels.to(device), num_classes, ev.epochs, ev.lr, ev.batch_size,
                               ev.weight_decay, recipe.run.seed)
     model = Classifier(method, head, route)
-    attack_cls = registry.get("attack", ev.attack, "evaluation.attack")
-    keys = {f.name for f in dataclasses.fields(attack_cls.Options)}
-    attack = attack_cls(validate(attack_cls.Options, {k: getattr(ev, k) for k in ("eps", "step_size", "steps") if k in keys},
-                                 "evaluation"))
+    attack = make_attack(ev.attack, "evaluation", known_only=True, eps=ev.eps, step_size=ev.step_size, steps=ev.steps)
     torch.manual_seed(recipe.run.seed)
     clean = accuracy(model, test.images, test.labels, device)
     robust = accuracy(model, test.images, test.labels, device, attack)
@@ -146,11 +142,6 @@ class SuiteOptions:
     test_limit: int = 0
     seed: int = 0
     batch_size: int = 256
-
-
-def make_attack(name: str, **values: Any) -> Any:
-    cls = registry.get("attack", name, "evaluation")
-    return cls(validate(cls.Options, values, f"evaluation {name}"))
 
 
 def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, opts: SuiteOptions, device: torch.device,
@@ -245,9 +236,9 @@ def evaluate_model(model: nn.Module, test: Any, dataset: str, data_root: Path, o
     if opts.fgsm:
         torch.manual_seed(opts.seed)
         out["fgsm"] = {"eps": opts.eps, "norm": opts.norm, "accuracy": accuracy(
-            model, x, y, device, make_attack("fgsm", eps=opts.eps, norm=opts.norm), batch=opts.batch_size)}
+            model, x, y, device, make_attack("fgsm", "evaluation", eps=opts.eps, norm=opts.norm), batch=opts.batch_size)}
     torch.manual_seed(opts.seed)
-    pgd = make_attack("pgd", eps=opts.eps, step_size=opts.step_size, steps=opts.pgd_steps, norm=opts.norm)
+    pgd = make_attack("pgd", "evaluation", eps=opts.eps, step_size=opts.step_size, steps=opts.pgd_steps, norm=opts.norm)
     out["pgd"] = {"eps": opts.eps, "step_size": opts.step_size, "steps": opts.pgd_steps, "norm": opts.norm,
                   "random_start": True, "accuracy": accuracy(model, x, y, device, pgd, batch=opts.batch_size)}
     if opts.autoattack:
@@ -257,7 +248,7 @@ def evaluate_model(model: nn.Module, test: Any, dataset: str, data_root: Path, o
     curve = []
     for eps in opts.eps_curve:
         torch.manual_seed(opts.seed)
-        attack = None if eps == 0 else make_attack("pgd", eps=eps, step_size=eps / 4, steps=opts.pgd_steps, norm=opts.norm)
+        attack = None if eps == 0 else make_attack("pgd", "evaluation", eps=eps, step_size=eps / 4, steps=opts.pgd_steps, norm=opts.norm)
         curve.append({"eps": eps, "accuracy": accuracy(model, x, y, device, attack, batch=opts.batch_size)})
     out["eps_curve"] = curve
     out["leaderboard"] = leaderboard_fields(out)

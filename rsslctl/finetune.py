@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import registry
-from .attack import eval_mode, projected_ascent
+from .attack import eval_mode, make_attack, projected_ascent
 from .checkpoint import atomic_write_text, save_tensors
 from .encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderOptions, collapse_bn_state, single_bn_state
 from .engine import autocast, load_train_split, select_device
@@ -340,12 +340,6 @@ def trades_loss(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float) 
     return F.cross_entropy(logits_nat.float(), y) + beta * kl / len(y)
 
 
-def _pgd(cfg: FinetuneConfig) -> Any:
-    cls = registry.get("attack", "pgd", "fine-tuning")
-    return cls(validate(cls.Options, {"eps": cfg.eps, "step_size": cfg.step_size, "steps": cfg.train_steps,
-                                      "random_start": True}, "fine-tuning attack"))
-
-
 def train(cfg: FinetuneConfig, net: FinetuneNet, images: Tensor, labels: Tensor, device: torch.device,
           precision: str = "fp32", log: Any = None, quiet: bool = True) -> dict[str, float]:
     """Fine-tune ``net`` in place with ``cfg``; images uint8 on ``device``. Returns the last epoch's metrics."""
@@ -357,7 +351,8 @@ def train(cfg: FinetuneConfig, net: FinetuneNet, images: Tensor, labels: Tensor,
         p.requires_grad_(not linear)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    attack = _pgd(cfg) if cfg.mode == "ALF" else None
+    attack = (make_attack("pgd", "fine-tuning attack", eps=cfg.eps, step_size=cfg.step_size, steps=cfg.train_steps,
+                          random_start=True) if cfg.mode == "ALF" else None)
     n = len(labels)
     steps = math.ceil(n / cfg.batch_size)
     summary: dict[str, float] = {}

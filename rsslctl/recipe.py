@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import registry
+from .attack import make_attack
 from .augment import AugmentOptions
 from .coreset import CoresetOptions, check_options as check_coreset
 from .encoder import EncoderOptions
@@ -182,10 +183,7 @@ def _name(value: Any, where: str) -> str:
 
 
 def _check_evaluation(ev: EvaluationOptions, where: str) -> None:
-    cls = registry.get("attack", ev.attack, f"{where}: evaluation.attack")
-    keys = {f.name for f in dataclasses.fields(cls.Options)}
-    kw = {k: getattr(ev, k) for k in ("eps", "step_size", "steps") if k in keys}
-    validate(cls.Options, kw, f"{where}: evaluation")
+    make_attack(ev.attack, f"{where}: evaluation", known_only=True, eps=ev.eps, step_size=ev.step_size, steps=ev.steps)
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
