@@ -337,5 +337,15 @@ def recipe_show(recipe_file: Path, overrides: tuple[str, ...]) -> None:
     click.echo(dumps_toml(load(recipe_file, list(overrides)).resolved), nl=False)
 
 
+def _add_plugin_commands() -> None:
+    """Verbs contributed by plugins through the ``rsslctl_commands`` hook; a broken one is listed by `plugins`."""
+    from .registry import registry
+    for command in registry().commands():
+        if command.name not in main.commands:
+            main.add_command(command)
+
+
+_add_plugin_commands()
+
 if __name__ == "__main__":
     main()

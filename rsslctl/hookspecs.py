@@ -32,3 +32,8 @@ def rsslctl_coreset_selectors() -> list[type]:
 @hookspec
 def rsslctl_datasets() -> list[type]:
     """Datasets (subclasses of rsslctl.data.Dataset)."""
+
+
+@hookspec
+def rsslctl_commands() -> list:
+    """Extra CLI verbs: ``click.Command`` objects added to ``rsslctl`` (e.g. a method's post-processing step)."""

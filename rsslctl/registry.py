@@ -82,6 +82,18 @@ class Registry:
                 out[cls.name] = PluginInfo(kind, cls.name, cls, package, version, _first_line(cls))
         return out
 
+    def commands(self) -> list:
+        """Click commands from every plugin's ``rsslctl_commands`` hook (errors are kept in ``broken``)."""
+        out = []
+        for impl in self.pm.hook.rsslctl_commands.get_hookimpls():
+            try:
+                out += list(impl.function() or [])
+            except Exception as exc:
+                package, version = self._provenance.get(id(impl.plugin), ("?", "?"))
+                self.broken.append(PluginInfo("command", impl.plugin_name, None, package, version, "",
+                                              f"{type(exc).__name__}: {exc}"))
+        return out
+
     def get(self, kind: str, name: str, where: str = "") -> type:
         entries = self.entries(kind)
         if name not in entries:
