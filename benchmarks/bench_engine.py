@@ -140,12 +140,12 @@ def main() -> None:
     print("\n3. engine overhead: Trainer (ACL plugin, augmentation off) vs hand-written loop, same math")
     from rsslctl.engine import Trainer
     from rsslctl.recipe import resolve
-    import rsslctl.engine as engine_mod
+    import rsslctl.build as build_mod
     from rsslctl.data import ImageData
     steps = max(3, args.repeats)
     images = torch.randint(0, 256, (n * steps, 3, 32, 32), dtype=torch.uint8)
     data = ImageData(images, torch.zeros(len(images), dtype=torch.long), ["x"], "synthetic")
-    engine_mod.load_split = lambda recipe, split: data  # resident synthetic data, no files
+    build_mod.load_split = lambda recipe, split: data  # resident synthetic data, no files
     raw = {"data": {"name": "digits"}, "backbone": {"model_kwargs": {"channels": [args.width * m for m in (1, 2, 4, 8)]}},
            "encoder": {"head_layers": 3}, "method": {"name": "acl"}, "attack": {"steps": args.pgd_steps},
            "augment": {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "flip_p": 0.0, "jitter_p": 0.0, "grayscale_p": 0.0},
@@ -153,7 +153,6 @@ def main() -> None:
            "engine": {"device": str(device), "precision": "bf16", "log_every": 50, "checkpoint_every": 1000}}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(resolve(raw), Path(tmp), quiet=True)
-        t0 = time.perf_counter()
         summary = trainer.fit()
         engine_ips = summary["images_per_s"]  # second epoch (first includes warm-up)
     enc = make_encoder(args.width, device, True)

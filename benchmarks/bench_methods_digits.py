@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rsslctl.engine import Trainer
-from rsslctl.evaluate import evaluate_run
+from rsslctl.commands.evaluate import evaluate_run
 from rsslctl.recipe import load
 from rsslctl.runs import prepare_run_dir
 

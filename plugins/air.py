@@ -1,12 +1,12 @@
 """AIR (Xu et al., NeurIPS 2023): ACL/DynACL + standard (SIR) and adversarial (AIR) invariant regularisation.
 
-L = (1−ω)·L_CL(nat) + (1+ω)·L_CL(adv) + λ1·SIR + λ2·AIR (no ½ factor, METHODS.md §4.2), with ω from the
+L = (1−ω)·L_CL(nat) + (1+ω)·L_CL(adv) + λ1·SIR + λ2·AIR (no ½ factor), with ω from the
 DynACL schedule when ``dynamic`` (DynACL-AIR) and ω = 0 otherwise (ACL-AIR). The regularisers compare
 batch-level distributions of positive-pair similarities with the un-augmented original image.
 
 ``kl_impl = "true_kl"`` (default) computes the paper's KL divergences; ``"reference"`` computes what the
 official code does (softmax fed where kl_div expects log-probabilities, unnormalised products), which is
-−H(q) − <q, p> rather than a KL (§4.2, §10.3).
+−H(q) − <q, p> rather than a KL (see docs/methods.md, AIR).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rsslctl import hookimpl
+from rsslctl.classify import cells, every_column
 from rsslctl.losses import fp32, nt_xent
 from rsslctl.options import opt
 from rsslctl_plugins.dynacl import DynACL, DynACLOptions
@@ -63,6 +64,23 @@ class AIR(DynACL):
 
     name = "air"
     Options = AIROptions
+    # the ALF cells of the AIR rows do not restate the LR milestones; the SLF ones (10, 20) are used.
+    # DynACL-AIR++ is the row of a DynACL-AIR run after `rsslctl dynacl-pp` (it has no STL-10 32px column).
+    finetune_rows = {
+        "ACL-AIR": {"SLF": cells((512, 0.005), (512, 0.1), (512, 0.01), (128, 0.01), milestones=(10, 20)),
+                    "ALF": cells((512, 0.01), (512, 0.1), (512, 0.01), (128, 0.01), milestones=(10, 20)),
+                    "AFF": every_column(batch_size=128, lr=0.1, epochs=100, milestones=(40, 60))},
+        "DynACL-AIR": {"SLF": cells((512, 0.01, {"epochs": 5}), (512, 0.1), (512, 0.1), (128, 0.01), milestones=(10, 20)),
+                       "ALF": cells((512, 0.01), (512, 0.1), (128, 0.1), (128, 0.01), milestones=(10, 20)),
+                       "AFF": every_column(batch_size=128, lr=0.1, milestones=(15, 20))},
+        "DynACL-AIR++": {"SLF": cells((512, 0.01), (512, 0.1), (512, 0.1), None, milestones=(10, 20)),
+                         "ALF": cells((512, 0.01, {"epochs": 4}), (512, 0.1), (128, 0.1), None, milestones=(10, 20)),
+                         "AFF": every_column(batch_size=128, lr=0.1, milestones=(15, 20))},
+    }
+
+    def finetune_row(self) -> str:
+        """ACL-AIR (fixed ω, fixed strength) and DynACL-AIR have rows of their own."""
+        return "DynACL-AIR" if self.options.dynamic else "ACL-AIR"
 
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         if self.options.dynamic:

@@ -72,10 +72,16 @@ class _Cifar(Dataset):
                             f"by hand and extract it under {self.root}") from None
 
 
+    @classmethod
+    def hyperparameter_column(cls, image_size: int) -> str:
+        return cls.title  # the fine-tuning tables have a CIFAR-10 and a CIFAR-100 column
+
+
 class Cifar10(_Cifar):
     """CIFAR-10: 50,000 train / 10,000 test 32x32 colour images in 10 classes (python or binary release)."""
 
     name, title, pydir, bindir = "cifar10", "CIFAR-10", "cifar-10-batches-py", "cifar-10-batches-bin"
+    corruption_folder = "CIFAR-10-C"
     files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
     metas = ("batches.meta", "batches.meta.txt")
 
@@ -89,6 +95,7 @@ class Cifar100(_Cifar):
     """CIFAR-100: 50,000 train / 10,000 test 32x32 colour images in 100 classes (python or binary release)."""
 
     name, title, pydir, bindir = "cifar100", "CIFAR-100", "cifar-100-python", "cifar-100-binary"
+    corruption_folder = "CIFAR-100-C"
     files, metas = {"train": ["train"], "test": ["test"]}, ("meta", "{kind}_label_names.txt")
     Options = Cifar100Options
 

@@ -1,9 +1,9 @@
 """DynACL (Luo, Wang, Wang, ICLR 2023): ACL with annealed augmentation strength and adversarial weight.
 
-Per epoch e of E: augmentation strength s(e) = 1 − ⌊(e−1)/K⌋·K/E and weight ω(e) (METHODS.md §3.1–§3.2);
-loss ½[(1−ω)·L_nat + (1+ω)·L_adv]. The official code also trains with a momentum ("key") encoder: view 1
-goes through the trained encoder, view 2 through its EMA copy (0.99), and the key encoder is the one
-evaluated (§3.3); the AIR/RCS re-implementations use a single encoder (``momentum_encoder = false``).
+Per epoch e of E: augmentation strength s(e) = 1 − ⌊(e−1)/K⌋·K/E and weight ω(e); loss
+½[(1−ω)·L_nat + (1+ω)·L_adv]. The official code also trains with a momentum ("key") encoder: view 1 goes through
+the trained encoder, view 2 through its EMA copy (0.99), and the key encoder is the one evaluated; the AIR/RCS
+re-implementations use a single encoder (``momentum_encoder = false``).
 """
 from __future__ import annotations
 
@@ -16,11 +16,44 @@ from torch import Tensor
 
 from rsslctl import hookimpl
 from rsslctl.attack import eval_mode
-from rsslctl.augment import multi_view, strength_schedule
+from rsslctl.augment import MIN_STRENGTH, multi_view
+from rsslctl.classify import every_column
 from rsslctl.encoder import Encoder
-from rsslctl.losses import dynacl_weight, nt_xent, pair_rows
+from rsslctl.losses import nt_xent, pair_rows
 from rsslctl.method import Method
 from rsslctl.options import Number, opt
+from rsslctl_plugins.acl import LINEAR_CELLS
+
+
+def strength_schedule(epoch: int, total_epochs: int, period: int = 50) -> float:
+    """DynACL's annealed strength for 1-based ``epoch``: ``s = 1 - floor((epoch - 1) / K) * K / E``.
+
+    ``K`` is ``period`` and ``E`` is ``total_epochs`` (Luo et al., ICLR 2023); the result never drops below
+    ``MIN_STRENGTH``. For E = 1000, K = 50 it steps 1.0, 0.95, ..., 0.05 (20 values).
+    """
+    if epoch < 1 or total_epochs < 1 or period < 1:
+        raise ValueError(f"need epoch >= 1, total_epochs >= 1, period >= 1; got {epoch}, {total_epochs}, {period}")
+    done = (epoch - 1) // period * period
+    return max((total_epochs - done) / total_epochs, MIN_STRENGTH)
+
+
+def dynacl_weight(epoch: int, total_epochs: int, period: int = 50, swap: float = 2 / 3,
+                  form: str = "air") -> float:
+    """DynACL's adversarial weight ω for 1-based ``epoch`` in ``(1−ω)·L_nat + (1+ω)·L_adv``.
+
+    ``form = "air"`` (AIR/RCS re-implementations): ω = swap·(1 − s(e)) with s the strength schedule.
+    ``form = "official"`` (PKU-ML/DYNACL): ω = min(⌊e/K⌋·(K/E)·swap, 1), i.e. w_adv − 1; it steps up one epoch
+    before the augmentation strength changes.
+    """
+    if form == "official":
+        return min((epoch // period) * (period / total_epochs) * swap, 1.0)
+    if form != "air":
+        raise ValueError(f"unknown DynACL weight form {form!r}; use 'air' or 'official'")
+    return swap * (1.0 - strength_schedule(epoch, total_epochs, period))
+
+
+_AFF = {**every_column(batch_size=128, lr=0.1, milestones=(15, 20)),
+        "STL-10 96px": {"batch_size": 128, "lr": 0.1, "milestones": (10, 20)}}
 
 
 @dataclasses.dataclass
@@ -43,16 +76,18 @@ class DynACL(Method):
     Options = DynACLOptions
     needs_attack = True
     wants_dual_bn = True
+    # DynACL++ is the row of a DynACL run after `rsslctl dynacl-pp`
+    finetune_rows = {row: {"SLF": LINEAR_CELLS, "ALF": LINEAR_CELLS, "AFF": _AFF} for row in ("DynACL", "DynACL++")}
 
-    def __init__(self, encoder: Encoder, options: DynACLOptions, attack, augment) -> None:
-        super().__init__(encoder, options, attack, augment)
+    def __init__(self, options: DynACLOptions, encoder: Encoder, attack, augment) -> None:
+        super().__init__(options, encoder, attack, augment)
         self.key_encoder = copy.deepcopy(encoder).requires_grad_(False) if options.momentum_encoder else None
         self.omega = 0.0
 
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         o = self.options
         if o.anneal_augment:
-            self.augment_module.set_strength(strength_schedule(epoch, total_epochs, o.period))
+            self.augment.set_strength(strength_schedule(epoch, total_epochs, o.period))
         self.omega = dynacl_weight(epoch, total_epochs, o.period, o.swap, o.weight_form)
 
     def embed(self, views: Tensor, route: str) -> Tensor:
@@ -62,7 +97,7 @@ class DynACL(Method):
         return pair_rows(self.encoder(views[0::2], route), self.key_encoder(views[1::2], route))
 
     def embeddings(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(z, z̃) of ACL-DS: contrastive PGD on both views jointly (eval mode, pgd BN, METHODS.md §1.4),
+        """(z, z̃) of ACL-DS: contrastive PGD on both views jointly (eval mode, pgd BN),
         then clean views through the normal BN and adversarial views through the pgd BN (train mode)."""
         tau = self.options.temperature
         views = multi_view(images, self.augment, 2)

@@ -1,4 +1,4 @@
-"""EMP-SSL (Tong et al., 2023) and its adversarial / free-adversarial variants (CF-AMC-SSL, METHODS.md §7–§8).
+"""EMP-SSL (Tong et al., 2023) and its adversarial / free-adversarial variants (CF-AMC-SSL).
 
 n views per image (patch-based: RandomResizedCrop scale (0.25, 0.25), ratio 1; crop-based: scale (0.08, 1),
 ratio (3/4, 4/3) — set in the recipe's [augment] table), plus Gaussian blur and solarisation here.
@@ -71,8 +71,8 @@ class EMPSSL(Method):
     name = "empssl"
     Options = EMPOptions
 
-    def __init__(self, encoder: Encoder, options: EMPOptions, attack, augment) -> None:
-        super().__init__(encoder, options, attack, augment)
+    def __init__(self, options: EMPOptions, encoder: Encoder, attack, augment) -> None:
+        super().__init__(options, encoder, attack, augment)
         o, d = options, encoder.out_dim
         self.pre_feature = nn.Sequential(nn.Linear(d, o.pre_dim), nn.BatchNorm1d(o.pre_dim), nn.ReLU(inplace=True))
         self.projector = nn.Sequential(nn.Linear(o.pre_dim, o.hidden_dim), nn.BatchNorm1d(o.hidden_dim),
@@ -97,9 +97,10 @@ class EMPSSL(Method):
 
     def eval_features(self, x: Tensor, route: str) -> Tensor:
         n = self.options.eval_views
+        # through the encoder's head too (usually none), exactly as in training
         if n == 0:
-            return self.pre_feature(self.encoder.features(x, route))
-        feats = self.pre_feature(self.encoder.features(self.views(x, n), route))
+            return self.pre_feature(self.encoder(x, route))
+        feats = self.pre_feature(self.encoder(self.views(x, n), route))
         return feats.view(n, x.shape[0], -1).mean(0)
 
 
@@ -118,8 +119,8 @@ class EMPSSLAdv(AdversarialTraining, EMPSSL):
     Options = EMPAdvOptions
     needs_attack = True
 
-    def __init__(self, encoder: Encoder, options: EMPAdvOptions, attack, augment) -> None:
-        super().__init__(encoder, options, attack, augment)
+    def __init__(self, options: EMPAdvOptions, encoder: Encoder, attack, augment) -> None:
+        super().__init__(options, encoder, attack, augment)
         self.setup_adversarial()
 
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

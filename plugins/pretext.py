@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,9 @@ from torch import Tensor, nn
 from rsslctl import hookimpl
 from rsslctl.attack import eval_mode
 from rsslctl.encoder import Encoder
-from rsslctl.coreset import ClassifierTarget
+from rsslctl.attack import Attack
+from rsslctl.coreset import CoresetTarget
+from rsslctl.losses import fp32
 from rsslctl.errors import UserError
 from rsslctl.method import Method
 from rsslctl.options import opt
@@ -28,8 +31,8 @@ class ClassificationTask(Method):
 
     num_outputs = 0
 
-    def __init__(self, encoder: Encoder, options, attack, augment) -> None:
-        super().__init__(encoder, options, attack, augment)
+    def __init__(self, options, encoder: Encoder, attack, augment) -> None:
+        super().__init__(options, encoder, attack, augment)
         self.classifier = nn.Linear(encoder.out_dim, self.num_outputs)
 
     def logits(self, x: Tensor) -> Tensor:
@@ -48,6 +51,37 @@ class ClassificationTask(Method):
         return loss, {"task_accuracy": (logits.argmax(1) == y).float().mean().detach()}
 
 
+class ClassifierTarget(CoresetTarget):
+    """Supervised adversarial training (SAT-RCS): the classifier's last linear layer; training loss = CE on PGD
+    examples (maximising CE); RD between the logits of natural and adversarial inputs."""
+
+    def __init__(self, features: Callable[[Tensor], Tensor], last: nn.Linear, attack: Attack,
+                 modules: list[nn.Module], augment: Callable[[Tensor], Tensor] | None = None) -> None:
+        self._features, self.last, self.attack, self._modules = features, last, attack, modules
+        self.augment = augment
+
+    def modules(self) -> list[nn.Module]:
+        return self._modules
+
+    def layers(self) -> list[nn.Linear]:
+        return [self.last]
+
+    def features(self, x: Tensor, route: str) -> Tensor:
+        return self._features(x)
+
+    def head(self, f: Tensor, route: str) -> Tensor:
+        return self.last(f)
+
+    def training_losses(self, images: Tensor, labels: Tensor) -> Tensor:
+        x = self.augment(images) if self.augment else images.float() / 255
+        adv = self.attack.perturb(x, lambda xa: F.cross_entropy(self.outputs(xa, "normal").float(), labels,
+                                                                reduction="sum"))
+        with torch.no_grad():
+            f = self.features(adv, "normal").float()
+        with fp32(f):
+            return F.cross_entropy(self.head(f, "normal").float(), labels, reduction="none")
+
+
 @dataclasses.dataclass
 class SATOptions:
     num_classes: int = opt(10, "number of classes of the training labels", min=2)
@@ -60,15 +94,15 @@ class SAT(ClassificationTask):
     Options = SATOptions
     needs_attack = True
 
-    def __init__(self, encoder: Encoder, options: SATOptions, attack, augment) -> None:
+    def __init__(self, options: SATOptions, encoder: Encoder, attack, augment) -> None:
         self.num_outputs = options.num_classes
-        super().__init__(encoder, options, attack, augment)
+        super().__init__(options, encoder, attack, augment)
 
     def task(self, views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         return views, labels
 
     def coreset_target(self) -> ClassifierTarget:
-        """SAT-RCS (METHODS.md §5.4): gradients of the classifier's last layer, RD on the logits."""
+        """SAT-RCS: gradients of the classifier's last layer, RD on the logits."""
         return ClassifierTarget(self.encoder, self.classifier, self.attack, [self], self.augment)
 
 
@@ -111,11 +145,11 @@ class Jigsaw(ClassificationTask):
     name = "jigsaw"
     Options = JigsawOptions
 
-    def __init__(self, encoder: Encoder, options: JigsawOptions, attack, augment) -> None:
+    def __init__(self, options: JigsawOptions, encoder: Encoder, attack, augment) -> None:
         tiles = options.grid ** 2
         perms = permutation_set(tiles, options.permutations)
         self.num_outputs = len(perms)
-        super().__init__(encoder, options, attack, augment)
+        super().__init__(options, encoder, attack, augment)
         self.register_buffer("perms", perms, persistent=False)
 
     def task(self, views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

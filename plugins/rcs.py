@@ -1,24 +1,154 @@
-"""RCS (Xu et al., NeurIPS 2023b): robustness-aware coreset selection by greedy gradient matching (METHODS.md §5).
+"""RCS (Xu et al., NeurIPS 2023, "Efficient Adversarial Contrastive Learning via Robustness-Aware Coreset
+Selection"): robustness-aware coreset selection by greedy gradient matching.
 
 One round: hold the model fixed except the target's linear layers (ACL: projection head; SAT: last layer);
 sketch every unit's training-loss gradient; attack the unlabeled validation set to maximise the representational
 divergence (RD) and sketch its gradient; greedily pick the unit whose sketch has the largest dot product with the
 validation sketch, take one SGD step on the layers with that unit's full gradient, re-attack the validation set and
 recompute its gradient; repeat until the budget is filled; restore the layers.
+
+Gradients are computed per selection unit in shards that ``gather`` concatenates: the seam a multi-GPU engine
+all-gathers across ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from rsslctl import hookimpl, registry
-from rsslctl.coreset import (CoresetSelector, SelectionContext, compute_gradients, differentiate_only, gather,
-                             layer_params, rd_attack, representational_divergence, sketch)
+from rsslctl import hookimpl
+from rsslctl.attack import Attack, eval_mode, make_attack
+from rsslctl.checkpoint import derive_seed
+from rsslctl.coreset import CoresetSelector, CoresetTarget, SelectionContext
 from rsslctl.errors import UserError
-from rsslctl.options import Number, opt, validate
+from rsslctl.losses import fp32
+from rsslctl.options import Number, opt
+
+
+def representational_divergence(nat: Tensor, adv: Tensor, kind: str) -> Tensor:
+    """RD between natural and adversarial outputs [N, D] (see docs/methods.md, RCS).
+
+    minmax_kl (small-scale reference): each row min–max scaled to [0, 1], +1e-8, then the elementwise mean of
+    p·(log p − log q) with p = adversarial, q = natural. softmax_kl (ImageNet / SAT-RCS): KL(softmax(nat) ‖
+    softmax(adv)) summed over the D entries, averaged over rows.
+    """
+    with fp32(nat):
+        nat, adv = nat.float(), adv.float()
+        if kind == "minmax_kl":
+            def scale(h: Tensor) -> Tensor:
+                lo, hi = h.min(1, keepdim=True).values, h.max(1, keepdim=True).values
+                return (h - lo) / (hi - lo).clamp_min(1e-12) + 1e-8
+            p, q = scale(adv), scale(nat)
+            return (p * (p.log() - q.log())).mean()
+        log_p, log_q = F.log_softmax(nat, 1), F.log_softmax(adv, 1)
+        return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+
+
+def rd_attack(target: CoresetTarget, x: Tensor, attack: Attack, divergence: str) -> Tensor:
+    """Adversarial inputs maximising RD against the (fixed) natural outputs; the model is in eval mode."""
+    nat_route, adv_route = target.routes
+    with torch.no_grad():
+        nat = target.outputs(x, nat_route)
+    return attack.perturb(x, lambda xa: representational_divergence(nat, target.outputs(xa, adv_route), divergence))
+
+
+def sketch(grads: list[Tensor]) -> Tensor:
+    """Compress per-unit gradients of linear layers: weight [k, out, in] → mean over out ([k, in]); bias [k, out] →
+    its mean ([k, 1]); concatenated. The RCS approximation: 1537-d for the ACL head at 512-d."""
+    return torch.cat([g.mean(1) if g.dim() == 3 else g.mean(1, keepdim=True) for g in grads], dim=1)
+
+
+def layer_params(layers: list[nn.Linear]) -> list[Tensor]:
+    return [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+
+
+def unit_gradients(target: CoresetTarget, images: Tensor, labels: Tensor, unit: int) -> list[Tensor]:
+    """Gradients of each unit's mean training loss w.r.t. the layers' parameters, batched: one list entry per
+    parameter, shape [N/unit, *param]. Negatives in a contrastive loss come from the whole minibatch."""
+    losses = target.training_losses(images, labels)
+    n, k = losses.shape[0], losses.shape[0] // unit
+    weights = torch.zeros(k, n, device=losses.device)
+    weights.view(k, k, unit)[torch.arange(k), torch.arange(k)] = 1.0 / unit  # row j averages unit j's images
+    params = layer_params(target.layers())
+    if k == 1:
+        return [g.unsqueeze(0) for g in torch.autograd.grad(losses, params, grad_outputs=weights[0])]
+    return list(torch.autograd.grad(losses, params, grad_outputs=weights, is_grads_batched=True))
+
+
+@dataclasses.dataclass
+class GradientShard:
+    """Per-unit gradient sketches (and optionally full flattened gradients) of some units of one round."""
+
+    units: Tensor  # [k] unit ids (positions in the round's unit list)
+    sketches: Tensor  # [k, D]
+    full: Tensor | None  # [k, P]
+
+
+def compute_gradients(target: CoresetTarget, images: Tensor, labels: Tensor, pool: Tensor, batch_size: int,
+                      unit: int, seed: int, keep_full: bool, shard: tuple[int, int] = (0, 1)
+                      ) -> tuple[Tensor, GradientShard]:
+    """Cut the shuffled pool into minibatches of ``batch_size`` (the last partial one is dropped) and units of
+    ``unit`` images; return (unit → image indices [U, unit], this shard's gradients).
+
+    Minibatch b belongs to shard ``b % world``, and its randomness (augmentation, attack start) is seeded by
+    (seed, b), so shards computed on different workers and gathered equal a single-worker computation.
+    """
+    rank, world = shard
+    g = torch.Generator().manual_seed(seed)
+    order = pool[torch.randperm(len(pool), generator=g)]
+    n_batches = len(order) // batch_size
+    units = order[: n_batches * batch_size].view(-1, unit)
+    per_batch = batch_size // unit
+    ids, sketches, full = [], [], []
+    for b in range(rank, n_batches, world):
+        torch.manual_seed(derive_seed(seed, b))
+        idx = units[b * per_batch:(b + 1) * per_batch].flatten().to(images.device)
+        grads = unit_gradients(target, images[idx], labels[idx], unit)
+        ids.append(torch.arange(b * per_batch, (b + 1) * per_batch))
+        sketches.append(sketch(grads).detach())
+        if keep_full:
+            full.append(torch.cat([gr.flatten(1) for gr in grads], 1).detach())
+    empty = torch.zeros(0, dtype=torch.long)
+    return units, GradientShard(torch.cat(ids) if ids else empty,
+                                torch.cat(sketches) if sketches else torch.zeros(0),
+                                torch.cat(full) if full else None)
+
+
+def gather(shards: list[GradientShard]) -> GradientShard:
+    """Merge shards (in a multi-GPU run: after an all-gather) into one, ordered by unit id."""
+    units = torch.cat([s.units for s in shards])
+    order = torch.argsort(units)
+    full = [s.full for s in shards if s.full is not None]
+    return GradientShard(units[order], torch.cat([s.sketches.cpu() for s in shards])[order],
+                         torch.cat([f.cpu() for f in full])[order] if full else None)
+
+
+@contextlib.contextmanager
+def differentiate_only(target: CoresetTarget) -> Iterator[None]:
+    """Eval mode everywhere, gradients only for the target's layers; their weights are restored afterwards
+    (the greedy search's head steps are hypothetical)."""
+    modules = target.modules()
+    params = [p for m in modules for p in m.parameters()]
+    was = [p.requires_grad for p in params]
+    chosen = layer_params(target.layers())
+    saved = [p.detach().clone() for p in chosen]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for p in chosen:
+            p.requires_grad_(True)
+        with eval_mode(*modules):
+            yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(chosen, saved):
+                p.copy_(s)
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
 
 
 @dataclasses.dataclass
@@ -36,6 +166,7 @@ class RCSOptions:
     steps: int = opt(3, "RD attack iterations (reference: 3; ImageNet variants: 1)", min=1)
     reattack: bool = opt(True, "regenerate the adversarial validation examples after each pick (reference); "
                                "false = attack once per round, recompute only the gradient")
+    clamp_start: bool = opt(True, "clip the RD attack's random start into [0, 1] (false = reference PGD)")
     chunk: int = opt(0, "greedy search locally within chunks of this many units, budget split proportionally, "
                         "layers reset after each chunk (ImageNet variant); 0 = one global search", min=0)
 
@@ -82,9 +213,8 @@ class RCS(CoresetSelector):
             raise UserError(f"coreset.unit = {unit} must divide schedule.batch_size = {bs}")
         target = context.target()
         divergence = target.default_divergence if o.divergence == "auto" else o.divergence
-        attack_cls = registry.get("attack", o.attack, "coreset.attack")
-        attack = attack_cls(validate(attack_cls.Options, {"eps": o.eps, "step_size": o.step_size, "steps": o.steps},
-                                     "coreset"))
+        attack = make_attack(o.attack, "coreset", known_only=True, eps=o.eps, step_size=o.step_size, steps=o.steps,
+                             clamp_start=o.clamp_start)
         device = context.images.device
         x_val = context.images[context.validation.to(device)].float() / 255
         nat_route, adv_route = target.routes

@@ -1,4 +1,4 @@
-"""Adversarial SimCLR and SimCLR-FreeAdv as in CF-AMC-SSL (METHODS.md §8.4).
+"""Adversarial SimCLR and SimCLR-FreeAdv as in CF-AMC-SSL.
 
 Only view 2 is attacked: the attack maximises NT-Xent between f(x2) and f(x2 + δ) (instance-wise,
 RoCL-like); training pairs are (x1 clean, x2 + δ). ``training = "free"`` keeps δ across minibatches and
@@ -30,8 +30,8 @@ class SimCLRAdv(AdversarialTraining, Method):
     Options = SimCLRAdvOptions
     needs_attack = True
 
-    def __init__(self, encoder, options: SimCLRAdvOptions, attack, augment) -> None:
-        super().__init__(encoder, options, attack, augment)
+    def __init__(self, options: SimCLRAdvOptions, encoder, attack, augment) -> None:
+        super().__init__(options, encoder, attack, augment)
         self.setup_adversarial()
 
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

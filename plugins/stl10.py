@@ -18,6 +18,11 @@ class Stl10(Dataset):
     name = "stl10"
     splits = ("train", "test", "unlabeled")
 
+    @classmethod
+    def hyperparameter_column(cls, image_size: int) -> str:
+        """The fine-tuning tables distinguish STL-10 at its own size (self-task) from STL-10 at 32 px (cross-task)."""
+        return "STL-10 96px" if image_size >= 96 else "STL-10 32px"
+
     def load(self, split: str) -> ImageData:
         if split not in self.splits:
             raise UserError(f"{self.name}: unknown split '{split}'; valid splits: {', '.join(self.splits)}")

@@ -28,17 +28,17 @@ class TimmBackbone(Backbone):
     name = "timm"
     Options = TimmOptions
 
-    def check(self) -> None:
-        o = self.options
+    @classmethod
+    def check_options(cls, o: TimmOptions, where: str = "backbone") -> None:
         if o.model not in timm.list_models():
-            raise UserError(f"backbone.model: unknown timm model '{o.model}'{closest(o.model, timm.list_models())}; "
+            raise UserError(f"{where}.model: unknown timm model '{o.model}'{closest(o.model, timm.list_models())}; "
                             "see `python -c 'import timm; print(timm.list_models())'`")
         if o.weights and not Path(o.weights).is_file():
-            raise UserError(f"backbone.weights: file not found: {Path(o.weights).resolve()}")
+            raise UserError(f"{where}.weights: file not found: {Path(o.weights).resolve()}")
 
     def build(self) -> nn.Module:
         o = self.options
-        self.check()
+        self.check_options(o)
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in o.model_kwargs.items()}
         try:
             model = timm.create_model(o.model, pretrained=False, num_classes=0, **kwargs)

@@ -1,4 +1,4 @@
-"""Adversarial training on views, shared by methods: PGD-AT or free AT (METHODS.md §8.2–§8.4).
+"""Adversarial training on views, shared by methods: PGD-AT or free AT (see docs/methods.md).
 
 * ``pgd``: the configured attack perturbs the views (input gradients only). With ``leak_attack_grads`` the
   parameter gradients of every attack step are added to the training gradient, as the CF-AMC-SSL scripts do

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from .options import NoOptions, validate
+from .options import Plugin, validate
 
 Objective = Callable[[Tensor], Tensor]
 
 
-class Attack:
+class Attack(Plugin):
     """Base class of attack plugins: ``perturb(x, objective)`` returns x_adv maximising ``objective``."""
-
-    name: ClassVar[str] = ""
-    Options: ClassVar[type] = NoOptions
 
     def __init__(self, options: Any) -> None:
         self.options = options

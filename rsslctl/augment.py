@@ -1,4 +1,4 @@
-"""Batched view augmentation for contrastive/adversarial SSL (METHODS.md §1.1).
+"""Batched view augmentation for contrastive/adversarial SSL (the SimCLR/ACL pipeline).
 
 The pipeline, parameterised by a strength ``s`` in (0, 1]:
 
@@ -76,14 +76,16 @@ class _ResizedCrop(K.RandomResizedCrop):
 class ViewAugment(torch.nn.Module):
     """Random views of a batch: uint8 (0..255) or float ([0, 1]) ``[N, C, H, W]`` -> float32 ``[N, C, size, size]``."""
 
-    def __init__(self, size: int, options: AugmentOptions) -> None:
+    def __init__(self, size: int, options: AugmentOptions,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         super().__init__()
         self.size = size
         self.options = options
+        self.memory_format = memory_format
         self.set_strength(options.strength)
 
     def set_strength(self, s: float) -> None:
-        """Re-parameterise the pipeline for strength ``s`` in (0, 1] (DynACL anneals it during training)."""
+        """Re-parameterise the pipeline for strength ``s`` in (0, 1] (a method may anneal it during training)."""
         if not 0.0 < s <= 1.0:
             raise ValueError(f"augmentation strength must be in (0, 1], got {s}")
         o = self.options
@@ -106,21 +108,9 @@ class ViewAugment(torch.nn.Module):
         out = self.geometric(x)
         if out.shape[1] == 3:  # colour ops need RGB; a grayscale batch gets crop + flip only
             out = self.colour(out)
-        return out.clamp_(0.0, 1.0)
+        return out.clamp_(0.0, 1.0).contiguous(memory_format=self.memory_format)
 
 
 def multi_view(x: Tensor, augment: Callable[[Tensor], Tensor], n_views: int) -> Tensor:
     """``n_views`` augmented views per image, interleaved: rows ``k*n .. k*n+n-1`` are the views of image ``k``."""
     return augment(x.repeat_interleave(n_views, dim=0))
-
-
-def strength_schedule(epoch: int, total_epochs: int, period: int = 50) -> float:
-    """DynACL's annealed strength for 1-based ``epoch``: ``s = 1 - floor((epoch - 1) / K) * K / E``.
-
-    ``K`` is ``period`` and ``E`` is ``total_epochs`` (Luo et al., ICLR 2023); the result never drops below
-    ``MIN_STRENGTH``. For E = 1000, K = 50 it steps 1.0, 0.95, ..., 0.05 (20 values).
-    """
-    if epoch < 1 or total_epochs < 1 or period < 1:
-        raise ValueError(f"need epoch >= 1, total_epochs >= 1, period >= 1; got {epoch}, {total_epochs}, {period}")
-    done = (epoch - 1) // period * period
-    return max((total_epochs - done) / total_epochs, MIN_STRENGTH)

@@ -81,6 +81,12 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def derive_seed(seed: int, index: int) -> int:
+    """The seed of part ``index`` (an epoch, a minibatch, a selection round) of a run seeded with ``seed``: distinct
+    for every (seed, index) pair a run can meet, so parts never share random streams."""
+    return seed * 1_000_003 + index
+
+
 def rng_state() -> dict[str, torch.Tensor]:
     out = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -1,4 +1,4 @@
-"""Common corruptions (METHODS.md §6.4): read CIFAR-10-C / CIFAR-100-C files, or generate a subset on the fly.
+"""Common corruptions (the robustness suite's CA): read CIFAR-10-C / CIFAR-100-C files, or generate a subset on the fly.
 
 Real files: ``<dir>/<corruption>.npy`` holds all five severities stacked (NHWC uint8, severity ``s`` at rows
 ``(s-1)·n .. s·n``) and ``<dir>/labels.npy`` the matching labels. The 15 corruptions of the benchmark are
@@ -26,13 +26,13 @@ from .errors import UserError
 CORRUPTIONS = ("shot_noise", "gaussian_noise", "impulse_noise", "contrast", "zoom_blur", "motion_blur", "glass_blur",
                "defocus_blur", "snow", "pixelate", "brightness", "fog", "jpeg_compression", "elastic_transform", "frost")
 SEVERITIES = (1, 2, 3, 4, 5)
-FOLDERS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
 
 
-def corruption_dir(root: Path, dataset: str) -> Path | None:
-    """``root`` itself if it holds the files, else ``root/CIFAR-10-C`` (or -100-C); None when absent."""
+def corruption_dir(root: Path, folder: str) -> Path | None:
+    """``root`` itself if it holds the files, else ``root/<folder>`` (the dataset plugin's ``corruption_folder``,
+    e.g. CIFAR-10-C); None when absent."""
     root = Path(root)
-    for cand in (root, root / FOLDERS.get(dataset, "")):
+    for cand in (root, root / folder):
         if (cand / "labels.npy").is_file():
             return cand
     return None

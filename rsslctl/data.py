@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .options import NoOptions
+from .options import Plugin
 
 
 @dataclasses.dataclass
@@ -41,12 +41,12 @@ class ImageData:
         return ImageData(torch.cat(out), self.labels, self.classes, self.name)
 
 
-class Dataset:
+class Dataset(Plugin):
     """Base class of dataset plugins. Subclasses set ``name``, ``splits`` and implement ``load``."""
 
-    name: ClassVar[str] = ""
-    Options: ClassVar[type] = NoOptions
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
+    #: sub-folder of the data root holding this dataset's corrupted test set (e.g. CIFAR-10-C); '' = none
+    corruption_folder: ClassVar[str] = ""
 
     def __init__(self, options: Any, root: Path) -> None:
         self.options = options
@@ -55,6 +55,12 @@ class Dataset:
     def load(self, split: str) -> ImageData:
         """Return the split; raise ``missing_data(...)`` when its files are absent."""
         raise NotImplementedError
+
+    @classmethod
+    def hyperparameter_column(cls, image_size: int) -> str:
+        """The column of the fine-tuning hyper-parameter tables (see ``classify.FINETUNE_COLUMNS``) that applies to
+        this dataset at ``image_size``; '' = none of its own (the first column is used, and the run says so)."""
+        return ""
 
     def download(self) -> None:
         """Fetch the files into ``self.root`` in the format ``load`` reads (only when the user asks)."""

@@ -3,35 +3,29 @@
 Attacks work in [0, 1] pixel space because mean/std normalisation happens inside ``Encoder``.
 Dual BN keeps separate statistics and affine parameters for clean ('normal', index 0) and
 adversarial ('pgd', index 1) inputs; the key layout ``<bn>.bn_list.{0,1}.*`` matches the
-reference checkpoints (METHODS.md §1.2).
+reference checkpoints (module names follow timm).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .errors import UserError
-from .options import NoOptions, opt
+from .options import Plugin, opt
 
 ROUTES = ("normal", "pgd")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class Backbone:
+class Backbone(Plugin):
     """Base class of backbone plugins: ``build()`` returns a module mapping images to [N, D] features."""
-
-    name: ClassVar[str] = ""
-    Options: ClassVar[type] = NoOptions
 
     def __init__(self, options: Any) -> None:
         self.options = options
-
-    def check(self) -> None:
-        """Raise UserError for options that cannot build (called during recipe validation)."""
 
     def build(self) -> nn.Module:
         """Return the feature extractor; it must expose ``num_features``."""

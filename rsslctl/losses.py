@@ -16,7 +16,7 @@ def nt_xent(z: Tensor, temperature: float = 0.5, n_views: int = 2, reduction: st
 
     For each anchor a, ℓ_a = −log( Σ_{p ∈ pos(a)} … ) is computed per positive as in SimCLR:
     ℓ_{a,p} = −log( exp(s_ap/τ) / Σ_{b≠a} exp(s_ab/τ) ), with s = cosine similarity; the loss is the
-    mean over all (anchor, positive) pairs. With n_views = 2 this is the ACL/SimCLR loss (METHODS.md §1.3).
+    mean over all (anchor, positive) pairs. With n_views = 2 this is the SimCLR loss (and ACL's).
     ``reduction="per_image"`` returns each image's share instead (the mean of its anchors' terms, [N]), whose
     mean is the loss. Computed in fp32 whatever the autocast dtype.
     """
@@ -36,19 +36,3 @@ def nt_xent(z: Tensor, temperature: float = 0.5, n_views: int = 2, reduction: st
 def pair_rows(a: Tensor, b: Tensor) -> Tensor:
     """Interleave two [N, …] tensors into [2N, …] with a[k] at row 2k and b[k] at row 2k+1."""
     return torch.stack((a, b), dim=1).flatten(0, 1)
-
-
-def dynacl_weight(epoch: int, total_epochs: int, period: int = 50, swap: float = 2 / 3,
-                  form: str = "air") -> float:
-    """DynACL's adversarial weight ω for 1-based ``epoch`` in ``(1−ω)·L_nat + (1+ω)·L_adv`` (METHODS.md §3.2).
-
-    ``form = "air"`` (AIR/RCS re-implementations): ω = swap·(1 − s(e)) with s the strength schedule.
-    ``form = "official"`` (PKU-ML/DYNACL): ω = min(⌊e/K⌋·(K/E)·swap, 1), i.e. w_adv − 1; it steps up one epoch
-    before the augmentation strength changes.
-    """
-    from .augment import strength_schedule
-    if form == "official":
-        return min((epoch // period) * (period / total_epochs) * swap, 1.0)
-    if form != "air":
-        raise ValueError(f"unknown DynACL weight form {form!r}; use 'air' or 'official'")
-    return swap * (1.0 - strength_schedule(epoch, total_epochs, period))

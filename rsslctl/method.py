@@ -1,35 +1,42 @@
 """The method interface (solo-learn style): one class per method holding its views and its loss.
 
 A method is an ``nn.Module`` wrapping the encoder (and any extra parts such as a momentum encoder),
-so its whole state is checkpointed. The engine calls ``training_step`` once per minibatch.
+so its whole state is checkpointed. The engine calls ``training_step`` once per optimizer step. Everything the
+core needs to know about a method is declared here — nothing is looked up by the method's name.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from torch import Tensor, nn
 
 from .attack import Attack
+from .augment import ViewAugment
 from .encoder import Encoder
-from .options import NoOptions
+from .options import Plugin
+
+if TYPE_CHECKING:
+    from .coreset import CoresetTarget
+
+#: fine-tuning hyper-parameters: row name → mode (SLF/ALF/AFF) → table column → settings (see rsslctl.classify)
+FinetuneRows = Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]
 
 
-class Method(nn.Module):
-    """Base class of method plugins."""
+class Method(nn.Module, Plugin):
+    """Base class of method plugins, built as ``cls(options, encoder, attack, augment)``."""
 
-    name: ClassVar[str] = ""
-    Options: ClassVar[type] = NoOptions
     #: does the method need an [attack] section (adversarial training)?
     needs_attack: ClassVar[bool] = False
     #: does the method want a dual-BN encoder when [encoder] dual_bn = "auto"?
     wants_dual_bn: ClassVar[bool] = False
+    #: the rows of the fine-tuning hyper-parameter table this method's papers define (``finetune_row`` picks one)
+    finetune_rows: ClassVar[FinetuneRows] = {}
     #: optimizer steps per minibatch; free adversarial training replays each minibatch m times
     replays: int = 1
-    #: reference free-AT quirk (METHODS.md §8.3): LR schedule length counted in minibatches, not optimizer steps
+    #: reference free-AT quirk: LR schedule length counted in minibatches, not optimizer steps (see docs/methods.md)
     schedule_in_minibatches: bool = False
 
-    def __init__(self, encoder: Encoder, options: Any, attack: Attack | None,
-                 augment: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, options: Any, encoder: Encoder, attack: Attack | None, augment: ViewAugment) -> None:
         super().__init__()
         self.encoder = encoder
         self.options = options
@@ -60,11 +67,15 @@ class Method(nn.Module):
         """Features used by evaluation for pixels ``x`` in [0, 1] (bag-of-features methods override it)."""
         return self.eval_encoder().features(x, route)
 
-    def coreset_target(self) -> Any:
-        """What gradient-based coreset selection (RCS) differentiates: a ``rsslctl.coreset.CoresetTarget``, or None
-        when the method does not support it (random selection still works)."""
+    def coreset_target(self) -> CoresetTarget | None:
+        """What gradient-based coreset selection (RCS) differentiates, or None when the method does not support it
+        (random selection still works)."""
         return None
 
     def eval_encoder(self) -> Encoder:
         """The encoder to export and evaluate (a method with a momentum encoder may return that one)."""
         return self.encoder
+
+    def finetune_row(self) -> str:
+        """The row of ``finetune_rows`` fine-tuning uses for this trained instance ('' = the generic defaults)."""
+        return next(iter(self.finetune_rows), "")

@@ -1,4 +1,4 @@
-"""Optimisers (SGD, Adam, LARS) and the per-iteration cosine schedule with linear warm-up (METHODS.md §1.5)."""
+"""Optimisers (SGD, Adam, LARS) and the per-iteration cosine schedule with linear warm-up."""
 from __future__ import annotations
 
 import dataclasses
@@ -82,7 +82,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule:
     """Learning rate for iteration ``step`` (0-based): linear warm-up to ``peak``, then cosine to min_lr.
 
     ``periodic`` lets the cosine run on past ``total_steps`` (back up, down again, ...) like an over-stepped
-    CosineAnnealingLR; only the reference free-AT schedule quirk uses it (METHODS.md §8.3).
+    CosineAnnealingLR; only the reference free-AT schedule quirk uses it (see docs/methods.md, free AT).
     """
     if warmup_steps > 0 and step < warmup_steps:
         return peak * (step + 1) / warmup_steps

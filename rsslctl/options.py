@@ -32,6 +32,19 @@ class NoOptions:
     """For plugins without options."""
 
 
+class Plugin:
+    """What every plugin class has: a registered ``name``, an ``Options`` dataclass and a docstring (first line =
+    description). Kind-specific base classes (Method, Attack, Backbone, Dataset, CoresetSelector) derive from it."""
+
+    name: typing.ClassVar[str] = ""
+    Options: typing.ClassVar[type] = NoOptions
+
+    @classmethod
+    def check_options(cls, options: Any, where: str) -> None:
+        """Raise UserError for values that validate field by field but cannot work together or on this machine
+        (e.g. an unknown model name); called during recipe validation, before any work is done."""
+
+
 def closest(name: str, candidates: typing.Iterable[str]) -> str:
     """Return ' (did you mean X?)' for the closest candidate, or ''."""
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)

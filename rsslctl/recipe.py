@@ -1,16 +1,18 @@
 """TOML recipes: parse, apply ``--set`` overrides, validate every section and plugin option up front.
 
 A recipe is a set of tables. Plugin tables (``data``, ``backbone``, ``method``, ``attack``, ``coreset``) hold
-``name`` (the plugin) next to the core keys and the plugin's own options, all in one flat table.
-The resolved recipe (every default filled in) is what runs and what is written to the run directory.
+``name`` (the plugin) next to the core keys and the plugin's own options, all in one flat table. Names a recipe
+leaves out come from the shipped ``defaults.toml``. The resolved recipe (every default filled in) is what runs and
+what is written to the run directory.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Collection, Literal
 
 from . import registry
 from .attack import make_attack
@@ -20,6 +22,8 @@ from .encoder import EncoderOptions
 from .errors import UserError
 from .options import Number, as_dict, closest, opt, validate
 from .optim import OptimizerOptions, ScheduleOptions
+
+NONE = "none"  # the plugin name that switches an optional plugin table off
 
 
 @dataclasses.dataclass
@@ -59,35 +63,68 @@ class EvaluationOptions:
     batch_size: int = opt(256, "linear-probe batch size", min=1)
     weight_decay: float = opt(2e-4, "linear-probe weight decay", min=0)
     route: Literal["auto", "normal", "pgd"] = opt("auto", "BN route of a dual-BN encoder (auto = pgd, as in the protocol)")
-    attack: str = opt("pgd", "attack plugin for robust accuracy")
+    attack: str = opt("", "attack plugin for robust accuracy (also the PGD row of the suite and ALF's training "
+                          "attack); default from defaults.toml")
+    single_step_attack: str = opt("", "attack plugin of the suite's single-step (FGSM) row; default from defaults.toml")
     eps: Number = opt(8 / 255, "attack radius", min=0)
     step_size: Number = opt(2 / 255, "attack step size", min=0)
     steps: int = opt(20, "attack iterations", min=1)
+    clamp_start: bool = opt(True, "clip the attack's random start into [0, 1] (false = reference PGD)")
     limit: int = opt(0, "evaluate on the first N test images (0 = all)", min=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One plugin table of a recipe: the plugin's name, its class (None when switched off) and its options."""
+
+    name: str
+    cls: type | None
+    options: Any
+
+    def build(self, *args: Any) -> Any:
+        """An instance of the plugin: ``cls(options, *args)``."""
+        if self.cls is None:
+            raise ValueError(f"plugin '{self.name}' is switched off")
+        return self.cls(self.options, *args)
+
+
+OFF = Slot(NONE, None, None)
 CORE = {"run": RunOptions, "data": DataOptions, "augment": AugmentOptions, "backbone": None, "encoder": EncoderOptions,
         "method": None, "attack": None, "optimizer": OptimizerOptions, "schedule": ScheduleOptions,
         "coreset": CoresetOptions, "engine": EngineOptions, "evaluation": EvaluationOptions}
-PLUGIN_TABLES = {"data": "dataset", "backbone": "backbone", "method": "method", "attack": "attack", "coreset": "coreset"}
-DEFAULT_NAMES = {"data": "digits", "backbone": "timm", "method": "simclr", "coreset": "none"}
+#: recipe table → (plugin kind, attribute of the Recipe holding its slot)
+PLUGIN_TABLES = {"data": ("dataset", "dataset"), "backbone": ("backbone", "backbone"), "method": ("method", "method"),
+                 "attack": ("attack", "attack"), "coreset": ("coreset", "selector")}
+OPTIONAL = ("attack", "coreset")  # plugin tables whose name may be "none"
 
 
 @dataclasses.dataclass
 class Recipe:
-    """A validated recipe: ``resolved`` (plain dict) plus parsed option objects per table."""
+    """A validated recipe: the core options of each table, one ``Slot`` per plugin table, and ``resolved``
+    (the plain dict written to the run directory). Tables left out with ``only`` are None."""
 
     resolved: dict[str, dict[str, Any]]
-    core: dict[str, Any]
-    plugin: dict[str, Any]
-    plugin_cls: dict[str, type | None]
+    run: RunOptions
+    data: DataOptions
+    augment: AugmentOptions | None
+    encoder: EncoderOptions | None
+    optimizer: OptimizerOptions | None
+    schedule: ScheduleOptions | None
+    coreset: CoresetOptions | None
+    engine: EngineOptions
+    evaluation: EvaluationOptions
+    dataset: Slot
+    backbone: Slot | None
+    method: Slot | None
+    attack: Slot | None
+    selector: Slot | None
     source: str = ""
 
-    def __getattr__(self, item: str) -> Any:
-        core = self.__dict__.get("core", {})
-        if item in core:
-            return core[item]
-        raise AttributeError(item)
+
+@functools.lru_cache(maxsize=1)
+def shipped_defaults() -> dict[str, Any]:
+    """The packaged defaults.toml: ``recipe`` (tables merged under every recipe) and ``commands``."""
+    return tomllib.loads((Path(__file__).with_name("defaults.toml")).read_text())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -115,9 +152,7 @@ def load_raw(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: invalid TOML: {exc}") from None
 
 
-def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "") -> Recipe:
-    """Validate ``raw`` (+ overrides) completely; raise UserError with one line on the first problem."""
-    where = source or "recipe"
+def _with_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> dict[str, dict[str, Any]]:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for text in overrides:
         (table, key), value = parse_override(text)
@@ -130,64 +165,90 @@ def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "") ->
             raise UserError(f"{where}: unknown table [{table}]{closest(table, CORE)}; valid tables: {', '.join(CORE)}")
         if not isinstance(value, dict):
             raise UserError(f"{where}: '{table}' must be a table ([{table}]), got {value!r}")
-
-    core: dict[str, Any] = {}
-    plugin: dict[str, Any] = {}
-    plugin_cls: dict[str, type | None] = {}
-    resolved: dict[str, dict[str, Any]] = {}
-    method_name = raw.get("method", {}).get("name", DEFAULT_NAMES["method"])
-    method_cls = registry.get("method", _name(method_name, "method.name"), f"{where}: method.name")
-    for table, core_cls in CORE.items():
-        values = raw.get(table, {})
-        loc = f"{where}: {table}"
-        if table in PLUGIN_TABLES:
-            default = DEFAULT_NAMES.get(table) or ("pgd" if method_cls.needs_attack else "none")
-            name = _name(values.get("name", default), f"{table}.name")
-            if table == "attack" and name == "none":
-                if method_cls.needs_attack:
-                    raise UserError(f"{loc}: method '{method_name}' trains adversarially and needs an attack; "
-                                    "set [attack] name = \"pgd\"")
-                # other [attack] keys are ignored: `--set attack.name=none` switches a recipe's adversary off
-                plugin_cls[table], plugin[table], core[table] = None, None, None
-                resolved[table] = {"name": "none"}
-                continue
-            if table == "coreset" and name == "none":  # no selector; the core keys still apply (indices_file)
-                plugin_cls[table], plugin[table] = None, None
-                core[table] = validate(core_cls, values, loc, extra_keys=("name",))
-                resolved[table] = {"name": "none", **as_dict(core[table])}
-                continue
-            cls = registry.get(PLUGIN_TABLES[table], name, f"{loc}.name")
-            plugin_cls[table] = cls
-            core_keys = {f.name for f in dataclasses.fields(core_cls)} if core_cls else set()
-            plugin_keys = {f.name for f in dataclasses.fields(cls.Options)}
-            everything = core_keys | plugin_keys | {"name"}
-            for key in values:
-                if key not in everything:
-                    valid = sorted(everything)
-                    raise UserError(f"{loc}: unknown key '{key}'{closest(key, valid)}; valid keys: {', '.join(valid)}")
-            core[table] = validate(core_cls, {k: v for k, v in values.items() if k in core_keys}, loc) if core_cls else None
-            plugin[table] = validate(cls.Options, {k: v for k, v in values.items() if k in plugin_keys}, loc)
-            resolved[table] = {"name": name, **(as_dict(core[table]) if core_cls else {}), **as_dict(plugin[table])}
-        else:
-            core[table] = validate(core_cls, values, loc)
-            resolved[table] = as_dict(core[table])
-    _check_evaluation(core["evaluation"], where)
-    check_coreset(core["coreset"], resolved["coreset"]["name"], core["schedule"].epochs, f"{where}: coreset")
-    return Recipe(resolved, core, plugin, plugin_cls, source)
+    return raw
 
 
-def _name(value: Any, where: str) -> str:
+def _plugin_name(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise UserError(f"{where}: expected a plugin name (string), got {value!r}")
     return value
 
 
-def _check_evaluation(ev: EvaluationOptions, where: str) -> None:
-    make_attack(ev.attack, f"{where}: evaluation", known_only=True, eps=ev.eps, step_size=ev.step_size, steps=ev.steps)
+def _plugin_table(table: str, values: dict[str, Any], name: str, where: str) -> tuple[Any, Slot, dict[str, Any]]:
+    """(core options, plugin slot, resolved table) of one plugin table."""
+    core_cls = CORE[table]
+    kind = PLUGIN_TABLES[table][0]
+    core_keys = {f.name for f in dataclasses.fields(core_cls)} if core_cls else set()
+    if name == NONE:  # switched off; its core keys still apply (e.g. coreset.indices_file), other keys are ignored
+        core = validate(core_cls, {k: v for k, v in values.items() if k in core_keys}, where) if core_cls else None
+        return core, OFF, {"name": NONE, **(as_dict(core) if core else {})}
+    cls = registry.get(kind, name, f"{where}.name")
+    plugin_keys = {f.name for f in dataclasses.fields(cls.Options)}
+    everything = core_keys | plugin_keys | {"name"}
+    for key in values:
+        if key not in everything:
+            valid = sorted(everything)
+            raise UserError(f"{where}: unknown key '{key}'{closest(key, valid)}; valid keys: {', '.join(valid)}")
+    core = validate(core_cls, {k: v for k, v in values.items() if k in core_keys}, where) if core_cls else None
+    options = validate(cls.Options, {k: v for k, v in values.items() if k in plugin_keys}, where)
+    cls.check_options(options, where)
+    return core, Slot(name, cls, options), {"name": name, **(as_dict(core) if core else {}), **as_dict(options)}
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    return resolve(load_raw(path), list(overrides), str(path))
+def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "",
+            only: Collection[str] | None = None) -> Recipe:
+    """Validate ``raw`` (+ overrides) completely; raise UserError with one line on the first problem.
+
+    ``only`` limits validation to those tables (plus run, data, engine and evaluation, which every command uses):
+    evaluating a fine-tuned classifier, for instance, needs no pretraining method installed.
+    """
+    where = source or "recipe"
+    raw = _with_overrides(raw, list(overrides), where)
+    wanted = set(CORE) if only is None else set(only) | {"run", "data", "engine", "evaluation"}
+    defaults = shipped_defaults()["recipe"]
+    names = {t: raw.get(t, {}).get("name", defaults.get(t, {}).get("name", NONE)) for t in PLUGIN_TABLES}
+    needs_attack = False
+    if "method" in wanted:
+        method_cls = registry.get("method", _plugin_name(names["method"], "method.name"), f"{where}: method.name")
+        needs_attack = method_cls.needs_attack
+        if "name" not in raw.get("attack", {}) and not needs_attack:
+            names["attack"] = NONE
+        elif names["attack"] == NONE and needs_attack:
+            raise UserError(f"{where}: attack: method '{names['method']}' trains adversarially and needs an attack; "
+                            f"set [attack] name = \"{defaults['attack']['name']}\"")
+    parts: dict[str, Any] = {"source": source}
+    resolved: dict[str, dict[str, Any]] = {}
+    for table, core_cls in CORE.items():
+        values = {**{k: v for k, v in defaults.get(table, {}).items() if k != "name"}, **raw.get(table, {})}
+        if table not in wanted:
+            parts[table] = None
+            if table in PLUGIN_TABLES:
+                parts[PLUGIN_TABLES[table][1]] = None
+            continue
+        if table in PLUGIN_TABLES:
+            kind, slot = PLUGIN_TABLES[table]
+            name = _plugin_name(names[table], f"{table}.name")
+            if name == NONE and table not in OPTIONAL:
+                raise UserError(f"{where}: {table}.name cannot be \"none\"; name a {kind} plugin")
+            core, parts[slot], resolved[table] = _plugin_table(table, values, name, f"{where}: {table}")
+            if core_cls is not None:
+                parts[table] = core
+        else:
+            parts[table] = validate(core_cls, values, f"{where}: {table}")
+            resolved[table] = as_dict(parts[table])
+    ev = parts["evaluation"]
+    make_attack(ev.attack, f"{where}: evaluation.attack", known_only=True, eps=ev.eps, step_size=ev.step_size,
+                steps=ev.steps, clamp_start=ev.clamp_start)
+    if parts["coreset"] is not None:
+        check_coreset(parts["coreset"], parts["selector"].name, parts["schedule"].epochs, f"{where}: coreset")
+    return Recipe(resolved=resolved, **{k: v for k, v in parts.items() if k in RECIPE_FIELDS})
+
+
+RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)} - {"resolved"}
+
+
+def load(path: str | Path, overrides: list[str] = (), only: Collection[str] | None = None) -> Recipe:
+    return resolve(load_raw(path), list(overrides), str(path), only)
 
 
 def dumps_toml(resolved: dict[str, dict[str, Any]]) -> str:

@@ -1,10 +1,17 @@
-"""Plugin discovery: load every module of the ``rsslctl`` entry-point group into one pluggy manager."""
+"""Plugin discovery: every module of the ``rsslctl`` entry-point group is registered in one pluggy manager.
+
+Nothing a plugin does can take the CLI down: an import that raises (even ``SystemExit``), a misspelt hook, a hook
+that raises or returns something other than a list of plugin classes, a class without a name or with malformed
+Options — each is recorded with its error, shown by ``rsslctl plugins``, and the other plugins keep working.
+A name provided by two packages is an error naming both; ``package:name`` picks one explicitly.
+"""
 from __future__ import annotations
 
 import dataclasses
 import functools
 import importlib.metadata as md
 from types import ModuleType
+from typing import Any
 
 import pluggy
 
@@ -37,6 +44,27 @@ def _first_line(cls: type) -> str:
     return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
 
+def _describe(exc: BaseException) -> str:
+    return (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
+
+
+def class_problem(cls: Any) -> str:
+    """Why ``cls`` cannot serve as a plugin class, or '' when it can."""
+    if not isinstance(cls, type):
+        return f"hook returned {cls!r}, not a class"
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or ":" in name:
+        return f"{cls.__name__} has no valid 'name' (a non-empty string without ':')"
+    options = getattr(cls, "Options", None)
+    if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        return f"{cls.__name__}.Options is not a dataclass"
+    required = [f.name for f in dataclasses.fields(options)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        return f"{cls.__name__}.Options field '{required[0]}' has no default"
+    return ""
+
+
 class Registry:
     """All installed plugins, by kind and name; broken plugins are kept with their error."""
 
@@ -55,56 +83,114 @@ class Registry:
             version = dist.version if dist else "?"
             try:
                 module = ep.load()
-                self.register(module, package, version, name=ep.name)
-            except Exception as exc:  # a broken plugin must not break the CLI
-                msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                self.broken.append(PluginInfo("?", ep.name, None, package, version, "", msg))
+            except BaseException as exc:  # noqa: BLE001 — a broken plugin (even one calling sys.exit) is reported
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                self.broken.append(PluginInfo("?", ep.name, None, package, version, "", _describe(exc)))
+                continue
+            self.register(module, package, version, name=ep.name)
 
     def register(self, module: ModuleType, package: str = "?", version: str = "?", name: str | None = None) -> None:
+        """Add a plugin module; a hook implementation that matches no hook specification is reported, not ignored."""
         if self.pm.is_registered(module):
             return
-        self.pm.register(module, name=name or module.__name__)
+        name = name or module.__name__
+        try:
+            self.pm.register(module, name=name)
+        except Exception as exc:  # pluggy rejects malformed implementations (wrong arguments)
+            self.broken.append(PluginInfo("?", name, None, package, version, "", _describe(exc)))
+            return
+        unknown = [hook for hook in dir(self.pm.hook) if hook.startswith("rsslctl")
+                   and not getattr(self.pm.hook, hook).has_spec()
+                   and any(impl.plugin is module for impl in getattr(self.pm.hook, hook).get_hookimpls())]
+        if unknown:
+            self.pm.unregister(module)
+            known = [h for h in dir(hookspecs) if h.startswith("rsslctl_")]
+            self.broken.append(PluginInfo("?", name, None, package, version, "",
+                                          f"unknown hook '{unknown[0]}'{closest(unknown[0], known)}"))
+            return
         self._provenance[id(module)] = (package, version)
         self.entries.cache_clear()
 
-    @functools.lru_cache(maxsize=None)
-    def entries(self, kind: str) -> dict[str, PluginInfo]:
-        out: dict[str, PluginInfo] = {}
-        hook = getattr(self.pm.hook, KINDS[kind])
-        for impl in hook.get_hookimpls():
+    def unregister(self, module: ModuleType) -> None:
+        """Remove a module registered with ``register`` (tests use it to leave the registry as they found it)."""
+        if self.pm.is_registered(module):
+            self.pm.unregister(module)
+        self.entries.cache_clear()
+
+    def _call(self, hook_name: str, kind: str) -> list[tuple[Any, str, str, str]]:
+        """(object, plugin name, package, version) for every object returned by every implementation of a hook."""
+        out = []
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             package, version = self._provenance.get(id(impl.plugin), ("?", "?"))
             try:
-                classes = impl.function() or []
-            except Exception as exc:
-                self.broken.append(PluginInfo(kind, impl.plugin_name, None, package, version, "", f"{type(exc).__name__}: {exc}"))
+                returned = impl.function()
+                if returned is None:
+                    returned = []
+                if not isinstance(returned, (list, tuple)):
+                    raise TypeError(f"{hook_name} returned {type(returned).__name__}, expected a list")
+            except BaseException as exc:  # noqa: BLE001
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                self.broken.append(PluginInfo(kind, impl.plugin_name, None, package, version, "", _describe(exc)))
                 continue
-            for cls in classes:
-                out[cls.name] = PluginInfo(kind, cls.name, cls, package, version, _first_line(cls))
+            out += [(obj, impl.plugin_name, package, version) for obj in returned]
         return out
 
-    def commands(self) -> list:
-        """Click commands from every plugin's ``rsslctl_commands`` hook (errors are kept in ``broken``)."""
-        out = []
-        for impl in self.pm.hook.rsslctl_commands.get_hookimpls():
-            try:
-                out += list(impl.function() or [])
-            except Exception as exc:
-                package, version = self._provenance.get(id(impl.plugin), ("?", "?"))
-                self.broken.append(PluginInfo("command", impl.plugin_name, None, package, version, "",
-                                              f"{type(exc).__name__}: {exc}"))
+    @functools.lru_cache(maxsize=None)
+    def entries(self, kind: str) -> dict[str, list[PluginInfo]]:
+        """Name → every installed class of that name (more than one = a conflict that ``get`` reports)."""
+        out: dict[str, list[PluginInfo]] = {}
+        for cls, plugin, package, version in self._call(KINDS[kind], kind):
+            problem = class_problem(cls)
+            if problem:
+                self.broken.append(PluginInfo(kind, getattr(cls, "name", None) or plugin, None, package, version, "",
+                                              problem))
+                continue
+            out.setdefault(cls.name, []).append(PluginInfo(kind, cls.name, cls, package, version, _first_line(cls)))
         return out
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.entries(kind))
+
+    def info(self, kind: str, name: str, where: str = "") -> PluginInfo:
+        """The one installed plugin ``name`` (or ``package:name``) of ``kind``; UserError when absent or ambiguous."""
+        loc = f"{where}: " if where else ""
+        package, _, bare = name.rpartition(":")
+        found = self.entries(kind).get(bare, [])
+        if package:
+            found = [i for i in found if i.package == package]
+        if not found:
+            names = self.names(kind)
+            raise UserError(f"{loc}unknown {kind} '{name}'{closest(bare, names)}; installed: {', '.join(names) or 'none'}"
+                            f" (see `rsslctl plugins`)")
+        if len(found) > 1:
+            both = " and ".join(f"'{i.package}'" for i in found)
+            raise UserError(f"{loc}{kind} '{bare}' is provided by {both}; name one explicitly, e.g. "
+                            f"'{found[-1].package}:{bare}', or uninstall one")
+        return found[0]
 
     def get(self, kind: str, name: str, where: str = "") -> type:
-        entries = self.entries(kind)
-        if name not in entries:
-            names = sorted(entries)
-            loc = f"{where}: " if where else ""
-            raise UserError(f"{loc}unknown {kind} '{name}'{closest(name, names)}; installed: {', '.join(names) or 'none'}"
-                            f" (see `rsslctl plugins`)")
-        return entries[name].cls  # type: ignore[return-value]
+        return self.info(kind, name, where).cls  # type: ignore[return-value]
+
+    def commands(self) -> list[Any]:
+        """Click commands from every plugin's ``rsslctl_commands`` hook (errors are kept in ``broken``)."""
+        import click
+        out = []
+        for command, plugin, package, version in self._call("rsslctl_commands", "command"):
+            if isinstance(command, click.Command) and command.name:
+                out.append(command)
+            else:
+                self.broken.append(PluginInfo("command", plugin, None, package, version, "",
+                                              f"rsslctl_commands returned {command!r}, not a click command"))
+        return out
 
     def all(self) -> list[PluginInfo]:
-        rows = [info for kind in KINDS for info in self.entries(kind).values()]
+        rows = [info for kind in KINDS for infos in self.entries(kind).values() for info in infos]
+        for infos in (i for kind in KINDS for i in self.entries(kind).values() if len(i) > 1):
+            for info in infos:
+                others = [o.package for o in infos if o is not info]
+                info.error = f"name also provided by {', '.join(others)}; choose with '{info.package}:{info.name}'"
         return rows + self.broken
 
 

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
+
+from rsslctl import hookimpl, registry
 
 os.environ.setdefault("COLUMNS", "200")  # rich tables unwrapped in captured output
 
@@ -60,3 +64,19 @@ def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY.replace('name = "tiny"', 'name = "tiny"\noutput_dir = "' + str(tmp_path / "runs") + '"'))
     return path
+
+
+@pytest.fixture
+def register_methods() -> Iterator[Callable[..., None]]:
+    """Register method classes in the process-wide registry for one test, and remove them afterwards."""
+    added: list[types.ModuleType] = []
+
+    def register(*classes: type) -> None:
+        plugin = types.ModuleType(f"test_plugin_{len(added)}")
+        plugin.rsslctl_methods = hookimpl(lambda: list(classes))
+        registry.registry().register(plugin)
+        added.append(plugin)
+
+    yield register
+    for plugin in added:
+        registry.registry().unregister(plugin)

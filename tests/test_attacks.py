@@ -241,5 +241,3 @@ def test_pgd_options_defaults_are_reference():
     assert (o.eps, o.step_size, o.steps, o.norm, o.random_start) == (8 / 255, 2 / 255, 5, "linf", True)
 
 
-def test_plugins_register_names():
-    assert PGD.name == "pgd" and FGSM.name == "fgsm"

@@ -1,11 +1,12 @@
-"""Behaviour of the view augmentation (METHODS.md §1.1): shapes, interleaving, randomness, strength, schedule."""
+"""Behaviour of the view augmentation: shapes, interleaving, randomness, strength, schedule."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rsslctl.augment import AugmentOptions, ViewAugment, multi_view, strength_schedule
+from rsslctl.augment import AugmentOptions, ViewAugment, multi_view
+from rsslctl_plugins.dynacl import strength_schedule
 from rsslctl.errors import UserError
 from rsslctl.options import validate
 

@@ -1,10 +1,9 @@
-"""Coreset selection (RCS, METHODS.md §5): losses and sketches against their formulas, per-unit and sharded
+"""Coreset selection (RCS): losses and sketches against their formulas, per-unit and sharded
 gradients, the greedy search, selectors, the in-loop schedule with exact resume, indices files and the CLI."""
 from __future__ import annotations
 
 import json
 import math
-import types
 from pathlib import Path
 
 import pytest
@@ -13,20 +12,21 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, registry
+from rsslctl import registry
 from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
 from rsslctl.cli import main
-from rsslctl.coreset import (ClassifierTarget, CoresetTarget, SelectionContext, compute_gradients, gather,
-                             load_selection, representational_divergence, run_selector, sketch, split_validation,
-                             unit_gradients)
-from rsslctl.engine import Trainer, build_method, load_split
+from rsslctl.coreset import CoresetTarget, SelectionContext, budget_for, load_selection, run_selector, split_validation
+from rsslctl.build import build_method, load_split
+from rsslctl.engine import Trainer
 from rsslctl.losses import nt_xent
 from rsslctl.method import Method
 from rsslctl.optim import StepClock, lr_at
 from rsslctl.recipe import load
 from rsslctl.runs import prepare_run_dir
 from rsslctl_plugins.pgd import PGD, PGDOptions
-from rsslctl_plugins.rcs import RCS, RCSOptions, greedy, split_picks
+from rsslctl_plugins.pretext import ClassifierTarget
+from rsslctl_plugins.rcs import (RCS, RCSOptions, compute_gradients, gather, greedy, representational_divergence, sketch,
+                                 split_picks, unit_gradients)
 
 CORESET = ["coreset.name='rcs'", "coreset.fraction=0.4", "coreset.warmup_epochs=1", "coreset.every=2"]
 
@@ -307,10 +307,8 @@ class Recorder(Method):
         return self.encoder(images.float() / 255).pow(2).mean(), {}
 
 
-def test_indices_file_is_trained_on_after_the_warmup(tiny_recipe: Path, tmp_path: Path) -> None:
-    plugin = types.ModuleType("recorder_plugin")
-    plugin.rsslctl_methods = hookimpl(lambda: [Recorder])
-    registry.registry().register(plugin)
+def test_indices_file_is_trained_on_after_the_warmup(tiny_recipe: Path, tmp_path: Path, register_methods) -> None:
+    register_methods(Recorder)
     chosen = torch.arange(0, 96, 3)  # 32 images
     from rsslctl.coreset import save_selection
     save_selection(tmp_path / "sel.json", chosen, {"train_size": 96, "dataset": "digits"})
@@ -324,6 +322,13 @@ def test_indices_file_is_trained_on_after_the_warmup(tiny_recipe: Path, tmp_path
     for batch in after:
         assert ((batch.flatten(1)[:, None] == allowed[None]).all(-1)).any(1).all()
     assert sum(len(b) for e, b in Recorder.seen if e == 1) == 96  # the warm-up sees the whole split
+
+
+def test_budget_is_floored_to_whole_minibatches_like_the_reference() -> None:
+    # CIFAR-10 at fraction 0.05: 49,500 pool images → 4.83 minibatches of 512 → 4 (rounding would give 5)
+    assert budget_for(49_500, 0.05, 512) == 4 * 512
+    assert budget_for(100, 0.5, 32) == 32  # 1.56 → 1
+    assert budget_for(10, 0.01, 8) == 8  # never empty: at least one minibatch
 
 
 # -- CLI and errors ---------------------------------------------------------------------------------------------------
@@ -352,7 +357,7 @@ def test_select_coreset_writes_indices_with_metadata(tiny_recipe: Path, tmp_path
     data = json.loads(js.read_text())
     assert data["selector"] == "random" and len(data["indices"]) == 32 and data["options"]["fraction"] == 0.3
     _one_line_error(_cli("select-coreset", str(tiny_recipe), "--fraction", "0.3", "--out", str(js)),
-                    "file exists", "--force")
+                    "already exists", "--force")
     assert json.loads(js.read_text()) == data  # nothing overwritten
 
 
@@ -400,7 +405,7 @@ def test_indices_file_from_another_dataset_size_is_refused(tiny_recipe: Path, tm
 
 def test_default_recipe_has_no_coreset(tiny_recipe: Path) -> None:
     recipe = load(tiny_recipe)
-    assert recipe.resolved["coreset"]["name"] == "none" and recipe.plugin_cls["coreset"] is None
+    assert recipe.resolved["coreset"]["name"] == "none" and recipe.selector.cls is None
 
 
 def test_sat_rcs_selects_through_the_sat_plugin(tiny_recipe: Path, tmp_path: Path) -> None:

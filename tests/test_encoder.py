@@ -1,4 +1,4 @@
-"""Encoder (METHODS.md §1.2): timm backbone with CIFAR stem, ACL head, dual BN routing and single-BN export."""
+"""Encoder: timm backbone with CIFAR stem, ACL head, dual BN routing and single-BN export."""
 from __future__ import annotations
 
 import pytest
@@ -221,15 +221,15 @@ def test_non_resnet_with_cifar_stem_raises_user_error():
 def test_unknown_timm_model_suggests_closest():
     plugin = TimmBackbone(validate(TimmOptions, {"model": "resnet181"}, "backbone"))
     with pytest.raises(UserError, match=r"did you mean 'resnet18'"):
-        plugin.check()
+        TimmBackbone.check_options(plugin.options)
     with pytest.raises(UserError, match="unknown timm model"):
         plugin.build()
-    backbone_plugin().check()  # a valid name passes
+    TimmBackbone.check_options(backbone_plugin().options)  # a valid name passes
 
 
 def test_missing_weights_file_raises(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        backbone_plugin(weights=str(tmp_path / "nope.safetensors")).check()
+        TimmBackbone.check_options(backbone_plugin(weights=str(tmp_path / "nope.safetensors")).options)
 
 
 def test_model_kwargs_lists_become_tuples():

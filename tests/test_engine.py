@@ -1,14 +1,11 @@
 """Engine behaviour: training runs, exact resume after a kill, NaN stop, checkpoint integrity, export."""
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -16,14 +13,14 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from rsslctl import hookimpl, registry
-from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
+from rsslctl.checkpoint import latest_checkpoint, load_checkpoint, read_meta
 from rsslctl.encoder import apply_cifar_stem
 from rsslctl.engine import Trainer
 from rsslctl.errors import TrainingDiverged, UserError
 from rsslctl.method import Method
 from rsslctl.recipe import load
-from rsslctl.runs import export_encoder, prepare_run_dir
+from rsslctl.commands.export import export_encoder
+from rsslctl.runs import prepare_run_dir
 
 CLI = [sys.executable, "-m", "rsslctl.cli"]
 
@@ -92,12 +89,14 @@ def test_sigkill_and_cli_resume_match_uninterrupted_run(tiny_recipe: Path, tmp_p
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill landed"
+    assert read_meta(latest_checkpoint(killed))["epoch"] < 3, "the kill landed after the last epoch"
     subprocess.run(CLI + ["pretrain", "--resume", str(killed), "--quiet"], check=True)
     a, b = _final_weights(full), _final_weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_recipe: Path, tmp_path: Path) -> None:
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_recipe: Path, tmp_path: Path, register_methods) -> None:
     class NanAfterEpoch1(Method):
         """Returns a finite loss in epoch 1, NaN afterwards."""
 
@@ -110,9 +109,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_recipe: Path, tmp_pa
             loss = self.encoder(images.float() / 255).pow(2).mean()
             return (loss if self.epoch == 1 else loss * float("nan")), {}
 
-    plugin = types.ModuleType("nan_plugin")
-    plugin.rsslctl_methods = hookimpl(lambda: [NanAfterEpoch1])
-    registry.registry().register(plugin)
+    register_methods(NanAfterEpoch1)
     run = tmp_path / "nan"
     with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2.*epoch-0001"):
         _train(tiny_recipe, run, ["method.name=nan_after_epoch1", "attack.name=none"])

@@ -13,13 +13,17 @@ from click.testing import CliRunner
 from torch import nn
 
 from rsslctl import corruptions as C
-from rsslctl import finetune as ft
+from rsslctl import registry
+from rsslctl.attack import make_attack
+from rsslctl.build import build_method, load_split
+from rsslctl.classify import (MODES, accuracy, balanced_subset, crop_flip, resolve_config, resolve_configs,
+                              trades_adversary, trades_loss)
 from rsslctl.cli import main
+from rsslctl.commands import finetune as ft
 from rsslctl.encoder import collapse_bn_state
-from rsslctl.engine import build_method
 from rsslctl.errors import UserError
-from rsslctl.evaluate import SuiteOptions, accuracy, autoattack_accuracy, corruption_accuracy, make_attack
 from rsslctl.recipe import load, resolve
+from rsslctl.suite import SuiteOptions, autoattack_accuracy, corruption_accuracy
 
 CPU = torch.device("cpu")
 
@@ -28,13 +32,23 @@ def run(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
+def column(dataset: str, size: int) -> str:
+    """The table column the dataset plugin declares ('' = none of its own)."""
+    return registry.get("dataset", dataset).hyperparameter_column(size)
+
+
+def config(mode: str, row: str, dataset: str, size: int, user: dict | None = None):
+    return resolve_config(mode, ft.finetune_rows(), row, column(dataset, size), user or {})
+
+
 # -- configuration ------------------------------------------------------------------------------------------------
 
 
 def test_all_resolves_each_mode_exactly_as_alone_without_leakage() -> None:
     user = {"seed": 3, "beta": None}
-    together = ft.resolve_configs("ALL", "DynACL-AIR", "cifar10", 32, user)
-    alone = tuple(ft.resolve_configs(m, "DynACL-AIR", "cifar10", 32, user)[0] for m in ft.MODES)
+    rows = ft.finetune_rows()
+    together = resolve_configs("ALL", rows, "DynACL-AIR", column("cifar10", 32), user)
+    alone = tuple(resolve_configs(m, rows, "DynACL-AIR", column("cifar10", 32), user)[0] for m in MODES)
     assert together == alone
     slf, alf, aff = together
     # the reference mutates args in place: SLF's epochs = 5 leaks into ALF and AFF there, not here
@@ -55,17 +69,17 @@ def test_all_resolves_each_mode_exactly_as_alone_without_leakage() -> None:
     ("other", "SLF", "cifar10", 32, (128, 0.1, (15, 20), 25)),
 ])
 def test_per_method_table(row: str, mode: str, data: str, size: int, expect: tuple) -> None:
-    c = ft.resolve_config(mode, row, data, size)
+    c = config(mode, row, data, size)
     assert (c.batch_size, c.lr, c.milestones, c.epochs) == expect
 
 
 def test_user_values_override_the_table_and_bad_values_are_user_errors() -> None:
-    c = ft.resolve_config("AFF", "ACL", "cifar10", 32, {"epochs": 2, "lr": 0.5, "milestones": [1]})
+    c = config("AFF", "ACL", "cifar10", 32, {"epochs": 2, "lr": 0.5, "milestones": [1]})
     assert (c.epochs, c.lr, c.milestones, c.batch_size) == (2, 0.5, (1,), 128)
     with pytest.raises(UserError, match="label-fraction"):
-        ft.resolve_config("SLF", "ACL", "cifar10", 32, {"label_fraction": 1.5})
+        config("SLF", "ACL", "cifar10", 32, {"label_fraction": 1.5})
     with pytest.raises(UserError, match="unknown row"):
-        ft.resolve_config("SLF", "SimCLR", "cifar10", 32)
+        config("SLF", "SimCLR", "cifar10", 32)
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -74,25 +88,25 @@ def test_user_values_override_the_table_and_bad_values_are_user_errors() -> None
 @pytest.mark.parametrize("fraction", [0.01, 0.1, 0.3, 1.0])
 def test_label_fractions_are_exact_balanced_and_seeded(fraction: float) -> None:
     labels = torch.arange(10).repeat_interleave(torch.tensor([100, 100, 100, 100, 100, 100, 100, 100, 100, 97]))
-    idx = ft.balanced_subset(labels, fraction, seed=1)
+    idx = balanced_subset(labels, fraction, seed=1)
     assert len(idx) == round(fraction * len(labels)) and len(idx.unique()) == len(idx)
     counts = torch.bincount(labels[idx], minlength=10).double()
     per_class = torch.bincount(labels, minlength=10).double() * fraction
     assert ((counts - per_class).abs() < 1).all()  # ⌊f·n_c⌋ or ⌈f·n_c⌉ per class
-    assert torch.equal(idx, ft.balanced_subset(labels, fraction, seed=1))
+    assert torch.equal(idx, balanced_subset(labels, fraction, seed=1))
     if fraction < 1:
-        assert not torch.equal(idx, ft.balanced_subset(labels, fraction, seed=2))
+        assert not torch.equal(idx, balanced_subset(labels, fraction, seed=2))
 
 
 def test_crop_flip_is_a_padded_window_or_its_mirror() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
-    out = ft.crop_flip(x, 2, g)
+    out = crop_flip(x, 2, g)
     padded = F.pad(x.float() / 255, (2, 2, 2, 2))
     for i in range(len(x)):
         windows = [padded[i, :, r:r + 8, c:c + 8] for r in range(5) for c in range(5)]
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
-    unflipped = ft.crop_flip(x, 0, torch.Generator().manual_seed(1))
+    unflipped = crop_flip(x, 0, torch.Generator().manual_seed(1))
     flipped = [torch.equal(unflipped[i], x[i].float().flip(2) / 255) for i in range(len(x))]
     assert all(torch.equal(unflipped[i], x[i].float() / 255) or flipped[i] for i in range(len(x))) and any(flipped)
 
@@ -117,7 +131,6 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ft.Pretrained,
     src = ft.Pretrained({"name": "timm", "options": {k: v for k, v in bb.items() if k != "name"}},
                         {k: v.clone() for k, v in enc.backbone.state_dict().items()}, True,
                         tuple(recipe.encoder.mean), tuple(recipe.encoder.std), "ACL", {}, "test")
-    from rsslctl.engine import load_split
     data = load_split(recipe, "train")
     return src, data.images[:64], data.labels[:64]
 
@@ -135,25 +148,25 @@ def test_linear_modes_change_only_the_head(pretrained, mode: str) -> None:
     src, x, y = pretrained
     net = src.net(10, dual=False)
     before = _snapshot(net)
-    cfg = ft.resolve_config(mode, "other", "digits", 16, {"epochs": 1, "batch_size": 32, "train_steps": 2})
+    cfg = config(mode, "other", "digits", 16, {"epochs": 1, "batch_size": 32, "train_steps": 2})
     summary = ft.train(cfg, net, x, y, CPU)
-    assert _changed(before, net) == {"fc.weight", "fc.bias"}  # BN running stats untouched: encoder in eval mode
+    assert _changed(before, net) == {"head.weight", "head.bias"}  # BN running stats untouched: encoder in eval mode
     assert summary["epoch"] == 1 and np.isfinite(summary["loss"])
 
 
 def test_aff_dual_bn_starts_from_both_routes_and_trains_everything(pretrained) -> None:
     src, x, y = pretrained
     net = src.net(10, dual=True)
-    assert net.encoder.dual_bn
-    assert all(torch.equal(net.encoder.backbone.state_dict()[k], v) for k, v in src.state.items())
+    assert net.body.dual_bn
+    assert all(torch.equal(net.body.backbone.state_dict()[k], v) for k, v in src.state.items())
     single = src.net(10, dual=False)  # SLF/ALF/eval start from the pgd route
     pgd = collapse_bn_state(src.state, "pgd")
-    assert all(torch.equal(single.encoder.backbone.state_dict()[k], v) for k, v in pgd.items())
+    assert all(torch.equal(single.body.backbone.state_dict()[k], v) for k, v in pgd.items())
     before = _snapshot(net)
-    cfg = ft.resolve_config("AFF", "other", "digits", 16, {"epochs": 1, "batch_size": 32, "train_steps": 1})
+    cfg = config("AFF", "other", "digits", 16, {"epochs": 1, "batch_size": 32, "train_steps": 1})
     ft.train(cfg, net, x, y, CPU)
     changed = _changed(before, net)
-    assert {"fc.weight", "encoder.backbone.conv1.weight"} <= changed
+    assert {"head.weight", "body.backbone.conv1.weight"} <= changed
     assert any(".bn_list.0.weight" in k for k in changed) and any(".bn_list.1.weight" in k for k in changed)
 
 
@@ -173,13 +186,13 @@ def test_trades_loss_matches_formula() -> None:
     p, q = nat.softmax(1), adv.softmax(1)
     kl = sum(float((p[i] * (p[i].log() - q[i].log())).sum()) for i in range(5)) / 5
     ce = -sum(float(nat.log_softmax(1)[i, y[i]]) for i in range(5)) / 5
-    assert float(ft.trades_loss(nat, adv, y, 6.0)) == pytest.approx(ce + 6 * kl, rel=1e-5)
+    assert float(trades_loss(nat, adv, y, 6.0)) == pytest.approx(ce + 6 * kl, rel=1e-5)
 
 
 def test_pgd_accuracy_not_above_clean_and_trades_adversary_in_ball(pretrained) -> None:
     src, x, y = pretrained
     net = src.net(10, dual=False)
-    cfg = ft.resolve_config("SLF", "other", "digits", 16, {"epochs": 15, "batch_size": 16, "lr": 0.5, "crop_padding": 0, "weight_decay": 0.0})
+    cfg = config("SLF", "other", "digits", 16, {"epochs": 15, "batch_size": 16, "lr": 0.5, "crop_padding": 0, "weight_decay": 0.0})
     ft.train(cfg, net, x, y, CPU)
     net.eval()
     clean = accuracy(net, x, y, CPU)
@@ -187,7 +200,7 @@ def test_pgd_accuracy_not_above_clean_and_trades_adversary_in_ball(pretrained) -
     robust = accuracy(net, x, y, CPU, make_attack("pgd", eps=8 / 255, step_size=2 / 255, steps=3))
     assert clean > 0.2 and robust <= clean, (clean, robust)  # chance is 0.1
     xf = x[:8].float() / 255
-    adv = ft.trades_adversary(net, xf, "pgd", dataclasses.replace(cfg, train_steps=2))
+    adv = trades_adversary(net, xf, "pgd", cfg.eps, cfg.step_size, 2)
     assert (adv - xf).abs().max() <= 8 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
 
 
@@ -248,14 +261,14 @@ class _AlwaysZero(nn.Module):
 def test_corruption_reader_handles_the_real_layout(tmp_path: Path) -> None:
     folder = tmp_path / "CIFAR-10-C"
     _fake_cifar_c(folder)
-    assert C.corruption_dir(tmp_path, "cifar10") == folder
+    assert C.corruption_dir(tmp_path, "CIFAR-10-C") == folder
     seen = list(C.read_corruptions(folder))
     assert len(seen) == 15 * 5
     name, s, images, labels = seen[7]  # third corruption, severity 3
     assert (name, s, images.shape) == (C.CORRUPTIONS[1], 3, (5, 3, 4, 4))
     assert images[:, 0].eq(1).all() and images[:, 2, 0, 0].tolist() == [10, 11, 12, 13, 14]
     assert labels.tolist() == [0, 0, 0, 1, 1]
-    res = corruption_accuracy(_AlwaysZero(), None, "cifar10", tmp_path, SuiteOptions(), CPU)
+    res = corruption_accuracy(_AlwaysZero(), None, "CIFAR-10-C", tmp_path, SuiteOptions(), CPU)
     assert not res["generated"] and res["per_severity"] == {str(s): pytest.approx(s / 5) for s in C.SEVERITIES}
     assert res["mean"] == pytest.approx(0.6)
     (folder / "fog.npy").unlink()
@@ -273,7 +286,7 @@ def test_generated_corruptions_are_labelled_and_grow_with_severity(tmp_path: Pat
         assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     from rsslctl.data import ImageData
     test = ImageData((x * 255).to(torch.uint8), torch.zeros(4, dtype=torch.long), [str(i) for i in range(10)], "t")
-    res = corruption_accuracy(_AlwaysZero(), test, "cifar10", tmp_path, SuiteOptions(), CPU)
+    res = corruption_accuracy(_AlwaysZero(), test, "CIFAR-10-C", tmp_path, SuiteOptions(), CPU)
     assert res["generated"] and "generated" in res["source"] and res["mean"] == 1.0
 
 

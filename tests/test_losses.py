@@ -1,4 +1,4 @@
-"""NT-Xent (METHODS.md §1.3) against naive re-implementations of both reference forms, plus pair_rows."""
+"""NT-Xent against naive re-implementations of both reference forms, plus pair_rows."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""SimCLR and ACL plugins: loss composition and dual-BN routing (METHODS.md §1.6, §2)."""
+"""SimCLR and ACL plugins: loss composition and dual-BN routing."""
 from __future__ import annotations
 
 import copy
@@ -45,7 +45,7 @@ def stats(enc: Encoder, route: int) -> torch.Tensor:
 def test_acl_ds_loss_and_bn_routing() -> None:
     enc = make()
     attack = ShiftAttack(enc)
-    method = ACL(enc, ACLOptions(weight=0.2), attack, fixed_views).train()
+    method = ACL(ACLOptions(weight=0.2), enc, attack, fixed_views).train()
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
     before = (stats(enc, 0), stats(enc, 1))
     twin = copy.deepcopy(enc)  # recomputes both terms independently, in train mode like the step
@@ -62,7 +62,7 @@ def test_acl_ds_loss_and_bn_routing() -> None:
 
 def test_acl_a2a_only_adversarial_stream_trains_its_bn() -> None:
     enc = make()
-    method = ACL(enc, ACLOptions(variant="a2a"), ShiftAttack(enc), fixed_views).train()
+    method = ACL(ACLOptions(variant="a2a"), enc, ShiftAttack(enc), fixed_views).train()
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     before = (stats(enc, 0), stats(enc, 1))
     loss, metrics = method.training_step(images, torch.zeros(4, dtype=torch.long))
@@ -74,7 +74,7 @@ def test_acl_a2a_only_adversarial_stream_trains_its_bn() -> None:
 def test_acl_a2s_attacks_one_view_and_pairs_it_with_the_clean_view() -> None:
     enc = make()
     attack = ShiftAttack(enc)
-    method = ACL(enc, ACLOptions(variant="a2s"), attack, fixed_views).train()
+    method = ACL(ACLOptions(variant="a2s"), enc, attack, fixed_views).train()
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     loss, _ = method.training_step(images, torch.zeros(4, dtype=torch.long))
     assert attack.seen[0][:2] == (False, 1) and attack.seen[0][2] == 4  # only the even views
@@ -90,7 +90,7 @@ def test_acl_a2s_attacks_one_view_and_pairs_it_with_the_clean_view() -> None:
 
 def test_simclr_loss_is_nt_xent_of_the_two_views() -> None:
     enc = make(dual=False)
-    method = SimCLR(enc, SimCLROptions(temperature=0.3), None, fixed_views).eval()
+    method = SimCLR(SimCLROptions(temperature=0.3), enc, None, fixed_views).eval()
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
     loss, _ = method.training_step(images, torch.zeros(5, dtype=torch.long))
     z = enc(fixed_views(images.repeat_interleave(2, 0)))

@@ -1,4 +1,4 @@
-"""LARS against a naive per-tensor loop, the warm-up + cosine schedule and make_optimizer (METHODS.md §1.5)."""
+"""LARS against a naive per-tensor loop, the warm-up + cosine schedule and make_optimizer."""
 from __future__ import annotations
 
 import math

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from rsslctl.engine import Trainer
-from rsslctl.errors import UserError
 from rsslctl.recipe import load
 from rsslctl.runs import prepare_run_dir
 

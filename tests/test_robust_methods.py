@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from rsslctl.adv_training import FreePerturbation
-from rsslctl.engine import Trainer, build_method
-from rsslctl.losses import dynacl_weight
+from rsslctl.build import build_method
+from rsslctl.engine import Trainer
+from rsslctl_plugins.dynacl import dynacl_weight
 from rsslctl.optim import ScheduleOptions, lr_at
 from rsslctl.recipe import load
 from rsslctl_plugins.air import invariance_regularisers
@@ -42,7 +43,7 @@ def test_dynacl_weight_forms(epoch: int) -> None:
 def test_dynacl_epoch_start_sets_strength_and_weight(tiny_recipe: Path) -> None:
     m, _ = method_for(tiny_recipe, "dynacl", "method.period=2")
     m.on_epoch_start(5, 10)  # s = 1 − ⌊4/2⌋·2/10 = 0.6
-    assert m.augment_module.strength == pytest.approx(0.6)
+    assert m.augment.strength == pytest.approx(0.6)
     assert m.omega == pytest.approx(2 / 3 * 0.4)
 
 
@@ -265,7 +266,7 @@ def test_dynacl_pp_writes_an_evaluable_run(tiny_recipe: Path, tmp_path: Path) ->
     import sys
 
     from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
-    from rsslctl.evaluate import evaluate_run
+    from rsslctl.commands.evaluate import evaluate_run
     from rsslctl.runs import prepare_run_dir
     recipe = load(tiny_recipe, ["method.name=dynacl", "method.momentum_encoder=true", "schedule.epochs=1",
                                 "data.limit=64"])

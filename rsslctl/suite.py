@@ -1,129 +1,30 @@
-"""Basic evaluation: linear probe on frozen features, then clean and PGD accuracy of encoder + probe."""
+"""The robustness suite of a classifier on pixels in [0, 1]: clean, FGSM, PGD-k, AutoAttack, common corruptions and
+the accuracy-vs-ε curve, with the RobustSSL leaderboard fields and the report written from per-mode results."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attack import make_attack
+from .build import load_split, setup_device
 from .checkpoint import atomic_write_text
-from .method import Method
-from .engine import autocast, load_split, select_device
+from .classify import accuracy, load_classifier, mode_dir
 from .errors import UserError
-from .recipe import Recipe
-from .runs import load_run_recipe, load_trained_method
-
-
-class Classifier(nn.Module):
-    """Frozen method features (one BN route) followed by a linear head; takes pixels in [0, 1]."""
-
-    def __init__(self, method: Method, head: nn.Linear, route: str) -> None:
-        super().__init__()
-        self.method, self.head, self.route = method, head, route
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.method.eval_features(x, self.route).float())
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, features: Callable[[Tensor], Tensor], images: Tensor, device: torch.device,
-                     precision: str, batch: int = 512) -> Tensor:
-    """``features(pixels in [0, 1])`` of uint8 images, batched, with ``model`` in eval mode (no augmentation)."""
-    model.eval()
-    out = []
-    for chunk in images.split(batch):
-        with autocast(device, precision):
-            out.append(features(chunk.to(device).float().div_(255)).float())
-    return torch.cat(out)
-
-
-def train_linear_probe(features: Tensor, labels: Tensor, num_classes: int, epochs: int, lr: float, batch_size: int,
-                       weight_decay: float, seed: int) -> nn.Linear:
-    """SLF-style probe: zero-initialised linear layer, SGD momentum 0.9, cosine LR, clean CE."""
-    head = nn.Linear(features.shape[1], num_classes).to(features.device)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
-    n = features.shape[0]
-    steps = epochs * math.ceil(n / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(epochs):
-        for idx in torch.randperm(n, generator=g).split(batch_size):
-            idx = idx.to(features.device)
-            loss = F.cross_entropy(head(features[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return head
-
-
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device, attack: Any = None,
-             batch: int = 256) -> float:
-    """Top-1 accuracy in eval mode (uint8 or [0, 1] float images); with ``attack``, on its adversarial examples (CE)."""
-    model.eval()
-    correct = 0
-    for xb, yb in zip(images.split(batch), labels.split(batch)):
-        x, y = xb.to(device).float(), yb.to(device)
-        if xb.dtype == torch.uint8:
-            x.div_(255)
-        if attack is not None:
-            x = attack.perturb(x, lambda xa: F.cross_entropy(model(xa), y, reduction="sum"))
-        with torch.no_grad():
-            correct += (model(x).argmax(1) == y).sum()
-    return float(correct) / len(labels)
-
-
-def evaluate_run(run_dir: Path, overrides: list[str] = (), quiet: bool = False) -> dict[str, Any]:
-    """Linear probe + clean/robust accuracy of the newest checkpoint of ``run_dir``; writes eval.json."""
-    run_dir = Path(run_dir)
-    recipe: Recipe = load_run_recipe(run_dir, overrides)
-    device = select_device(recipe.engine.device)
-    torch.manual_seed(recipe.run.seed)
-    method, ckpt, meta = load_trained_method(run_dir, recipe, device, "evaluate")
-    encoder = method.eval_encoder()
-    ev = recipe.evaluation
-    route = ("pgd" if encoder.dual_bn else "normal") if ev.route == "auto" else ev.route
-    train, test = load_split(recipe, recipe.data.train_split), load_split(recipe, recipe.data.test_split)
-    if (train.labels < 0).all():
-        raise UserError(f"data.train_split = '{recipe.data.train_split}' has no labels; set data.train_split to a labelled split")
-    if ev.limit:
-        test = test.subset(torch.arange(min(ev.limit, len(test))))
-    for p in method.parameters():
-        p.requires_grad_(False)
-    feats = extract_features(method, lambda x: method.eval_features(x, route), train.images, device,
-                             recipe.engine.precision)
-    num_classes = len(train.classes)
-    head = train_linear_probe(feats, train.labels.to(device), num_classes, ev.epochs, ev.lr, ev.batch_size,
-                              ev.weight_decay, recipe.run.seed)
-    model = Classifier(method, head, route)
-    attack = make_attack(ev.attack, "evaluation", known_only=True, eps=ev.eps, step_size=ev.step_size, steps=ev.steps)
-    torch.manual_seed(recipe.run.seed)
-    clean = accuracy(model, test.images, test.labels, device)
-    robust = accuracy(model, test.images, test.labels, device, attack)
-    result = {"checkpoint": str(ckpt), "epoch": meta["epoch"], "protocol": "linear probe on frozen features (SLF-style)",
-              "route": route, "test_images": len(test), "clean_accuracy": clean, "robust_accuracy": robust,
-              "attack": {"name": ev.attack, "eps": ev.eps, "step_size": ev.step_size, "steps": ev.steps},
-              "probe": {"epochs": ev.epochs, "lr": ev.lr, "batch_size": ev.batch_size}}
-    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
-    return result
-
-
-# -- evaluation suite for fine-tuned models (METHODS.md §6.4) -------------------------------------------------------
+from .recipe import resolve
+from .runs import refuse_existing
 
 
 @dataclasses.dataclass(frozen=True)
 class SuiteOptions:
-    """What `rsslctl evaluate --mode` measures; the defaults are the benchmark's protocol (§6.4)."""
+    """What `rsslctl evaluate --mode` measures; the defaults are the RobustSSL benchmark's protocol. The attack
+    plugins come from the recipe's [evaluation] table (``attack``, ``single_step_attack``, ``clamp_start``)."""
 
     eps: float = 8 / 255
     step_size: float = 2 / 255
@@ -142,6 +43,13 @@ class SuiteOptions:
     test_limit: int = 0
     seed: int = 0
     batch_size: int = 256
+    attack: str = ""
+    single_step_attack: str = ""
+    clamp_start: bool = True
+
+    def make(self, name: str, **values: Any) -> Any:
+        """The attack plugin ``name`` with this suite's norm and start clipping (keys it does not take are dropped)."""
+        return make_attack(name, "evaluation", known_only=True, norm=self.norm, clamp_start=self.clamp_start, **values)
 
 
 def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, opts: SuiteOptions, device: torch.device,
@@ -200,12 +108,12 @@ def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, opts: 
             "max_perturbation": state["max_delta"], "state_file": str(state_path)}
 
 
-def corruption_accuracy(model: nn.Module, test: Any, dataset: str, root: Path, opts: SuiteOptions,
+def corruption_accuracy(model: nn.Module, test: Any, folder: str, root: Path, opts: SuiteOptions,
                         device: torch.device) -> dict[str, Any]:
     """Accuracy per corruption and severity; mean per severity over corruptions; mean over severities (CA)."""
     from . import corruptions as C
 
-    folder = C.corruption_dir(Path(opts.corruption_dir or root), dataset)
+    folder = C.corruption_dir(Path(opts.corruption_dir or root), folder)
     acc: dict[str, dict[str, float]] = {}
     if folder is not None:
         source = f"files: {folder}"
@@ -226,7 +134,7 @@ def corruption_accuracy(model: nn.Module, test: Any, dataset: str, root: Path, o
             "per_severity": per_severity, "mean": sum(per_severity.values()) / len(per_severity)}
 
 
-def evaluate_model(model: nn.Module, test: Any, dataset: str, data_root: Path, opts: SuiteOptions,
+def evaluate_model(model: nn.Module, test: Any, corruption_folder: str, data_root: Path, opts: SuiteOptions,
                    device: torch.device, state_path: Path) -> dict[str, Any]:
     """Clean, FGSM, PGD-k, AutoAttack, corruptions and the accuracy-vs-ε curve of a classifier on pixels in [0, 1]."""
     model.eval()
@@ -235,20 +143,21 @@ def evaluate_model(model: nn.Module, test: Any, dataset: str, data_root: Path, o
     out["clean_accuracy"] = accuracy(model, x, y, device, batch=opts.batch_size)
     if opts.fgsm:
         torch.manual_seed(opts.seed)
-        out["fgsm"] = {"eps": opts.eps, "norm": opts.norm, "accuracy": accuracy(
-            model, x, y, device, make_attack("fgsm", "evaluation", eps=opts.eps, norm=opts.norm), batch=opts.batch_size)}
+        out["fgsm"] = {"attack": opts.single_step_attack, "eps": opts.eps, "norm": opts.norm, "accuracy": accuracy(
+            model, x, y, device, opts.make(opts.single_step_attack, eps=opts.eps), batch=opts.batch_size)}
     torch.manual_seed(opts.seed)
-    pgd = make_attack("pgd", "evaluation", eps=opts.eps, step_size=opts.step_size, steps=opts.pgd_steps, norm=opts.norm)
+    pgd = opts.make(opts.attack, eps=opts.eps, step_size=opts.step_size, steps=opts.pgd_steps)
     out["pgd"] = {"eps": opts.eps, "step_size": opts.step_size, "steps": opts.pgd_steps, "norm": opts.norm,
-                  "random_start": True, "accuracy": accuracy(model, x, y, device, pgd, batch=opts.batch_size)}
+                  "attack": opts.attack, "random_start": True, "clamp_start": opts.clamp_start,
+                  "accuracy": accuracy(model, x, y, device, pgd, batch=opts.batch_size)}
     if opts.autoattack:
         out["autoattack"] = autoattack_accuracy(model, x, y, opts, device, state_path)
     if opts.corruptions:
-        out["corruption"] = corruption_accuracy(model, test, dataset, data_root, opts, device)
+        out["corruption"] = corruption_accuracy(model, test, corruption_folder, data_root, opts, device)
     curve = []
     for eps in opts.eps_curve:
         torch.manual_seed(opts.seed)
-        attack = None if eps == 0 else make_attack("pgd", "evaluation", eps=eps, step_size=eps / 4, steps=opts.pgd_steps, norm=opts.norm)
+        attack = None if eps == 0 else opts.make(opts.attack, eps=eps, step_size=eps / 4, steps=opts.pgd_steps)
         curve.append({"eps": eps, "accuracy": accuracy(model, x, y, device, attack, batch=opts.batch_size)})
     out["eps_curve"] = curve
     out["leaderboard"] = leaderboard_fields(out)
@@ -267,42 +176,6 @@ def leaderboard_fields(result: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def evaluate_finetuned(out_dir: Path, modes: list[str], opts: SuiteOptions, overrides: list[str] = (),
-                       force: bool = False) -> dict[str, Any]:
-    """Evaluate <out_dir>/finetune/<MODE> models; writes evaluation/<MODE>.json, report.json and eps_curve.png."""
-    from .finetune import load_finetuned, mode_dir
-    from .recipe import resolve
-
-    out_dir = Path(out_dir)
-    eval_dir = out_dir / "evaluation"
-    todo = [m for m in modes if (mode_dir(out_dir, m) / "config.json").is_file()]
-    if not todo:
-        raise UserError(f"{out_dir}: no fine-tuned model for {', '.join(modes)}; run `rsslctl finetune` first")
-    done = [eval_dir / f"{m}.json" for m in todo if (eval_dir / f"{m}.json").exists()]
-    if done and not force:
-        raise UserError(f"{done[0]}: evaluation already exists; pass --force to replace it")
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    for mode in todo:
-        info = json.loads((mode_dir(out_dir, mode) / "config.json").read_text())
-        recipe = resolve({"data": dict(info["data"]), "engine": dict(info["engine"])}, list(overrides), "evaluation")
-        device = select_device(recipe.engine.device)
-        net, info = load_finetuned(mode_dir(out_dir, mode), device)
-        test = load_split(recipe, recipe.data.test_split)
-        limit = opts.test_limit or recipe.evaluation.limit
-        if limit:
-            test = test.subset(torch.arange(min(limit, len(test))))
-        key = hashlib.sha256(json.dumps([mode, len(test), opts.eps, opts.norm, opts.aa_version, opts.aa_attacks,
-                                         opts.aa_limit, opts.seed]).encode()).hexdigest()[:10]
-        state = eval_dir / f"autoattack-{mode}-{key}.state.json"
-        if force and state.exists() and (eval_dir / f"{mode}.json").exists():
-            state.unlink()  # a forced re-evaluation starts AutoAttack afresh; an interrupted one resumes
-        result = evaluate_model(net, test, recipe.resolved["data"]["name"], Path(recipe.data.root), opts, device, state)
-        result = {"mode": mode, "model": str(mode_dir(out_dir, mode) / "model.safetensors"),
-                  "dataset": recipe.resolved["data"]["name"], "finetune": info["config"], **result}
-        atomic_write_text(eval_dir / f"{mode}.json", json.dumps(result, indent=2))
-    return write_report(out_dir)
-
-
 def write_report(out_dir: Path) -> dict[str, Any]:
     """Rebuild evaluation/report.json and eps_curve.png from the per-mode result files (a derived summary)."""
     eval_dir = Path(out_dir) / "evaluation"
@@ -311,7 +184,7 @@ def write_report(out_dir: Path) -> dict[str, Any]:
         path = eval_dir / f"{mode}.json"
         if path.is_file():
             modes[mode] = json.loads(path.read_text())
-    report = {"protocol": "RobustSSL benchmark (METHODS.md §6): fine-tuned classifier, eval mode; SA = clean, "
+    report = {"protocol": "RobustSSL benchmark (docs/methods.md, evaluation): fine-tuned classifier, eval mode; SA = clean, "
                           "RA = AutoAttack, CA = mean corruption accuracy over severities 1-5 (percent)",
               "leaderboard": {m: r["leaderboard"] for m, r in modes.items()}, "modes": modes}
     atomic_write_text(eval_dir / "report.json", json.dumps(report, indent=2))
@@ -371,3 +244,41 @@ def report_table(report: dict[str, Any]) -> Any:
                     f"{'/255' if p['norm'] == 'linf' else ''}")
     table.caption = "; ".join(notes)
     return table
+
+
+def evaluate_finetuned(out_dir: Path, modes: list[str], opts: SuiteOptions, overrides: list[str] = (),
+                       force: bool = False) -> dict[str, Any]:
+    """Evaluate <out_dir>/finetune/<MODE> models; writes evaluation/<MODE>.json, report.json and eps_curve.png."""
+    out_dir = Path(out_dir)
+    eval_dir = out_dir / "evaluation"
+    todo = [m for m in modes if (mode_dir(out_dir, m) / "config.json").is_file()]
+    if not todo:
+        raise UserError(f"{out_dir}: no fine-tuned model for {', '.join(modes)}; run `rsslctl finetune` first")
+    for m in todo:
+        refuse_existing(eval_dir / f"{m}.json", "evaluation", force)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    for mode in todo:
+        info = json.loads((mode_dir(out_dir, mode) / "config.json").read_text())
+        # a fine-tuned classifier needs no pretraining plugins: only its data, engine and evaluation settings
+        raw = {"data": dict(info["data"]), "engine": dict(info["engine"])}
+        recipe = resolve(raw, list(overrides), "evaluation", only=())
+        ev = recipe.evaluation
+        mode_opts = dataclasses.replace(opts, attack=ev.attack, single_step_attack=ev.single_step_attack,
+                                        clamp_start=ev.clamp_start)
+        device = setup_device(recipe)
+        net, info = load_classifier(mode_dir(out_dir, mode), device)
+        test = load_split(recipe, recipe.data.test_split)
+        limit = opts.test_limit or ev.limit
+        if limit:
+            test = test.subset(torch.arange(min(limit, len(test))))
+        key = hashlib.sha256(json.dumps([mode, len(test), opts.eps, opts.norm, opts.aa_version, opts.aa_attacks,
+                                         opts.aa_limit, opts.seed]).encode()).hexdigest()[:10]
+        state = eval_dir / f"autoattack-{mode}-{key}.state.json"
+        if force and state.exists() and (eval_dir / f"{mode}.json").exists():
+            state.unlink()  # a forced re-evaluation starts AutoAttack afresh; an interrupted one resumes
+        result = evaluate_model(net, test, recipe.dataset.cls.corruption_folder, Path(recipe.data.root), mode_opts,
+                                device, state)
+        result = {"mode": mode, "model": str(mode_dir(out_dir, mode) / "model.safetensors"),
+                  "dataset": recipe.dataset.name, "finetune": info["config"], **result}
+        atomic_write_text(eval_dir / f"{mode}.json", json.dumps(result, indent=2))
+    return write_report(out_dir)

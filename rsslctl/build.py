@@ -1,0 +1,126 @@
+"""Assembly shared by every command: device and precision, data loading, building a method from a recipe, and
+loading a trained one from its run directory. Training itself lives in ``engine``; nothing here trains."""
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import registry
+from .augment import ViewAugment
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .data import ImageData
+from .encoder import build_encoder
+from .errors import UserError
+from .method import Method
+from .recipe import PLUGIN_TABLES, Recipe
+from .ui import console
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"engine.device = {name!r}, but CUDA is not available here; use \"cpu\" or \"auto\"")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"engine.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16 autocast is ~2x faster;
+    elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """precision 'auto' = bf16 on CUDA and on CPUs with native bf16, fp32 otherwise."""
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    return precision == "bf16"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when ``uses_bf16``; losses and attack objectives cast themselves back to fp32."""
+    if not uses_bf16(device, precision):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def setup_device(recipe: Recipe) -> torch.device:
+    """The recipe's device, with its CPU thread count applied."""
+    if recipe.engine.threads:
+        torch.set_num_threads(recipe.engine.threads)
+    return select_device(recipe.engine.device)
+
+
+def load_split(recipe: Recipe, split: str) -> ImageData:
+    """Load a split through the dataset plugin (downloading only if the recipe asks), resized to image_size."""
+    cls = recipe.dataset.cls
+    if split not in cls.splits:
+        raise UserError(f"data: dataset '{cls.name}' has no split '{split}'; available: {', '.join(cls.splits)}")
+    dataset = recipe.dataset.build(Path(recipe.data.root))
+    try:
+        data = dataset.load(split)
+    except UserError:
+        if not recipe.data.download:
+            raise
+        console.print(f"[bold]downloading[/] {cls.name} into {Path(recipe.data.root).resolve()}")
+        dataset.download()
+        data = dataset.load(split)
+    return data.resized(recipe.data.image_size)
+
+
+def load_train_split(recipe: Recipe) -> ImageData:
+    """The recipe's training split, cut to its first ``data.limit`` images when a limit is set."""
+    train = load_split(recipe, recipe.data.train_split)
+    if recipe.data.limit:
+        train = train.subset(torch.arange(min(recipe.data.limit, len(train))))
+    return train
+
+
+def build_method(recipe: Recipe, device: torch.device) -> Method:
+    """Backbone → encoder → attack → augmentation → method, on ``device`` (channels_last if asked)."""
+    method_cls = recipe.method.cls
+    encoder = build_encoder(recipe.backbone.build(), recipe.encoder, method_cls.wants_dual_bn)
+    attack = recipe.attack.build() if recipe.attack.cls else None
+    fmt = torch.channels_last if recipe.engine.channels_last else torch.contiguous_format
+    augment = ViewAugment(recipe.data.image_size, recipe.augment, memory_format=fmt)
+    method = recipe.method.build(encoder, attack, augment)
+    method.to(device=device, memory_format=fmt)
+    if recipe.engine.compile:
+        encoder.backbone.compile()
+    return method
+
+
+def load_trained_method(run_dir: Path, recipe: Recipe, device: torch.device, purpose: str
+                        ) -> tuple[Method, Path, dict[str, Any]]:
+    """(method with the weights of the run's newest checkpoint, that checkpoint, its meta); ``purpose`` names the
+    command in the error raised when the run has no checkpoint yet."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError(f"{run_dir}: no checkpoint to {purpose} yet; run `rsslctl pretrain` first")
+    method = build_method(recipe, device)
+    model_state, _, meta = load_checkpoint(ckpt)
+    method.load_state_dict(model_state)
+    return method, ckpt, meta
+
+
+def plugin_versions(recipe: Recipe) -> dict[str, str]:
+    """'kind:name' → 'package version' of every plugin the recipe uses (recorded in checkpoints)."""
+    out = {}
+    for kind, slot_name in PLUGIN_TABLES.values():
+        slot = getattr(recipe, slot_name)
+        if slot is not None and slot.cls is not None:
+            info = registry.registry().info(kind, slot.name)
+            out[f"{kind}:{slot.cls.name}"] = f"{info.package} {info.version}"
+    return out

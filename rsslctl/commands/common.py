@@ -1,0 +1,95 @@
+"""What several verbs share: the one-line error handling, ``--set``, and the evaluation suite's flags."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.markup import escape
+
+from ..errors import UserError
+from ..ui import console, err_console
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err_console.print("interrupted; continue with `rsslctl pretrain --resume RUN_DIR`")
+            sys.exit(130)
+    return wrapper
+
+
+SET = click.option("--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE",
+                   help="Override a recipe value, e.g. --set schedule.epochs=5 (repeatable).")
+
+
+def parse_eps(text: str) -> float:
+    from ..options import parse_number
+    return parse_number(text.strip(), "--eps")
+
+
+def suite_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Flags of the evaluation suite (shared by `evaluate --mode` and `finetune`)."""
+    opts = [
+        click.option("--eps", default="8/255", show_default=True, help="Attack radius (L∞: e.g. 8/255; L2: e.g. 0.5)."),
+        click.option("--step-size", default="2/255", show_default=True, help="PGD step size."),
+        click.option("--pgd-steps", default=20, show_default=True, type=click.IntRange(1), help="PGD iterations."),
+        click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True, help="Threat model."),
+        click.option("--fgsm/--no-fgsm", default=True, show_default=True, help="Also report FGSM accuracy."),
+        click.option("--autoattack", is_flag=True, help="Run AutoAttack (pyautoattack); resumable through its state file."),
+        click.option("--aa-version", type=click.Choice(["standard", "plus", "rand", "custom"]), default="standard",
+                     show_default=True, help="AutoAttack version (custom needs --aa-attacks)."),
+        click.option("--aa-attacks", default="", help="Custom AutoAttack list, e.g. apgd-ce,apgd-t,fab-t,square."),
+        click.option("--aa-limit", default=0, type=click.IntRange(0), help="AutoAttack on a seeded random subset of N test images (0 = all)."),
+        click.option("--aa-batch", default=128, show_default=True, type=click.IntRange(1), help="AutoAttack batch size."),
+        click.option("--corruptions", is_flag=True, help="Common corruptions: CIFAR-10-C/100-C files if present, else generated."),
+        click.option("--corruption-dir", default="", help="Folder with the CIFAR-C .npy files (default: data root)."),
+        click.option("--corruption-limit", default=0, type=click.IntRange(0), help="First N images per severity (0 = all)."),
+        click.option("--eps-curve", default="0,1,2,4,8,16", show_default=True,
+                     help="ε values for the accuracy-vs-ε plot (L∞ in 1/255 units; '' = none)."),
+        click.option("--test-limit", default=0, type=click.IntRange(0), help="Evaluate on the first N test images (0 = all)."),
+        click.option("--eval-seed", default=0, type=click.IntRange(0), show_default=True, help="Seed of attacks and subsets."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def suite_from_flags(kw: dict[str, Any]) -> Any:
+    from ..suite import SuiteOptions
+    scale = 255 if kw["norm"] == "linf" else 1
+    try:
+        curve = tuple(float(v) / scale for v in kw["eps_curve"].split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--eps-curve: expected numbers separated by commas, got {kw['eps_curve']!r}") from None
+    attacks = tuple(a.strip() for a in kw["aa_attacks"].split(",") if a.strip())
+    bad = [a for a in attacks if a not in ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")]
+    if bad:
+        raise UserError(f"--aa-attacks: unknown attack {bad[0]!r}; choose from apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square")
+    if attacks and kw["aa_version"] != "custom":
+        raise UserError("--aa-attacks needs --aa-version custom")
+    return SuiteOptions(eps=parse_eps(kw["eps"]), step_size=parse_eps(kw["step_size"]), pgd_steps=kw["pgd_steps"], norm=kw["norm"],
+                        fgsm=kw["fgsm"], autoattack=kw["autoattack"], aa_version=kw["aa_version"], aa_attacks=attacks,
+                        aa_limit=kw["aa_limit"], aa_batch=kw["aa_batch"], corruptions=kw["corruptions"],
+                        corruption_dir=kw["corruption_dir"], corruption_limit=kw["corruption_limit"], eps_curve=curve,
+                        test_limit=kw["test_limit"], seed=kw["eval_seed"])
+
+
+
+def show_report(report: dict[str, Any], out_dir: Path, as_json: bool) -> None:
+    import json
+
+    from ..suite import report_table
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    console.print(report_table(report))
+    console.print(f"saved to {Path(out_dir) / 'evaluation' / 'report.json'}")

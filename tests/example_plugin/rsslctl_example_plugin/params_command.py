@@ -1,0 +1,28 @@
+"""An extra CLI verb, `rsslctl count-params RUN_DIR`, contributed through the rsslctl_commands hook."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+
+from rsslctl import hookimpl
+from rsslctl.build import load_trained_method
+from rsslctl.commands.common import user_errors
+from rsslctl.runs import load_run_recipe
+
+
+@click.command("count-params")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@user_errors
+def count_params(run_dir: Path) -> None:
+    """Print the parameter count of a run's method and of its evaluated encoder."""
+    method, _, _ = load_trained_method(run_dir, load_run_recipe(run_dir), torch.device("cpu"), "count")
+    total = sum(p.numel() for p in method.parameters())
+    encoder = sum(p.numel() for p in method.eval_encoder().parameters())
+    click.echo(f"method {total} parameters, encoder {encoder}")
+
+
+@hookimpl
+def rsslctl_commands() -> list:
+    return [count_params]

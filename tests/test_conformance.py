@@ -1,0 +1,124 @@
+"""Every installed plugin honours its contract (the timm way: parametrised over the registry, so a new plugin — built
+in or third-party — is tested the moment it is installed)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from rsslctl.cli import main
+from rsslctl.coreset import SelectionContext, run_selector
+from rsslctl.engine import Trainer
+from rsslctl.errors import UserError
+from rsslctl.options import validate
+from rsslctl.recipe import load
+from rsslctl.registry import registry
+from rsslctl.runs import prepare_run_dir
+
+
+def _names(kind: str) -> list[str]:
+    return registry().names(kind)
+
+
+@pytest.mark.parametrize("name", _names("method"))
+def test_every_method_trains_a_step_on_digits(name: str, tiny_recipe: Path, tmp_path: Path) -> None:
+    cls = registry().get("method", name)
+    overrides = [f"method.name={name!r}", "schedule.epochs=1", "data.limit=16", "schedule.batch_size=8",
+                 "attack.steps=1"]
+    overrides += [f"method.{k}=2" for k in ("n_views", "eval_views") if k in cls.Options.__dataclass_fields__]
+    if not cls.needs_attack:
+        overrides.append("attack.name='none'")
+    recipe = load(tiny_recipe, overrides)
+    run = tmp_path / name
+    trainer = Trainer(recipe, run, quiet=True)
+    before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
+    prepare_run_dir(recipe, run, force=False)
+    summary = trainer.fit()
+    assert math.isfinite(summary["loss"])
+    changed = [k for k, v in trainer.method.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, f"{name}: one optimizer step changed nothing"
+    feats = trainer.method.eval().eval_features(torch.rand(2, 1, 16, 16), "normal")
+    assert feats.dim() == 2 and feats.shape[0] == 2
+
+
+class _Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.flatten(1))
+
+
+@pytest.mark.parametrize("name", _names("attack"))
+def test_every_attack_stays_in_its_ball_and_raises_its_objective(name: str) -> None:
+    cls = registry().get("attack", name)
+    options = validate(cls.Options, {}, "attack")
+    attack = cls(options)
+    model = _Linear()
+    torch.manual_seed(1)
+    x = torch.rand(16, 3, 8, 8)
+    y = torch.randint(0, 10, (16,))
+    objective = lambda xa: F.cross_entropy(model(xa), y, reduction="sum")  # noqa: E731
+    weights_before = model.lin.weight.clone()
+    adv = attack.perturb(x, objective)
+    delta = (adv - x).flatten(1)
+    size = delta.norm(dim=1) if getattr(options, "norm", "linf") == "l2" else delta.abs().max(1).values
+    assert (size <= attack.eps + 1e-6).all() and adv.min() >= 0 and adv.max() <= 1
+    assert float(objective(adv).detach()) > float(objective(x).detach())
+    assert model.lin.weight.grad is None and torch.equal(model.lin.weight, weights_before)  # input gradients only
+
+
+@pytest.mark.parametrize("name", _names("dataset"))
+def test_every_dataset_validates_its_defaults_and_reports_missing_files(name: str, tmp_path: Path) -> None:
+    cls = registry().get("dataset", name)
+    options = validate(cls.Options, {}, "data")
+    cls.check_options(options, "data")
+    assert cls.splits and isinstance(cls.hyperparameter_column(32), str)
+    dataset = cls(options, tmp_path / "empty")
+    try:
+        data = dataset.load(cls.splits[0])  # datasets that ship their data (digits) load; others say what is missing
+    except UserError as exc:
+        assert str(tmp_path) in str(exc) or name in str(exc)
+    else:
+        assert data.images.dtype == torch.uint8 and len(data) == len(data.labels)
+
+
+@pytest.mark.parametrize("name", _names("coreset"))
+def test_every_selector_returns_its_budget_of_distinct_pool_indices(name: str, tiny_recipe: Path) -> None:
+    from rsslctl.build import build_method, load_train_split
+    recipe = load(tiny_recipe)
+    method = build_method(recipe, torch.device("cpu"))
+    train = load_train_split(recipe)
+    cls = registry().get("coreset", name)
+    selector = cls(validate(cls.Options, {"steps": 1} if "steps" in cls.Options.__dataclass_fields__ else {}, "c"))
+    pool, validation = torch.arange(8, 96), torch.arange(8)
+    out = run_selector(selector, SelectionContext(train.images, train.labels, pool, validation, 32, 0, method), 32)
+    assert len(out) == 32 and len(out.unique()) == 32 and out.min() >= 8
+
+
+@pytest.mark.parametrize("name", _names("backbone"))
+def test_every_backbone_builds_with_its_defaults(name: str) -> None:
+    cls = registry().get("backbone", name)
+    model = cls(validate(cls.Options, {}, "backbone")).build()
+    assert int(model.num_features) > 0
+
+
+def test_a_third_party_package_adds_a_method_an_attack_a_selector_and_a_verb(tiny_recipe: Path, tmp_path: Path) -> None:
+    ours = {(i.kind, i.name) for i in registry().all() if i.package == "rsslctl-example-plugin" and i.cls is not None}
+    assert {("method", "align_uniform"), ("attack", "mifgsm"), ("coreset", "kcenter")} <= ours
+    run = tmp_path / "run"
+    cli = CliRunner()
+    result = cli.invoke(main, ["pretrain", str(tiny_recipe), "--run-dir", str(run), "--quiet", "--set",
+                               "method.name='acl'", "--set", "attack.name='mifgsm'", "--set",
+                               "schedule.epochs=2", "--set", "coreset.name='kcenter'", "--set", "coreset.fraction=0.4",
+                               "--set", "coreset.warmup_epochs=1"])
+    assert result.exit_code == 0, result.output
+    result = cli.invoke(main, ["count-params", str(run)])
+    assert result.exit_code == 0 and "parameters" in result.output, result.output
