@@ -209,13 +209,15 @@ def test_single_bn_and_fine_tuned_files(tmp_path: Path) -> None:
     assert_all_landed(sd, model, 1)
     assert torch.equal(model["encoder.backbone.layer1.0.bn2.running_mean"], sd["layer1.0.bn2.bn_list.0.running_mean"])
 
-    # DynACL++ after LPAFT: single-BN torchvision names and a classifier instead of the projection head
-    sd = reference_resnet(routes=0, head=0, classifier=10, downsample="0/1")
+    # DynACL++ after LPAFT on STL-10 (ImageNet stem): single-BN torchvision names and a classifier, no head
+    sd = reference_resnet(routes=0, head=0, classifier=10, downsample="0/1", stem=7)
     path = save(tmp_path, {"epoch": 25, "state_dict": sd, "optim": {}}, "lpaft.pt")
     result = run("import", str(path), "--format", "dynacl", "--out", str(tmp_path / "b"), "--quiet")
     assert result.exit_code == 0, result.output
     model, meta, recipe = imported(tmp_path / "b")
     assert recipe.resolved["encoder"]["head_layers"] == 0 and recipe.resolved["encoder"]["dual_bn"] == "off"
+    assert not recipe.resolved["backbone"]["cifar_stem"] and recipe.resolved["data"]["name"] == "stl10" and recipe.data.image_size == 96
+    assert torch.equal(model["encoder.backbone.conv1.weight"], sd["conv1.weight"])
     assert meta["import"]["dropped"] == ["fc.weight", "fc.bias"] and not any(k.startswith("encoder.head") for k in model)
     assert torch.equal(model["encoder.backbone.layer2.0.downsample.1.weight"], sd["layer2.0.downsample.1.weight"])
 
@@ -226,6 +228,13 @@ def test_single_bn_and_fine_tuned_files(tmp_path: Path) -> None:
     model, meta, recipe = imported(tmp_path / "c")
     assert meta["import"]["container"] == "state_dict_dual" and recipe.resolved["encoder"]["dual_bn"] == "on"
     assert_all_landed(sd, model, 2)
+
+
+def test_key_names_of_other_resnet_codebases() -> None:
+    from rsslctl_plugins.reference_checkpoints import map_resnet_key
+    assert map_resnet_key("layer2.0.shortcut.1.bn_list.1.weight", 2) == "backbone.layer2.0.downsample.1.bn_list.1.weight"
+    assert map_resnet_key("bn1.bn_list.weight", 0) == "backbone.bn1.weight"  # BN built without route names
+    assert map_resnet_key("fc.bn3.bn_list.0.bias", 1) == "head.7.bias"
 
 
 @pytest.mark.parametrize("fmt, mean, method", [("empssl", 0.5, "empssl"), ("cf_amc_ssl", 0.0, "empssl_adv")])
@@ -357,7 +366,7 @@ def test_bad_inputs_and_output_directories(tmp_path: Path) -> None:
     assert_user_error(run("import", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "r")), "not found")
     assert_user_error(run("import", str(save(tmp_path, [1, 2], "list.pt")), "--out", str(tmp_path / "r")),
                       "not a state dict")
-    # the ACL repository ran on PyTorch 1.5: files in the legacy (non-zip) format import too
+    # files written by PyTorch < 1.6 (legacy, non-zip format) import too
     path = save(tmp_path, {"state_dict": reference_resnet()}, "legacy.pt", _use_new_zipfile_serialization=False)
     out = tmp_path / "run"
     assert run("import", str(path), "--format", "acl", "--out", str(out), "--quiet").exit_code == 0
