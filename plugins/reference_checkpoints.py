@@ -163,7 +163,6 @@ class ResNetArch:
     channels: tuple[int, ...]
     routes: int  # 2 = dual BN, 1 = single route under bn_list.0, 0 = plain BN
     head: tuple[int, ...]  # output width of each projection-head linear layer; () = none
-    classifier: bool  # a fine-tuned linear classifier (fc.weight) is in the file
 
     def backbone_table(self) -> dict[str, Any]:
         table: dict[str, Any] = {"name": "timm", "model": self.model, "cifar_stem": self.cifar_stem}
@@ -219,8 +218,7 @@ def infer_head(state: dict[str, Any], where: str) -> tuple[int, ...]:
 def resnet_arch(state: dict[str, Any], where: str) -> ResNetArch:
     backbone = {k: v for k, v in state.items() if not k.startswith(("fc.", "normalize."))}
     model, stem, channels = infer_resnet(backbone, where)
-    return ResNetArch(model, stem, channels, bn_routes(state, where), infer_head(state, where),
-                      any(k in state for k in CLASSIFIER_KEYS))
+    return ResNetArch(model, stem, channels, bn_routes(state, where), infer_head(state, where))
 
 
 # -- key mapping -------------------------------------------------------------------------------------------------
