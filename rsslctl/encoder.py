@@ -2,8 +2,13 @@
 
 Attacks work in [0, 1] pixel space because mean/std normalisation happens inside ``Encoder``.
 Dual BN keeps separate statistics and affine parameters for clean ('normal', index 0) and
-adversarial ('pgd', index 1) inputs; the key layout ``<bn>.bn_list.{0,1}.*`` matches the
-reference checkpoints (module names follow timm).
+adversarial ('pgd', index 1) inputs. The BN route keys ``<bn>.bn_list.{0,1}.*`` (and their order)
+are those of the reference checkpoints, but the module names around them are not: they follow the
+backbone plugin's library (a ResNet shortcut is ``downsample.0`` / ``downsample.1`` where the
+references write ``downsample.conv`` / ``downsample.bn``), the projection head is ``head.<i>``
+where they write ``fc.fc<n>`` / ``fc.bn<n>``, and the normalisation buffers are ``mean`` / ``std``
+of shape [1, C, 1, 1], not ``normalize.mean`` / ``normalize.std``. Released checkpoints therefore
+do not load as they are; ``rsslctl import`` converts them into a run directory.
 """
 from __future__ import annotations
 
