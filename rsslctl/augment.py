@@ -113,6 +113,10 @@ class HostRandom(torch.nn.Sequential):
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> HostRandom:
         return self
 
+    @torch.compiler.disable  # host-side parameter draws and Python loops over them: always eager
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x)
+
 
 class ViewAugment(torch.nn.Module):
     """Random views of a batch: uint8 (0..255) or float ([0, 1]) ``[N, C, H, W]`` -> float32 ``[N, C, size, size]``."""
@@ -144,6 +148,7 @@ class ViewAugment(torch.nn.Module):
             K.RandomGrayscale(p=o.grayscale_p * s),
         )
 
+    @torch.compiler.disable  # random parameters are drawn on the host, per call: augmentation always runs eagerly
     def forward(self, x: Tensor) -> Tensor:
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         out = self.geometric(x)
