@@ -18,6 +18,8 @@ from rsslctl.options import closest, opt
 class TimmOptions:
     model: str = opt("resnet18", "timm model name (see timm.list_models())")
     cifar_stem: bool = opt(True, "ResNets: 3×3 stride-1 first conv and no max-pool, for 32×32 inputs")
+    stem_width: int = opt(0, "with cifar_stem: channels of the stem (0 = timm's 64); the first stage width gives the "
+                             "papers' CIFAR ResNet, with no 1×1 projection before the first block", min=0)
     model_kwargs: dict = opt({}, "extra keyword arguments for timm.create_model, e.g. {channels = [16, 32, 64, 128]}")
     weights: str = opt("", "optional safetensors file with initial backbone weights (timm key layout)")
 
@@ -33,6 +35,9 @@ class TimmBackbone(Backbone):
         if o.model not in timm.list_models():
             raise UserError(f"{where}.model: unknown timm model '{o.model}'{closest(o.model, timm.list_models())}; "
                             "see `python -c 'import timm; print(timm.list_models())'`")
+        if o.stem_width and not o.cifar_stem:
+            raise UserError(f"{where}.stem_width applies to the CIFAR stem; set {where}.cifar_stem = true or "
+                            f"{where}.stem_width = 0")
         if o.weights and not Path(o.weights).is_file():
             raise UserError(f"{where}.weights: file not found: {Path(o.weights).resolve()}")
 
@@ -45,7 +50,7 @@ class TimmBackbone(Backbone):
         except TypeError as exc:
             raise UserError(f"backbone.model_kwargs: {o.model} rejects them ({exc})") from None
         if o.cifar_stem:
-            apply_cifar_stem(model)
+            apply_cifar_stem(model, o.stem_width)
         if o.weights:
             from safetensors.torch import load_file
             missing, unexpected = model.load_state_dict(load_file(o.weights), strict=False)
@@ -56,7 +61,7 @@ class TimmBackbone(Backbone):
 
     def export_info(self) -> dict[str, Any]:
         return {"library": "timm", "model": self.options.model, "cifar_stem": self.options.cifar_stem,
-                "model_kwargs": self.options.model_kwargs}
+                "stem_width": self.options.stem_width, "model_kwargs": self.options.model_kwargs}
 
 
 @hookimpl
