@@ -26,6 +26,10 @@ class PGD(Attack):
     """Projected gradient descent, L∞ or L2, with optional uniform random start."""
 
     name = "pgd"
+    citation = ("@inproceedings{madry2018pgd, "
+                "title={Towards Deep Learning Models Resistant to Adversarial Attacks}, author={Madry, "
+                "Aleksander and Makelov, Aleksandar and Schmidt, Ludwig and Tsipras, Dimitris and Vladu, "
+                "Adrian}, booktitle={ICLR}, year={2018}}")
     Options = PGDOptions
 
     def perturb(self, x: Tensor, objective: Objective) -> Tensor:

@@ -27,6 +27,9 @@ class SimCLRAdv(AdversarialTraining, Method):
     """SimCLR with PGD-AT (or free AT) on the second view."""
 
     name = "simclr_adv"
+    citation = ("@article{ghofrani2025cfamcssl, "
+                "title={Rapid Learning of Adversarially Robust Representations with Cost-Free Adversarial Multi-Crop Self-Supervised Learning}, "
+                "author={Ghofrani, Ali and Jamshidi, Fatemeh}, journal={arXiv:2501.03507}, year={2025}}")
     Options = SimCLRAdvOptions
     needs_attack = True
 

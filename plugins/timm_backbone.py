@@ -26,6 +26,8 @@ class TimmBackbone(Backbone):
     """timm.create_model(model, num_classes=0, **model_kwargs), optionally with the CIFAR stem."""
 
     name = "timm"
+    citation = ("@misc{wightman2019timm, title={PyTorch Image Models}, author={Wightman, Ross}, "
+                "howpublished={https://github.com/huggingface/pytorch-image-models}, year={2019}}")
     Options = TimmOptions
 
     @classmethod

@@ -38,6 +38,8 @@ class Plugin:
 
     name: typing.ClassVar[str] = ""
     Options: typing.ClassVar[type] = NoOptions
+    #: BibTeX of the work this plugin implements or reads ('' = nothing to cite); `rsslctl cite` prints it
+    citation: typing.ClassVar[str] = ""
 
     @classmethod
     def check_options(cls, options: Any, where: str) -> None:

@@ -71,6 +71,8 @@ class EvaluationOptions:
     steps: int = opt(20, "attack iterations", min=1)
     clamp_start: bool = opt(True, "clip the attack's random start into [0, 1] (false = reference PGD)")
     limit: int = opt(0, "evaluate on the first N test images (0 = all)", min=0)
+    knn_k: int = opt(20, "neighbours of the weighted kNN accuracy", min=1)
+    knn_temperature: float = opt(0.07, "temperature τ of the kNN vote weights exp(s/τ)", min=1e-4)
 
 
 @dataclasses.dataclass(frozen=True)
