@@ -32,6 +32,22 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+UMASK = _umask()
+
+
+def save_file_like_open(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, but with the permissions ``open()`` would give (it creates files 0600 whatever the
+    umask, which hides checkpoints from the rest of a lab's group)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~UMASK)
+
+
 def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
@@ -48,8 +64,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
     """Atomic safetensors write; ``metadata`` is stored as JSON strings in the file header."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: _plain(v) for k, v in tensors.items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    save_file_like_open({k: _plain(v) for k, v in tensors.items()}, tmp,
+                        metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
     os.replace(tmp, path)
 
 
@@ -113,9 +129,10 @@ def save_checkpoint(run_dir: Path, epoch: int, model: torch.nn.Module, optimizer
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     opt_tensors, opt_rest = optimizer_to_flat(optimizer)
-    save_file({k: _plain(v) for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
-              metadata={"epoch": str(epoch), "format": "pt"})
-    save_file({k: _plain(v) for k, v in {**opt_tensors, **rng_state(), **(extra or {})}.items()}, str(tmp / "state.safetensors"))
+    save_file_like_open({k: _plain(v) for k, v in model.state_dict().items()}, tmp / "model.safetensors",
+                        metadata={"epoch": str(epoch), "format": "pt"})
+    save_file_like_open({k: _plain(v) for k, v in {**opt_tensors, **rng_state(), **(extra or {})}.items()},
+                        tmp / "state.safetensors")
     meta = dict(meta, epoch=epoch, optimizer=opt_rest,
                 sha256={f: sha256(tmp / f) for f in ("model.safetensors", "state.safetensors")})
     atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, default=str))

@@ -144,12 +144,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def load_raw(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found; list the shipped ones with `ls recipes/`")
+def shipped_recipes() -> dict[str, Any]:
+    """Name → file (an importlib.resources Traversable) of every recipe installed with rsslctl."""
+    from importlib.resources import files
     try:
-        return tomllib.loads(path.read_text())
+        folder = files("rsslctl_recipes")
+    except ModuleNotFoundError:
+        return {}
+    return {f.name[:-5]: f for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".toml")}
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    """A recipe file, or a shipped recipe by name (``quickstart`` = the installed ``quickstart.toml``)."""
+    shipped = shipped_recipes()
+    if not Path(path).is_file() and str(path).removesuffix(".toml") in shipped:
+        text = shipped[str(path).removesuffix(".toml")].read_text()
+    elif Path(path).is_file():
+        text = Path(path).read_text()
+    else:
+        raise UserError(f"{path}: recipe file not found, and no shipped recipe has that name; list them with "
+                        "`rsslctl recipe list`")
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: invalid TOML: {exc}") from None
 

@@ -53,3 +53,50 @@ def test_cite_prints_the_bibtex_of_what_the_run_used(tiny_recipe: Path, tmp_path
     for key in ("jiang2020acl", "madry2018pgd", "goodfellow2015fgsm", "alpaydin1998digits", "wightman2019timm"):
         assert f"{{{key}," in out
     assert out.count("@inproceedings{madry2018pgd,") == 1  # training and evaluation attack: one entry
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+    import subprocess
+    import sys
+    code = ("import sys, torch; from pathlib import Path; from rsslctl.checkpoint import save_tensors, atomic_write_text;"
+            "d = Path(sys.argv[1]); save_tensors(d / 'w.safetensors', {'x': torch.zeros(2)}); atomic_write_text(d / 't.json', '{}')")
+    for umask, mode in ((0o002, 0o664), (0o077, 0o600)):
+        out = tmp_path / oct(umask)
+        out.mkdir()
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, preexec_fn=lambda u=umask: os.umask(u))
+        for f in ("w.safetensors", "t.json"):
+            assert stat.S_IMODE((out / f).stat().st_mode) == mode, (f, oct(umask))
+
+
+def test_recipes_ship_inside_the_wheel_and_are_found_by_name(tmp_path: Path) -> None:
+    """`recipe list` / `recipe show NAME` work from an installed wheel, not only from a clone."""
+    import subprocess
+    import sys
+    import pytest
+    root = Path(__file__).resolve().parents[1]
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path / "whl"), str(root)], capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {built.stderr.strip().splitlines()[-1:]}")
+    wheel = next((tmp_path / "whl").glob("rsslctl-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import rsslctl; assert rsslctl.__file__.startswith(sys.argv[1]);"
+            "from rsslctl.cli import main; main(['recipe', 'show', 'quickstart'])")
+    out = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert '[method]\nname = "acl"' in out.stdout
+    listed = subprocess.run([sys.executable, "-c", code.replace("'show', 'quickstart'", "'list'"), str(target)],
+                            capture_output=True, text=True, cwd=tmp_path, env={"COLUMNS": "200", "PATH": ""})
+    assert listed.returncode == 0 and "quickstart" in listed.stdout and "cf_amc_ssl" in listed.stdout, listed.stderr
+
+
+def test_recipe_copy_refuses_to_overwrite(tmp_path: Path) -> None:
+    cli = CliRunner()
+    assert cli.invoke(main, ["recipe", "copy", "quickstart", str(tmp_path)]).exit_code == 0
+    assert (tmp_path / "quickstart.toml").read_text().count("[method]") == 1
+    again = cli.invoke(main, ["recipe", "copy", "quickstart", str(tmp_path)])
+    assert again.exit_code == 2 and "--force" in again.output
