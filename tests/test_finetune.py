@@ -341,3 +341,28 @@ def test_transfer_recipe_swaps_the_dataset_only() -> None:
     r = ft.downstream_recipe(base, "stl10", None, 32, [])
     assert r.resolved["data"]["name"] == "stl10" and r.data.root == "/d" and r.data.image_size == 32
     assert resolve(base).resolved["data"]["labels"] == "coarse"
+
+
+def test_report_rows_use_one_set_of_images_and_absent_results_are_absent(tmp_path: Path) -> None:
+    from rsslctl.data import ImageData
+    from rsslctl.suite import evaluate_model, write_report
+    model = _Tiny().eval()
+    torch.manual_seed(2)
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        labels = model(images.float() / 255).argmax(1)
+    labels[::3] = (labels[::3] + 1) % 10  # a third wrong: clean accuracy of a subset depends on which images
+    test = ImageData(images, labels, [str(i) for i in range(10)], "t")
+    opts = SuiteOptions(autoattack=True, aa_version="custom", aa_attacks=("apgd-ce",), aa_limit=12, eps_curve=(),
+                        attack="pgd", single_step_attack="fgsm", pgd_steps=2)
+    res = evaluate_model(model, test, "", tmp_path, opts, CPU, tmp_path / "aa.json")
+    assert res["test_images"] == res["autoattack"]["images"] == 12
+    assert res["clean_accuracy"] == res["autoattack"]["clean_accuracy"]  # the same 12 images in every column
+    assert res["autoattack"]["robust_accuracy"] <= res["clean_accuracy"]
+    assert "CA" not in res["leaderboard"] and "CA_generated" not in res["leaderboard"] and "RA" in res["leaderboard"]
+    plain = evaluate_model(model, test, "", tmp_path, dataclasses.replace(opts, autoattack=False), CPU, tmp_path / "x")
+    assert plain["test_images"] == 40 and "RA" not in plain["leaderboard"]
+    (tmp_path / "evaluation").mkdir()
+    for mode, r in (("SLF", res), ("ALF", plain)):
+        (tmp_path / "evaluation" / f"{mode}.json").write_text(json.dumps({"mode": mode, **r}))
+    assert write_report(tmp_path)["settings_differ"] == ["autoattack"]
