@@ -21,6 +21,8 @@ from .checkpoint import (derive_seed, latest_checkpoint, load_checkpoint, optimi
                          set_rng_state)
 from .coreset import CoresetRun, method_target
 from .errors import TrainingDiverged, UserError
+from .logs import RunLogger, duration
+from .monitor import monitor_accuracies, monitor_splits
 from .optim import StepClock, lr_at, make_optimizer
 from .recipe import Recipe
 from .ui import console, progress_bar, summary_table
@@ -62,6 +64,7 @@ class Trainer:
         self.minibatch_clock = StepClock(epoch_steps, 1, recipe.schedule.warmup_epochs, recipe.coreset.lr_schedule)
         self.epoch = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.monitor_data: tuple | None = None  # (train features' images/labels, test images/labels) for monitors
 
     @property
     def total_steps(self) -> int:
@@ -142,23 +145,48 @@ class Trainer:
             console.print(f"resuming after epoch {self.epoch}")
         images, labels = self.train.images.to(self.device), self.train.labels.to(self.device)
         summary: dict[str, Any] = {}
-        t_run = time.perf_counter()
-        with open(self.metrics_path, "a") as log, progress_bar(self.quiet) as bar:
-            task = bar.add_task("pretrain", total=sum(self.clock.epoch_steps[self.epoch:]), info="")
-            for epoch in range(self.epoch + 1, r.schedule.epochs + 1):
-                summary = self._epoch(epoch, images, labels, log, lambda n, info: bar.update(task, advance=n, info=info))
-                self.epoch = epoch
-                if epoch % r.engine.checkpoint_every == 0 or epoch == r.schedule.epochs:
-                    self._checkpoint(epoch, summary)
-        summary["total_seconds"] = time.perf_counter() - t_run
+        self._t_run, self._steps_at_start = time.perf_counter(), self.clock.step(self.epoch + 1, 0)
+        self.logger = RunLogger(self.run_dir, r.logging, r.resolved, self.quiet, purge_step=self._steps_at_start)
+        try:
+            with open(self.metrics_path, "a") as log, progress_bar(self.quiet or self.logger.plain) as bar:
+                task = bar.add_task("pretrain", total=sum(self.clock.epoch_steps[self.epoch:]), info="")
+                for epoch in range(self.epoch + 1, r.schedule.epochs + 1):
+                    summary = self._epoch(epoch, images, labels, log,
+                                          lambda n, info=None: bar.update(task, advance=n, **({"info": info} if info else {})))
+                    self.epoch = epoch
+                    summary.update(self._monitor(epoch))
+                    self.logger.scalars(summary, self.clock.step(epoch + 1, 0) - 1, "epoch")
+                    self.logger.progress(f"epoch {epoch}/{r.schedule.epochs} done: " + ", ".join(
+                        f"{k.replace('_', ' ')} {100 * v:.2f} %" if k.endswith("accuracy") else f"{k} {v:.4g}"
+                        for k, v in summary.items() if k in ("loss", "images_per_s") or k.endswith("accuracy")),
+                        force=True)
+                    if epoch % r.engine.checkpoint_every == 0 or epoch == r.schedule.epochs:
+                        self._checkpoint(epoch, summary)
+        finally:
+            self.logger.close()
+        summary["total_seconds"] = time.perf_counter() - self._t_run
         if not self.quiet:
             console.print(summary_table("pretraining finished", {
                 "method": r.method.name, "device": str(self.device),
                 "precision": "bf16 autocast" if uses_bf16(self.device, r.engine.precision) else "fp32",
                 "epochs": r.schedule.epochs, "steps/epoch": self.steps_per_epoch,
-                "final loss": f"{summary['loss']:.4f}", "images/s (last epoch)": f"{summary['images_per_s']:,.0f}",
+                "mean loss of the last epoch": f"{summary['loss']:.4f}",
+                "images/s (last epoch)": f"{summary['images_per_s']:,.0f}",
+                **{f"{k.replace('_', ' ')} (last epoch)": f"{100 * v:.2f} %" for k, v in summary.items()
+                   if k.endswith("_accuracy")},
                 "wall time": f"{summary['total_seconds']:.1f} s", "run directory": str(self.run_dir)}))
         return summary
+
+    def _monitor(self, epoch: int) -> dict[str, float]:
+        """kNN / linear-probe accuracy on frozen features, when the [logging] table asks for them this epoch."""
+        o = self.recipe.logging
+        knn, probe = (every and epoch % every == 0 for every in (o.knn_every, o.probe_every))
+        if not (knn or probe):
+            return {}
+        if self.monitor_data is None:
+            self.monitor_data = monitor_splits(self.recipe, o.monitor_limit)
+        return monitor_accuracies(self.method, *self.monitor_data, self.device, self.recipe.engine.precision,
+                                  knn, probe, self.recipe.evaluation)
 
     def _epoch_batches(self, epoch: int, images: Tensor, labels: Tensor) -> tuple[Tensor, float]:
         """(minibatch indices [steps, batch] on the device, seconds spent selecting a coreset)."""
@@ -172,7 +200,7 @@ class Trainer:
         return perm.to(self.device).view(spe, bs), t_select
 
     def _epoch(self, epoch: int, images: Tensor, labels: Tensor, log: TextIO,
-               progress: Callable[[int, str], None]) -> dict[str, Any]:
+               progress: Callable[..., None]) -> dict[str, Any]:
         r = self.recipe
         self.method.train()
         self.method.on_epoch_start(epoch, r.schedule.epochs)
@@ -184,11 +212,18 @@ class Trainer:
         for i, idx in enumerate(batches):
             for rep in range(self.replays):
                 pending.append(self._step(epoch, i, rep, images[idx], labels[idx]))
+            progress(1)  # the bar moves every step; its numbers are the last ones read back
             if (i + 1) % r.engine.log_every == 0 or i == spe - 1:
                 losses += self._flush(pending, epoch, log)
-                lr = pending[-1][1]
-                progress(len(pending) // self.replays, f"ep {epoch}/{r.schedule.epochs} loss {losses[-1]:.4f} "
-                         f"lr {lr:.3g} {(i + 1) * bs / (time.perf_counter() - t0):,.0f} img/s")
+                step, lr = pending[-1][0], pending[-1][1]
+                done = step + 1 - self._steps_at_start
+                elapsed = time.perf_counter() - self._t_run
+                eta = elapsed / done * (self.clock.total_steps - step - 1)
+                info = (f"ep {epoch}/{r.schedule.epochs} loss (last read) {losses[-1]:.4f} lr {lr:.3g} "
+                        f"{(i + 1) * bs / (time.perf_counter() - t0):,.0f} img/s")
+                progress(0, info)
+                self.logger.progress(f"epoch {epoch}/{r.schedule.epochs} step {i + 1}/{spe} {info[info.index('loss'):]} "
+                                     f"elapsed {duration(elapsed)} eta {duration(eta)}")
                 pending = []
         seconds = time.perf_counter() - t0
         summary = {"epoch": epoch, "loss": sum(losses) / len(losses), "seconds": seconds, "images_per_s": spe * bs / seconds}
@@ -230,7 +265,8 @@ class Trainer:
                 kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint had been written yet"
                 raise TrainingDiverged(f"loss became {row[0]} at epoch {epoch}, step {step}; {kept}; "
                                        "lower optimizer.lr or set engine.grad_clip, then resume with --resume")
-            log.write(json.dumps({"kind": "step", "epoch": epoch, "step": step, "lr": lr, "loss": row[0],
-                                  **dict(zip(names, row[1:]))}) + "\n")
+            record = {"epoch": epoch, "step": step, "lr": lr, "loss": row[0], **dict(zip(names, row[1:]))}
+            log.write(json.dumps({"kind": "step", **record}) + "\n")
+            self.logger.scalars(record, step, "train")
             out.append(row[0])
         return out

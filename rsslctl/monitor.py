@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,3 +51,48 @@ def embedding_plot(features: Tensor, labels: Tensor, classes: list[str], path: P
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def monitor_splits(recipe: Any, limit: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(train images, labels, test images, labels) for the in-training monitors — the labelled training split (as
+    `rsslctl evaluate` uses, not cut to data.limit) and the test split — each cut to ``limit`` (0 = all)."""
+    from .build import load_split
+    train, test = load_split(recipe, recipe.data.train_split), load_split(recipe, recipe.data.test_split)
+    keep = (train.labels >= 0).nonzero().flatten()
+    cut = (lambda n: slice(None)) if not limit else (lambda n: slice(0, min(limit, n)))
+    keep = keep[cut(len(keep))]
+    return train.images[keep], train.labels[keep], test.images[cut(len(test))], test.labels[cut(len(test))]
+
+
+def monitor_accuracies(method: Any, train_images: Tensor, train_labels: Tensor, test_images: Tensor,
+                       test_labels: Tensor, device: torch.device, precision: str, knn: bool, probe: bool,
+                       evaluation: Any) -> dict[str, float]:
+    """kNN and/or linear-probe test accuracy of the method's evaluation features (the route `evaluate` uses); the
+    training run's random streams are left untouched."""
+    if not len(train_labels):
+        return {}
+    route = evaluation.route if evaluation.route != "auto" else ("pgd" if method.eval_encoder().dual_bn else "normal")
+    def features(x: Tensor) -> Tensor:
+        return method.eval_features(x, route)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _accuracies(method, features, train_images, train_labels, test_images, test_labels, device, precision,
+                           knn, probe, evaluation)
+
+
+def _accuracies(method: Any, features: Any, train_images: Tensor, train_labels: Tensor, test_images: Tensor,
+                test_labels: Tensor, device: torch.device, precision: str, knn: bool, probe: bool,
+                evaluation: Any) -> dict[str, float]:
+    from .classify import extract_features, train_linear_probe
+    train = extract_features(method, features, train_images, device, precision)
+    test = extract_features(method, features, test_images, device, precision)
+    y_train, y_test = train_labels.to(device), test_labels.to(device)
+    out = {}
+    if knn:
+        out["knn_accuracy"] = knn_accuracy(train, y_train, test, y_test, evaluation.knn_k, evaluation.knn_temperature)
+    if probe:
+        with torch.enable_grad():
+            head = train_linear_probe(train, y_train, int(y_train.max()) + 1, evaluation.epochs, evaluation.lr,
+                                      evaluation.batch_size, evaluation.weight_decay, 0)
+        with torch.no_grad():
+            out["probe_accuracy"] = float((head(test).argmax(1) == y_test).float().mean())
+    return out

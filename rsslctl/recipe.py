@@ -20,6 +20,7 @@ from .augment import AugmentOptions
 from .coreset import CoresetOptions, check_options as check_coreset
 from .encoder import EncoderOptions
 from .errors import UserError
+from .logs import LoggingOptions
 from .options import Number, as_dict, closest, opt, validate
 from .optim import OptimizerOptions, ScheduleOptions
 
@@ -93,7 +94,7 @@ class Slot:
 OFF = Slot(NONE, None, None)
 CORE = {"run": RunOptions, "data": DataOptions, "augment": AugmentOptions, "backbone": None, "encoder": EncoderOptions,
         "method": None, "attack": None, "optimizer": OptimizerOptions, "schedule": ScheduleOptions,
-        "coreset": CoresetOptions, "engine": EngineOptions, "evaluation": EvaluationOptions}
+        "coreset": CoresetOptions, "engine": EngineOptions, "evaluation": EvaluationOptions, "logging": LoggingOptions}
 #: recipe table → (plugin kind, attribute of the Recipe holding its slot)
 PLUGIN_TABLES = {"data": ("dataset", "dataset"), "backbone": ("backbone", "backbone"), "method": ("method", "method"),
                  "attack": ("attack", "attack"), "coreset": ("coreset", "selector")}
@@ -115,6 +116,7 @@ class Recipe:
     coreset: CoresetOptions | None
     engine: EngineOptions
     evaluation: EvaluationOptions
+    logging: LoggingOptions
     dataset: Slot
     backbone: Slot | None
     method: Slot | None
@@ -222,7 +224,7 @@ def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "",
     """
     where = source or "recipe"
     raw = _with_overrides(raw, list(overrides), where)
-    wanted = set(CORE) if only is None else set(only) | {"run", "data", "engine", "evaluation"}
+    wanted = set(CORE) if only is None else set(only) | {"run", "data", "engine", "evaluation", "logging"}
     defaults = shipped_defaults()["recipe"]
     names = {t: raw.get(t, {}).get("name", defaults.get(t, {}).get("name", NONE)) for t in PLUGIN_TABLES}
     needs_attack = False

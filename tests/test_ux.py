@@ -100,3 +100,29 @@ def test_recipe_copy_refuses_to_overwrite(tmp_path: Path) -> None:
     assert (tmp_path / "quickstart.toml").read_text().count("[method]") == 1
     again = cli.invoke(main, ["recipe", "copy", "quickstart", str(tmp_path)])
     assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_batch_job_logs_tensorboard_csv_and_monitors_leave_training_unchanged(tiny_recipe: Path, tmp_path: Path) -> None:
+    """Not a terminal: one plain line per epoch with loss, kNN and probe accuracy; TensorBoard holds the scalars;
+    the CSVs hold one row per logged step / epoch; monitoring does not change a single trained weight."""
+    import subprocess
+    import sys
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
+    common = [str(tiny_recipe), "--set", "schedule.epochs=2", "--set", "evaluation.epochs=2"]
+    watched, plain = tmp_path / "watched", tmp_path / "plain"
+    out = subprocess.run([sys.executable, "-m", "rsslctl.cli", "pretrain", *common, "--run-dir", str(watched), "--set",
+                          "logging.knn_every=1", "--set", "logging.probe_every=2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = [l for l in out.stdout.splitlines() if l.startswith("epoch ")]
+    assert len(lines) == 2 and "loss" in lines[0] and "knn accuracy" in lines[0] and "probe accuracy" in lines[1]
+    events = EventAccumulator(str(watched / "tensorboard")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/loss_adv", "epoch/loss", "epoch/knn_accuracy", "epoch/probe_accuracy"} <= set(tags)
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(6))
+    steps = (watched / "metrics.csv").read_text().splitlines()
+    assert steps[0].startswith("step,") and len(steps) == 1 + 6
+    assert len((watched / "epochs.csv").read_text().splitlines()) == 1 + 2
+    assert CliRunner().invoke(main, ["pretrain", *common, "--run-dir", str(plain), "--quiet"]).exit_code == 0
+    a, b = (load_checkpoint(latest_checkpoint(d))[0] for d in (watched, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)
