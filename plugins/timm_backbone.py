@@ -1,4 +1,9 @@
-"""Any timm model as a backbone, with the CIFAR stem option for 32×32 ResNets."""
+"""Any timm model as a backbone, with the CIFAR stem option for 32×32 ResNets.
+
+timm's ResNets start the last BN weight of every residual block at 0 (``zero_init_last=True``); every reference
+ResNet of the robust-SSL papers (ACL, AIR, DynACL, RCS, EMP-SSL, CF-AMC-SSL) starts it at 1, so ``zero_init_last``
+defaults to false here and is passed to every model that has the option.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +25,8 @@ class TimmOptions:
     cifar_stem: bool = opt(True, "ResNets: 3×3 stride-1 first conv and no max-pool, for 32×32 inputs")
     model_kwargs: dict = opt({}, "extra keyword arguments for timm.create_model, e.g. {channels = [16, 32, 64, 128]}")
     weights: str = opt("", "optional safetensors file with initial backbone weights (timm key layout)")
+    zero_init_last: bool = opt(False, "start the last BN weight of each residual block at 0 (timm's default); "
+                                      "false = 1, as every reference ResNet; ignored by models without the option")
 
 
 class TimmBackbone(Backbone):
@@ -33,6 +40,8 @@ class TimmBackbone(Backbone):
         if o.model not in timm.list_models():
             raise UserError(f"backbone.model: unknown timm model '{o.model}'{closest(o.model, timm.list_models())}; "
                             "see `python -c 'import timm; print(timm.list_models())'`")
+        if "zero_init_last" in o.model_kwargs:
+            raise UserError("backbone.model_kwargs: set backbone.zero_init_last instead of model_kwargs.zero_init_last")
         if o.weights and not Path(o.weights).is_file():
             raise UserError(f"backbone.weights: file not found: {Path(o.weights).resolve()}")
 
@@ -41,7 +50,14 @@ class TimmBackbone(Backbone):
         self.check()
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in o.model_kwargs.items()}
         try:
-            model = timm.create_model(o.model, pretrained=False, num_classes=0, **kwargs)
+            try:
+                model = timm.create_model(o.model, pretrained=False, num_classes=0, zero_init_last=o.zero_init_last,
+                                          **kwargs)
+            except TypeError as exc:
+                if "zero_init_last" not in str(exc):
+                    raise
+                # a model without residual blocks (ViT, MobileNet, ...) has no such option
+                model = timm.create_model(o.model, pretrained=False, num_classes=0, **kwargs)
         except TypeError as exc:
             raise UserError(f"backbone.model_kwargs: {o.model} rejects them ({exc})") from None
         if o.cifar_stem:
