@@ -157,6 +157,38 @@ def test_empssl_bag_of_features_averages_views(tiny_recipe: Path) -> None:
     torch.testing.assert_close(m.eval_features(x, "normal"), m.pre_feature(m.encoder.features(x)))
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("recipe", ["simclr_adv.toml", "simclr_free_adv.toml"])
+def test_simclr_adv_recipes_build_the_reference_heads_and_evaluate_the_pre_feature(recipe: str) -> None:
+    r = load(REPO / "recipes" / recipe, ["data.name=digits", "engine.device=cpu"])
+    torch.manual_seed(0)
+    m = build_method(r, CPU)
+    assert isinstance(m.encoder.head, torch.nn.Identity) and m.encoder.out_dim == 512
+    # reference: 512 → Linear → BN → ReLU (pre-feature) → Linear → BN → ReLU → Linear → 128, biases everywhere
+    kinds = [type(layer).__name__ for layer in [*m.pre_feature, *m.projector]]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    lin = [layer for layer in [*m.pre_feature, *m.projector] if isinstance(layer, torch.nn.Linear)]
+    assert [(li.in_features, li.out_features) for li in lin] == [(512, 4096), (4096, 4096), (4096, 128)]
+    assert all(li.bias is not None for li in lin)
+    m.eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert m.embed(x).shape == (3, 128)
+        feats = m.eval_features(x, "normal")
+        assert feats.shape == (3, 4096) and feats.min() >= 0  # after the ReLU
+        torch.testing.assert_close(feats, m.pre_feature(m.encoder.features(x)))
+
+
+def test_simclr_adv_pre_dim_needs_no_encoder_head(tiny_recipe: Path) -> None:
+    from rsslctl.errors import UserError
+    with pytest.raises(UserError, match="head_layers = 0"):
+        method_for(tiny_recipe, "simclr_adv", "method.pre_dim=16")
+    m, _ = method_for(tiny_recipe, "simclr_adv")  # pre_dim = 0: the encoder head projects, backbone features evaluated
+    assert m.pre_feature is None and m.embed(torch.rand(2, 3, 16, 16)).shape == (2, 32)
+
+
 # -- free AT and gradient leakage -----------------------------------------------------------------------------
 def test_free_perturbation_persists_and_steps_by_sign_of_grad() -> None:
     eps, step = 0.05, 0.03
