@@ -1,0 +1,19 @@
+"""The paper recipes carry the reference code's settings where we match it (values written out here, not read back
+from our defaults)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rsslctl.recipe import load
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+EMP = ["empssl", "empssl_adv", "empssl_adv_patch", "cf_amc_ssl"]
+
+
+@pytest.mark.parametrize("name", EMP)
+def test_emp_recipes_use_the_reference_linear_probe(name: str) -> None:
+    # EMP-SSL / CF-AMC-SSL linear probe: SGD lr 0.03, momentum 0.9, weight decay 5e-5, batch 100, 100 epochs, cosine
+    ev = load(RECIPES / f"{name}.toml").evaluation
+    assert (ev.epochs, ev.lr, ev.batch_size, ev.weight_decay) == (100, 0.03, 100, 5e-5)
