@@ -17,3 +17,15 @@ def test_emp_recipes_use_the_reference_linear_probe(name: str) -> None:
     # EMP-SSL / CF-AMC-SSL linear probe: SGD lr 0.03, momentum 0.9, weight decay 5e-5, batch 100, 100 epochs, cosine
     ev = load(RECIPES / f"{name}.toml").evaluation
     assert (ev.epochs, ev.lr, ev.batch_size, ev.weight_decay) == (100, 0.03, 100, 5e-5)
+
+
+# ACL/AIR/RCS: LambdaLR stepped at the start of each iteration; EMP-SSL/CF-AMC-SSL: CosineAnnealingLR stepped after the
+# optimizer; official DynACL: stepped after each epoch
+SCHEDULER_STEP = {"acl": "before", "air": "before", "dynacl_air": "before", "simclr": "before", "dynacl": "after",
+                  "empssl": "after", "empssl_adv": "after", "empssl_adv_patch": "after", "cf_amc_ssl": "after",
+                  "simclr_adv": "after", "simclr_free_adv": "after"}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULER_STEP))
+def test_recipes_step_the_schedule_where_their_reference_does(name: str) -> None:
+    assert load(RECIPES / f"{name}.toml").schedule.scheduler_step == SCHEDULER_STEP[name]
