@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import timm
 from torch import nn
@@ -25,6 +25,9 @@ class TimmOptions:
     cifar_stem: bool = opt(True, "ResNets: 3×3 stride-1 first conv and no max-pool, for 32×32 inputs")
     model_kwargs: dict = opt({}, "extra keyword arguments for timm.create_model, e.g. {channels = [16, 32, 64, 128]}")
     weights: str = opt("", "optional safetensors file with initial backbone weights (timm key layout)")
+    stem_init: Literal["kaiming", "pytorch"] = opt(
+        "kaiming", "cifar_stem: init of the new 3×3 conv; kaiming = Kaiming-normal fan-out (ACL family), "
+                   "pytorch = nn.Conv2d's default (EMP-SSL, CF-AMC-SSL)")
     zero_init_last: bool = opt(False, "start the last BN weight of each residual block at 0 (timm's default); "
                                       "false = 1, as every reference ResNet; ignored by models without the option")
 
@@ -61,7 +64,7 @@ class TimmBackbone(Backbone):
         except TypeError as exc:
             raise UserError(f"backbone.model_kwargs: {o.model} rejects them ({exc})") from None
         if o.cifar_stem:
-            apply_cifar_stem(model)
+            apply_cifar_stem(model, o.stem_init)
         if o.weights:
             from safetensors.torch import load_file
             missing, unexpected = model.load_state_dict(load_file(o.weights), strict=False)

@@ -272,3 +272,19 @@ def test_zero_init_last_is_ignored_by_models_without_it_and_refused_in_model_kwa
     assert plugin.build().num_features > 0
     with pytest.raises(UserError, match="backbone.zero_init_last"):
         backbone_plugin(model_kwargs={**KWARGS, "zero_init_last": False}).check()
+
+
+def test_cifar_stem_init_kaiming_or_pytorch_default():
+    torch.manual_seed(0)
+    w = TimmBackbone(validate(TimmOptions, {"model": "resnet18"}, "backbone")).build().conv1.weight.detach()
+    assert w.shape == (64, 3, 3, 3)
+    # Kaiming-normal, fan-out = 64·3·3: std √(2/576)
+    assert float(w.mean()) == pytest.approx(0.0, abs=0.01)
+    assert float(w.std()) == pytest.approx((2 / 576) ** 0.5, rel=0.1)
+    torch.manual_seed(0)
+    w = TimmBackbone(validate(TimmOptions, {"model": "resnet18", "stem_init": "pytorch"}, "backbone")).build()
+    w = w.conv1.weight.detach()
+    # nn.Conv2d's default: uniform on ±1/√fan_in, fan-in = 3·3·3, so std = bound/√3
+    bound = 1 / 27 ** 0.5
+    assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
+    assert float(w.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.1)

@@ -29,3 +29,15 @@ SCHEDULER_STEP = {"acl": "before", "air": "before", "dynacl_air": "before", "sim
 @pytest.mark.parametrize("name", sorted(SCHEDULER_STEP))
 def test_recipes_step_the_schedule_where_their_reference_does(name: str) -> None:
     assert load(RECIPES / f"{name}.toml").schedule.scheduler_step == SCHEDULER_STEP[name]
+
+
+ALL = sorted(p.stem for p in RECIPES.glob("*.toml"))
+TORCHVISION_STEM = {"empssl", "empssl_adv", "empssl_adv_patch", "cf_amc_ssl", "simclr_adv", "simclr_free_adv"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_recipes_build_the_reference_resnet_init(name: str) -> None:
+    # every reference ResNet starts its BN weights at 1; EMP-SSL/CF-AMC-SSL's CIFAR conv1 keeps nn.Conv2d's own init
+    backbone = load(RECIPES / f"{name}.toml").resolved["backbone"]
+    assert backbone["zero_init_last"] is False
+    assert backbone["stem_init"] == ("pytorch" if name in TORCHVISION_STEM else "kaiming")
