@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def setup_device(recipe: Recipe) -> torch.device:
-    """The recipe's device, with its CPU thread count applied."""
+    """The recipe's device, with its CPU thread count and determinism setting applied."""
     if recipe.engine.threads:
         torch.set_num_threads(recipe.engine.threads)
+    if recipe.engine.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+    torch.use_deterministic_algorithms(recipe.engine.deterministic)  # process-wide: the recipe that runs decides
+    torch.backends.cudnn.benchmark = False
     return select_device(recipe.engine.device)
 
 

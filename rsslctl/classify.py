@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping, TextIO
@@ -32,7 +33,7 @@ from .errors import TrainingDiverged, UserError
 from .method import FinetuneRows
 from .options import validate
 from .recipe import shipped_defaults
-from .ui import progress_bar
+from .ui import err_console, progress_bar
 
 MODES = ("SLF", "ALF", "AFF")
 #: the columns of the fine-tuning hyper-parameter tables (a dataset plugin names its own in
@@ -292,6 +293,9 @@ def train_classifier(params: list[Tensor], inputs: Tensor, labels: Tensor, step_
             if not math.isfinite(summary["loss"]):
                 raise TrainingDiverged(f"{title}: loss became {summary['loss']} in epoch {epoch}; lower the learning rate")
             bar.update(task, info=f"ep {epoch}/{s.epochs} loss {summary['loss']:.4f}")
+            if not quiet and not sys.stdout.isatty():  # a batch job: one plain line per epoch
+                err_console.print(f"{title}: epoch {epoch}/{s.epochs} mean loss {summary['loss']:.4f}, train accuracy "
+                              f"{100 * summary['train_accuracy']:.2f} %", highlight=False)
             if log is not None:
                 log.write(json.dumps(summary) + "\n")
     return summary

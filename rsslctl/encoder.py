@@ -40,6 +40,11 @@ class Backbone(Plugin):
         """How to rebuild the exported backbone outside rsslctl (stored in the export's metadata)."""
         return {}
 
+    def classifier_export(self, num_classes: int) -> tuple[str, str]:
+        """(prefix of the library's own classifier keys, Python source defining ``load_model(path)``) for exporting a
+        fine-tuned classifier that loads without rsslctl; ('', '') when the backbone cannot."""
+        return "", ""
+
 
 @dataclasses.dataclass
 class EncoderOptions:
@@ -76,14 +81,20 @@ def convert_dual_bn(module: nn.Module) -> nn.Module:
     return module
 
 
-def apply_cifar_stem(model: nn.Module) -> nn.Module:
-    """3×3 stride-1 first conv and no max-pool, so 32×32 inputs keep their resolution (ResNet style)."""
+def apply_cifar_stem(model: nn.Module, init: Literal["kaiming", "pytorch"] = "kaiming") -> nn.Module:
+    """3×3 stride-1 first conv and no max-pool, so 32×32 inputs keep their resolution (ResNet style).
+
+    ``init = "kaiming"``: Kaiming-normal (fan-out) like the other convolutions and the ACL-family ResNets;
+    ``"pytorch"``: nn.Conv2d's own default, which EMP-SSL and CF-AMC-SSL get by swapping torchvision's conv1 after
+    the model is built.
+    """
     conv = getattr(model, "conv1", None)
     if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
         raise UserError("backbone.cifar_stem: only ResNet-style models with 'conv1' and 'maxpool' support it; "
                         "set backbone.cifar_stem = false")
     model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
-    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    if init == "kaiming":
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
     return model
 

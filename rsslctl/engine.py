@@ -60,7 +60,7 @@ class Trainer:
         epoch_steps = self.coreset.epoch_steps() if self.coreset else [self.steps_per_epoch] * recipe.schedule.epochs
         self.clock = StepClock(epoch_steps, self.replays, recipe.schedule.warmup_epochs, recipe.coreset.lr_schedule)
         # a method may ask for the free-AT reference quirk instead: schedule length in minibatches, but stepped
-        # once per optimizer step, so the cosine is over-stepped m times (see docs/methods.md, free AT)
+        # once per optimizer step, so the cosine is over-stepped m times (see docs/methods.md, "Adversarial training and free AT")
         self.minibatch_clock = StepClock(epoch_steps, 1, recipe.schedule.warmup_epochs, recipe.coreset.lr_schedule)
         self.epoch = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"

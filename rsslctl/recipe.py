@@ -54,7 +54,9 @@ class EngineOptions:
     checkpoint_every: int = opt(1, "write a checkpoint every N epochs (and always at the end)", min=1)
     keep_checkpoints: int = opt(2, "how many checkpoints to keep", min=1)
     log_every: int = opt(10, "read metrics back from the device every N steps", min=1)
-    threads: int = opt(0, "CPU threads for torch (0 = torch default)", min=0)
+    threads: int = opt(0, "CPU threads for torch (0 = torch default); fix it for bit-reproducible CPU runs", min=0)
+    deterministic: bool = opt(False, "deterministic algorithms only (torch.use_deterministic_algorithms); "
+                                     "bit-reproducible runs on one machine, usually slower on CUDA")
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ from .build import load_split, setup_device
 from .checkpoint import atomic_write_text
 from .classify import accuracy, load_classifier, mode_dir
 from .errors import UserError
+from .ui import err_console as console  # status lines go to stderr, so `--json` stdout stays parseable
 from .recipe import resolve
 from .runs import refuse_existing
 
@@ -101,6 +102,7 @@ def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, opts: 
         state["done"].append(attack)
         state["robust"] = robust.tolist()
         atomic_write_text(state_path, json.dumps(state))
+        console.print(f"  AutoAttack {attack}: {int(robust.sum())}/{len(robust)} still correct", highlight=False)
     n = len(labels)
     return {"robust_accuracy": float(robust.float().mean()), "clean_accuracy": sum(state["clean"]) / n, "images": n,
             "version": opts.aa_version, "attacks": attacks, "norm": norm, "eps": opts.eps,
@@ -146,6 +148,7 @@ def evaluate_model(model: nn.Module, test: Any, corruption_folder: str, data_roo
     x, y = test.images, test.labels
     out: dict[str, Any] = {"test_images": len(y), "settings": suite_settings(opts)}
     out["clean_accuracy"] = accuracy(model, x, y, device, batch=opts.batch_size)
+    console.print(f"  clean accuracy {100 * out['clean_accuracy']:.2f} % on {len(y)} images", highlight=False)
     if opts.fgsm:
         torch.manual_seed(opts.seed)
         out["fgsm"] = {"attack": opts.single_step_attack, "eps": opts.eps, "norm": opts.norm, "accuracy": accuracy(
@@ -155,6 +158,7 @@ def evaluate_model(model: nn.Module, test: Any, corruption_folder: str, data_roo
     out["pgd"] = {"eps": opts.eps, "step_size": opts.step_size, "steps": opts.pgd_steps, "norm": opts.norm,
                   "attack": opts.attack, "random_start": True, "clamp_start": opts.clamp_start,
                   "accuracy": accuracy(model, x, y, device, pgd, batch=opts.batch_size)}
+    console.print(f"  {opts.attack}-{opts.pgd_steps} accuracy {100 * out['pgd']['accuracy']:.2f} %", highlight=False)
     if opts.autoattack:
         out["autoattack"] = autoattack_accuracy(model, x, y, opts, device, state_path)
     if opts.corruptions:
@@ -202,7 +206,7 @@ def write_report(out_dir: Path) -> dict[str, Any]:
         path = eval_dir / f"{mode}.json"
         if path.is_file():
             modes[mode] = json.loads(path.read_text())
-    report = {"protocol": "RobustSSL benchmark (docs/methods.md, evaluation): fine-tuned classifier, eval mode; SA = clean, "
+    report = {"protocol": "RobustSSL benchmark (docs/methods.md, Evaluation): fine-tuned classifier, eval mode; SA = clean, "
                           "RA = AutoAttack, CA = mean corruption accuracy over severities 1-5 (percent)",
               "leaderboard": {m: r["leaderboard"] for m, r in modes.items()}, "modes": modes}
     differ = sorted({k for r in modes.values() for k, v in r.get("settings", {}).items()
@@ -286,6 +290,7 @@ def evaluate_finetuned(out_dir: Path, modes: list[str], opts: SuiteOptions, over
         refuse_existing(eval_dir / f"{m}.json", "evaluation", force)
     eval_dir.mkdir(parents=True, exist_ok=True)
     for mode in todo:
+        console.print(f"evaluating {mode}", highlight=False)
         info = json.loads((mode_dir(out_dir, mode) / "config.json").read_text())
         # a fine-tuned classifier needs no pretraining plugins: only its data, engine and evaluation settings
         raw = {"data": dict(info["data"]), "engine": dict(info["engine"])}

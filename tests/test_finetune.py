@@ -325,6 +325,20 @@ def test_finetune_and_evaluate_end_to_end(tiny_recipe: Path, tmp_path: Path) -> 
     assert again.exit_code == 2 and "--force" in again.stderr
     assert run("evaluate", str(run_dir), "--mode", "SLF", "--test-limit", "8", "--force", "--eps-curve", "").exit_code == 0
 
+    # the fine-tuned classifier leaves rsslctl: timm weights + a load_model module, same outputs as inside rsslctl
+    exported = run("export", str(run_dir), "--classifier", "AFF")
+    assert exported.exit_code == 0, exported.output
+    import importlib.util
+    from rsslctl.classify import load_classifier
+    spec = importlib.util.spec_from_file_location("clf", run_dir / "classifier_AFF.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    outside = module.load_model(str(run_dir / "classifier_AFF.safetensors"))
+    inside, _ = load_classifier(run_dir / "finetune" / "AFF", CPU)
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(outside(x), inside(x), atol=1e-5)
+
     # an external encoder: the exported backbone through --weights; a wrong model is an error naming keys
     assert run("export", str(run_dir)).exit_code == 0
     ext = tmp_path / "ext"

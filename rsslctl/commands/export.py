@@ -8,9 +8,13 @@ from typing import Any
 import click
 import torch
 
+from .. import registry
 from ..build import load_trained_method
 from ..checkpoint import atomic_write_text, save_tensors
+from ..classify import load_classifier, mode_dir
 from ..encoder import single_bn_state
+from ..errors import UserError
+from ..options import validate
 from ..runs import load_run_recipe
 from ..ui import console
 from .common import user_errors
@@ -33,13 +37,44 @@ def export_encoder(run_dir: Path, out: Path | None = None, route: str = "auto") 
     return out, info
 
 
+def export_classifier(run_dir: Path, mode: str, out: Path | None = None) -> tuple[Path, Path]:
+    """Write the fine-tuned classifier of ``run_dir/finetune/<mode>`` in the backbone library's own layout (classifier
+    included) plus a Python module with ``load_model(path)``; returns (weights, module)."""
+    net, info = load_classifier(mode_dir(run_dir, mode), torch.device("cpu"))
+    spec = info["backbone"]
+    backbone = registry.get("backbone", spec["name"], "backbone.name")(
+        validate(registry.get("backbone", spec["name"]).Options, dict(spec["options"]), "backbone"))
+    prefix, source = backbone.classifier_export(info["num_classes"])
+    if not prefix:
+        raise UserError(f"{run_dir}: backbone '{spec['name']}' cannot export a standalone classifier")
+    state = {**{k[len("body.backbone."):]: v for k, v in net.state_dict().items() if k.startswith("body.backbone.")},
+             f"{prefix}.weight": net.head.weight, f"{prefix}.bias": net.head.bias}
+    out = Path(out) if out else Path(run_dir) / f"classifier_{mode}.safetensors"
+    meta = {"mean": info["mean"], "std": info["std"], "classes": info["classes"], "backbone": spec,
+            "finetune": info["config"], "source": str(mode_dir(run_dir, mode)), "input": "RGB pixels in [0, 1]"}
+    save_tensors(out, state, {"rsslctl": meta})
+    module = out.with_suffix(".py")
+    atomic_write_text(module, source)
+    return out, module
+
+
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default RUN_DIR/encoder.safetensors).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file (default RUN_DIR/encoder.safetensors, or RUN_DIR/classifier_MODE.safetensors).")
 @click.option("--route", type=click.Choice(["auto", "normal", "pgd"]), default="auto", show_default=True,
               help="BN route of a dual-BN encoder to export.")
+@click.option("--classifier", "mode", type=click.Choice(["SLF", "ALF", "AFF"]),
+              help="Export the fine-tuned classifier of this mode (backbone + its classifier, loadable without rsslctl).")
 @user_errors
-def export(run_dir: Path, out: Path | None, route: str) -> None:
-    """Write the encoder alone as safetensors, loadable into timm.create_model(name, num_classes=0)."""
+def export(run_dir: Path, out: Path | None, route: str, mode: str | None) -> None:
+    """Write the encoder alone as safetensors, loadable into timm.create_model(name, num_classes=0); or, with
+    --classifier, a fine-tuned classifier with a ready-to-use load_model(path) module."""
+    if mode:
+        path, module = export_classifier(run_dir, mode, out)
+        console.print(f"wrote {path} and {module}; load it with:\n  import sys; sys.path.insert(0, {str(module.parent)!r})\n"
+                      f"  from {module.stem} import load_model\n"
+                      f"  model = load_model({str(path)!r})  # pixels in [0, 1], normalisation inside", highlight=False)
+        return
     path, info = export_encoder(run_dir, out, route)
     console.print(f"wrote {path} (BN route {info['bn_route']}); rebuild with {info['backbone']}")
