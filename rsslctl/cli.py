@@ -23,8 +23,10 @@ def main() -> None:
 
 for _command in (pretrain, evaluate, finetune_command, export, plugins, recipe, select_coreset, cite):
     main.add_command(_command)
-for _command in registry().commands():  # a plugin cannot replace a built-in verb
-    if _command.name not in main.commands:
+for _command, _info in registry().command_entries():
+    if _command.name in main.commands:  # a plugin cannot replace a built-in (or an earlier plugin's) verb
+        _info.error = f"verb '{_command.name}' is taken; not added"
+    else:
         main.add_command(_command)
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def plugins(show_options: bool) -> None:
     for col in ("kind", "name", "package", "version", "description"):
         table.add_column(col)
     for info in registry().all():
-        desc = f"[red]{'failed to load: ' if info.cls is None else ''}{escape(info.error)}[/]" if info.error else escape(info.doc)
+        desc = f"[red]{'failed to load: ' if info.kind != 'command' and info.cls is None else ''}{escape(info.error)}[/]" \
+            if info.error else escape(info.doc)
         table.add_row(info.kind, info.name, info.package, info.version, desc)
         if show_options and info.cls is not None:
             for name, tname, default, help_ in describe(info.cls.Options):
