@@ -64,7 +64,7 @@ def setup_device(recipe: Recipe) -> torch.device:
     return select_device(recipe.engine.device)
 
 
-def load_split(recipe: Recipe, split: str) -> ImageData:
+def load_split(recipe: Recipe, split: str, limit: int = 0) -> ImageData:
     """Load a split through the dataset plugin (downloading only if the recipe asks), resized to image_size."""
     cls = recipe.dataset.cls
     if split not in cls.splits:
@@ -78,6 +78,8 @@ def load_split(recipe: Recipe, split: str) -> ImageData:
         console.print(f"[bold]downloading[/] {cls.name} into {Path(recipe.data.root).resolve()}")
         dataset.download()
         data = dataset.load(split)
+    if limit:  # cut before resizing: only the images used are brought to image_size
+        data = data.subset(torch.arange(min(limit, len(data))))
     size = recipe.data.image_size
     check_allocation(len(data) * data.images.shape[1] * size * size, f"data: {len(data):,} images of split "
                      f"'{split}' at data.image_size = {size}", "lower data.image_size or set data.limit")
@@ -86,10 +88,7 @@ def load_split(recipe: Recipe, split: str) -> ImageData:
 
 def load_train_split(recipe: Recipe) -> ImageData:
     """The recipe's training split, cut to its first ``data.limit`` images when a limit is set."""
-    train = load_split(recipe, recipe.data.train_split)
-    if recipe.data.limit:
-        train = train.subset(torch.arange(min(recipe.data.limit, len(train))))
-    return train
+    return load_split(recipe, recipe.data.train_split, recipe.data.limit)
 
 
 def build_method(recipe: Recipe, device: torch.device) -> Method:

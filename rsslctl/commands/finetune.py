@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import registry
 from ..attack import make_attack
 from ..build import load_train_split, load_trained_method, setup_device
-from ..checkpoint import atomic_write_text, read_meta, save_tensors
+from ..checkpoint import atomic_write_text, read_meta, refuse_nonfinite, save_tensors
 from ..classify import (Classifier, FinetuneConfig, LoopSettings, balanced_subset, build_backbone, crop_flip,
                         encoder_classifier, load_strict, mode_dir, resolve_configs, trades_adversary, trades_loss,
                         train_classifier)
@@ -93,7 +93,13 @@ def from_safetensors(weights: Path, model: str | None, cifar_stem: bool | None) 
         state = load_file(str(weights))
     except Exception as exc:  # not a safetensors file
         raise UserError(f"--weights: {weights} is not a readable safetensors file ({exc})") from None
-    info = json.loads(meta.get("rsslctl", "{}"))
+    refuse_nonfinite(state, str(weights))
+    try:
+        info = json.loads(meta.get("rsslctl", "{}"))
+    except ValueError:
+        info = {}
+    if not isinstance(info, dict) or not isinstance(info.get("backbone", {}), dict):
+        info = {}
     bb = info.get("backbone", {})
     model = model or bb.get("model")
     if not model:
@@ -260,6 +266,12 @@ def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, we
     column = recipe.dataset.cls.hyperparameter_column(recipe.data.image_size)
     configs = resolve_configs(mode, finetune_rows(), row, column, user)
     suite = suite_from_flags(kw)  # validate evaluation flags before training
+    if weights is not None:  # replacing a mode's output must never delete the file being fine-tuned
+        for c in configs:
+            target = mode_dir(out_dir, c.mode).resolve()
+            if target in Path(weights).resolve().parents:
+                raise UserError(f"--weights {weights}: lies inside {target}, which fine-tuning writes; move it or "
+                                "choose another --out")
     run_finetune(source, recipe, configs, out_dir, force, quiet)
     if then_evaluate:
         report = evaluate_finetuned(out_dir, [c.mode for c in configs], suite, list(overrides), force)
