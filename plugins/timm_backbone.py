@@ -47,6 +47,10 @@ class TimmBackbone(Backbone):
         except Exception as exc:  # noqa: BLE001 — timm raises many kinds for unusable kwargs (zero channels, …)
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise UserError(f"backbone.model_kwargs: {o.model} cannot be built with {o.model_kwargs} ({why})") from None
+        empty = next((n for n, p in model.named_parameters() if p.numel() == 0), None)
+        if empty is not None:
+            raise UserError(f"backbone.model_kwargs: {o.model_kwargs} gives {o.model} a layer without weights "
+                            f"({empty}); use positive sizes")
         if o.cifar_stem:
             apply_cifar_stem(model)
         if o.weights:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_bytes, save_file
+from safetensors.torch import load as load_bytes, save_file as _save_file
 
 from .errors import UserError
 
@@ -30,6 +31,20 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (disk full, read-only, file too large) raised as the OSError
+    they are, so every command reports them as one line."""
+    try:
+        _save_file(tensors, path, metadata=metadata)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — safetensors wraps OS errors in its own exception type
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
