@@ -262,4 +262,7 @@ def load_latest(run_dir: Path, tries: int = 5
             return (ckpt, *load_checkpoint(ckpt))
         except FileNotFoundError:
             continue
+        except CorruptCheckpoint:  # half-deleted by a pruning writer, unless it is still the newest one
+            if ckpt.is_dir() and latest_checkpoint(run_dir) == ckpt:
+                raise
     raise UserError(f"{run_dir}: its checkpoints changed {tries} times while being read; retry")

@@ -353,8 +353,20 @@ def load_classifier(directory: Path, device: torch.device) -> tuple[Classifier, 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory}: no fine-tuned model here; run `rsslctl finetune` first")
-    from safetensors.torch import load_file
-    info = json.loads((directory / "config.json").read_text())
-    net = encoder_classifier(build_backbone(info["backbone"]), info["mean"], info["std"], info["num_classes"], False)
-    load_strict(net, load_file(str(directory / "model.safetensors")), str(directory / "model.safetensors"))
+    from safetensors.torch import load as load_bytes
+
+    from .checkpoint import refuse_nonfinite
+    weights = directory / "model.safetensors"
+    try:
+        info = json.loads((directory / "config.json").read_text())
+        backbone, mean, std, classes = info["backbone"], info["mean"], info["std"], int(info["num_classes"])
+        state = load_bytes(weights.read_bytes())
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        raise UserError(f"{directory}: damaged fine-tuning output ({type(exc).__name__}: {str(exc)[:120]}); run "
+                        "`rsslctl finetune --force` again") from None
+    except Exception as exc:  # noqa: BLE001 — safetensors' own error for a malformed file
+        raise UserError(f"{weights}: not a readable safetensors file ({str(exc)[:120]})") from None
+    refuse_nonfinite(state, str(weights))
+    net = encoder_classifier(build_backbone(backbone), mean, std, classes, False)
+    load_strict(net, state, str(weights))
     return net.to(device).eval(), info

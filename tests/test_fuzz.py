@@ -44,6 +44,20 @@ plausible = st.one_of(st.integers(min_value=0, max_value=64), st.floats(min_valu
                       st.sampled_from(["resnet18", "linf", "sgd", "cosine", "bf16", "none", "8/255", "run2"]))
 
 
+#: values each key accepts, so that a good share of the fuzzed recipes is valid and reaches the run directory
+VALID = {"run.name": st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,20}", fullmatch=True),
+         "run.seed": st.integers(0, 2**32 - 1), "data.image_size": st.integers(8, 64),
+         "data.limit": st.integers(0, 500), "augment.strength": st.floats(0.01, 1),
+         "augment.flip_p": st.floats(0, 1), "encoder.head_layers": st.integers(0, 8),
+         "encoder.std": st.lists(st.floats(0.01, 10), min_size=3, max_size=3),
+         "attack.eps": st.floats(0, 1), "attack.steps": st.integers(1, 20), "optimizer.lr": st.floats(0, 10),
+         "optimizer.momentum": st.floats(0, 1), "schedule.epochs": st.integers(1, 1000),
+         "schedule.batch_size": st.integers(2, 64), "schedule.min_lr": st.floats(0, 1e-3),
+         "engine.grad_clip": st.floats(0, 100), "engine.keep_checkpoints": st.integers(1, 10),
+         "engine.log_every": st.integers(1, 100), "evaluation.eps": st.floats(0, 1),
+         "evaluation.steps": st.integers(1, 50)}
+
+
 def toml_value(v: object) -> str:
     """A value as TOML text (what a user types after `--set key=`)."""
     if isinstance(v, bool):
@@ -63,7 +77,8 @@ override = st.one_of(
     st.tuples(st.sampled_from(KEYS), values).map(lambda kv: f"{kv[0][0]}.{kv[0][1]}={toml_value(kv[1])}"),
     st.tuples(st.sampled_from(KEYS), st.sampled_from(SPECIAL)).map(lambda kv: f"{kv[0][0]}.{kv[0][1]}={kv[1]}"),
     st.text(max_size=20),  # raw garbage: no '=', unknown tables, unparseable TOML
-    *[st.tuples(st.sampled_from(KEYS), plausible).map(lambda kv: f"{kv[0][0]}.{kv[0][1]}={toml_value(kv[1])}")] * 3)
+    *[st.tuples(st.sampled_from(KEYS), plausible).map(lambda kv: f"{kv[0][0]}.{kv[0][1]}={toml_value(kv[1])}")] * 2,
+    *[st.sampled_from(sorted(VALID)).flatmap(lambda k: VALID[k].map(lambda v: f"{k}={toml_value(v)}"))] * 4)
 
 FUZZ_EXAMPLES = 300
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import registry
 from ..attack import make_attack
 from ..build import load_train_split, load_trained_method, setup_device
-from ..checkpoint import atomic_write_text, read_meta, refuse_nonfinite, save_tensors
+from ..checkpoint import atomic_write_text, refuse_nonfinite, save_tensors
 from ..classify import (Classifier, FinetuneConfig, LoopSettings, balanced_subset, build_backbone, crop_flip,
                         encoder_classifier, load_strict, mode_dir, resolve_configs, trades_adversary, trades_loss,
                         train_classifier)
@@ -69,10 +69,10 @@ def from_run(run_dir: Path, overrides: list[str] = ()) -> Pretrained:
     post-processing step wrote may name its own hyper-parameter row in the checkpoint's metadata."""
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir, overrides)
-    method, ckpt, _ = load_trained_method(run_dir, recipe, torch.device("cpu"), "fine-tune")
+    method, ckpt, meta = load_trained_method(run_dir, recipe, torch.device("cpu"), "fine-tune")
     enc = method.eval_encoder()
     bb = recipe.resolved["backbone"]
-    row = read_meta(ckpt).get("finetune_row") or method.finetune_row() or "other"
+    row = meta.get("finetune_row") or method.finetune_row() or "other"
     return Pretrained({"name": bb["name"], "options": {k: v for k, v in bb.items() if k != "name"}},
                       {k: v.clone() for k, v in enc.backbone.state_dict().items()}, enc.dual_bn,
                       tuple(recipe.encoder.mean), tuple(recipe.encoder.std), row,
