@@ -188,9 +188,25 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     removed = []
     for pattern in (f"{CKPT_DIR}/.tmp-epoch-*", ".*.tmp-*", f"{CKPT_DIR}/.*.tmp-*"):
         for p in Path(run_dir).glob(pattern):
+            if pid_alive(p.name.rpartition("-")[2]):  # e.g. an evaluate writing eval.json right now
+                continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def pid_alive(pid: str) -> bool:
+    """Whether another process ``pid`` (the suffix of a temporary name) still runs on this machine; this process's
+    own temporaries, left by an earlier failed attempt, count as stale."""
+    try:
+        if int(pid) == os.getpid():
+            return False
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

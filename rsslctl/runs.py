@@ -69,6 +69,8 @@ def check_output(out: Path, reads: Iterable[Path], what: str, force: bool) -> No
             raise UserError(f"{out}: {what} would overwrite {src}, which this command reads; choose another path")
     if out.is_dir():
         raise UserError(f"{out}: {what} is a directory; name a file")
+    if not out.parent.is_dir():
+        raise UserError(f"{out}: {what}: the folder {out.parent} does not exist; create it first")
     refuse_existing(out, what, force, " or choose another path")
 
 

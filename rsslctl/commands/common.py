@@ -13,6 +13,7 @@ import click
 from rich.markup import escape
 
 from ..errors import UserError
+from ..limits import MAX_BATCH, MAX_INT, MAX_SEED, MAX_STEPS, check_number
 from ..ui import console, err_console
 
 
@@ -99,9 +100,9 @@ SET = click.option("--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE",
                    help="Override a recipe value, e.g. --set schedule.epochs=5 (repeatable).")
 
 
-def parse_eps(text: str) -> float:
+def parse_eps(text: str, flag: str = "--eps") -> float:
     from ..options import parse_number
-    return parse_number(text.strip(), "--eps")
+    return parse_number(text.strip(), flag)
 
 
 def suite_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -144,7 +145,14 @@ def suite_from_flags(kw: dict[str, Any]) -> Any:
         raise UserError(f"--aa-attacks: unknown attack {bad[0]!r}; choose from apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square")
     if attacks and kw["aa_version"] != "custom":
         raise UserError("--aa-attacks needs --aa-version custom")
-    return SuiteOptions(eps=parse_eps(kw["eps"]), step_size=parse_eps(kw["step_size"]), pgd_steps=kw["pgd_steps"], norm=kw["norm"],
+    for value in curve:
+        check_number(value, "--eps-curve", 0, None)
+    for flag, hi in (("pgd_steps", MAX_STEPS), ("aa_limit", MAX_INT), ("aa_batch", MAX_BATCH),
+                     ("corruption_limit", MAX_INT), ("test_limit", MAX_INT), ("eval_seed", MAX_SEED)):
+        check_number(kw[flag], "--" + flag.replace("_", "-"), 0, hi)
+    check_number(parse_eps(kw["eps"]), "--eps", 0, None)
+    check_number(parse_eps(kw["step_size"], "--step-size"), "--step-size", 0, None)
+    return SuiteOptions(eps=parse_eps(kw["eps"]), step_size=parse_eps(kw["step_size"], "--step-size"), pgd_steps=kw["pgd_steps"], norm=kw["norm"],
                         fgsm=kw["fgsm"], autoattack=kw["autoattack"], aa_version=kw["aa_version"], aa_attacks=attacks,
                         aa_limit=kw["aa_limit"], aa_batch=kw["aa_batch"], corruptions=kw["corruptions"],
                         corruption_dir=kw["corruption_dir"], corruption_limit=kw["corruption_limit"], eps_curve=curve,
