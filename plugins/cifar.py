@@ -58,7 +58,9 @@ class _Cifar(Dataset):
             images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32))  # rows hold R, G, B planes, row-major
             if len(images) != len(labels):
                 raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+                raise ValueError(f"labels outside 0..{len(classes) - 1}")
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError, IndexError, MemoryError) as exc:
             raise UserError(f"{folder}: corrupted {self.title} files ({exc}); re-extract the archive") from None
         return ImageData(torch.from_numpy(images), torch.from_numpy(labels), classes, self.name)
 

@@ -16,6 +16,7 @@ from torch import nn
 from rsslctl import hookimpl
 from rsslctl.encoder import Backbone, apply_cifar_stem
 from rsslctl.errors import UserError
+from rsslctl.limits import check_model_kwargs
 from rsslctl.options import closest, opt
 
 
@@ -45,6 +46,7 @@ class TimmBackbone(Backbone):
         if o.model not in timm.list_models():
             raise UserError(f"{where}.model: unknown timm model '{o.model}'{closest(o.model, timm.list_models())}; "
                             "see `python -c 'import timm; print(timm.list_models())'`")
+        check_model_kwargs(o.model_kwargs, f"{where}.model_kwargs")
         if "zero_init_last" in o.model_kwargs:
             raise UserError(f"{where}.model_kwargs: set backbone.zero_init_last instead of model_kwargs.zero_init_last")
         if o.weights and not Path(o.weights).is_file():
@@ -63,13 +65,22 @@ class TimmBackbone(Backbone):
                     raise
                 # a model without residual blocks (ViT, MobileNet, ...) has no such option
                 model = timm.create_model(o.model, pretrained=False, num_classes=0, **kwargs)
-        except TypeError as exc:
-            raise UserError(f"backbone.model_kwargs: {o.model} rejects them ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 — timm raises many kinds for unusable kwargs (zero channels, …)
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"backbone.model_kwargs: {o.model} cannot be built with {o.model_kwargs} ({why})") from None
+        empty = next((n for n, p in model.named_parameters() if p.numel() == 0), None)
+        if empty is not None:
+            raise UserError(f"backbone.model_kwargs: {o.model_kwargs} gives {o.model} a layer without weights "
+                            f"({empty}); use positive sizes")
         if o.cifar_stem:
             apply_cifar_stem(model, o.stem_init)
         if o.weights:
             from safetensors.torch import load_file
-            missing, unexpected = model.load_state_dict(load_file(o.weights), strict=False)
+            try:
+                missing, unexpected = model.load_state_dict(load_file(o.weights), strict=False)
+            except Exception as exc:  # noqa: BLE001 — not safetensors, or tensors of the wrong shape
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise UserError(f"backbone.weights: {o.weights} cannot be loaded into {o.model} ({why})") from None
             if missing or unexpected:
                 raise UserError(f"backbone.weights: {o.weights} does not fit {o.model} "
                                 f"(missing {len(missing)} keys, unexpected {len(unexpected)}); check cifar_stem/model_kwargs")

@@ -12,7 +12,8 @@ import torch
 
 from . import registry
 from .augment import ViewAugment
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import load_latest, refuse_nonfinite
+from .limits import check_allocation
 from .data import ImageData
 from .encoder import build_encoder
 from .errors import UserError
@@ -68,7 +69,7 @@ def setup_device(recipe: Recipe) -> torch.device:
     return select_device(recipe.engine.device)
 
 
-def load_split(recipe: Recipe, split: str) -> ImageData:
+def load_split(recipe: Recipe, split: str, limit: int = 0) -> ImageData:
     """Load a split through the dataset plugin (downloading only if the recipe asks), resized to image_size."""
     cls = recipe.dataset.cls
     if split not in cls.splits:
@@ -82,15 +83,17 @@ def load_split(recipe: Recipe, split: str) -> ImageData:
         console.print(f"[bold]downloading[/] {cls.name} into {Path(recipe.data.root).resolve()}")
         dataset.download()
         data = dataset.load(split)
-    return data.resized(recipe.data.image_size)
+    if limit:  # cut before resizing: only the images used are brought to image_size
+        data = data.subset(torch.arange(min(limit, len(data))))
+    size = recipe.data.image_size
+    check_allocation(len(data) * data.images.shape[1] * size * size, f"data: {len(data):,} images of split "
+                     f"'{split}' at data.image_size = {size}", "lower data.image_size or set data.limit")
+    return data.resized(size)
 
 
 def load_train_split(recipe: Recipe) -> ImageData:
     """The recipe's training split, cut to its first ``data.limit`` images when a limit is set."""
-    train = load_split(recipe, recipe.data.train_split)
-    if recipe.data.limit:
-        train = train.subset(torch.arange(min(recipe.data.limit, len(train))))
-    return train
+    return load_split(recipe, recipe.data.train_split, recipe.data.limit)
 
 
 def build_method(recipe: Recipe, device: torch.device) -> Method:
@@ -111,13 +114,26 @@ def load_trained_method(run_dir: Path, recipe: Recipe, device: torch.device, pur
                         ) -> tuple[Method, Path, dict[str, Any]]:
     """(method with the weights of the run's newest checkpoint, that checkpoint, its meta); ``purpose`` names the
     command in the error raised when the run has no checkpoint yet."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
+    found = load_latest(run_dir)
+    if found is None:
         raise UserError(f"{run_dir}: no checkpoint to {purpose} yet; run `rsslctl pretrain` first")
+    ckpt, model_state, _, meta = found
+    refuse_nonfinite(model_state, str(ckpt))
     method = build_method(recipe, device)
-    model_state, _, meta = load_checkpoint(ckpt)
-    method.load_state_dict(model_state)
+    load_weights(method, model_state, ckpt)
     return method, ckpt, meta
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], ckpt: Path, strict: bool = True) -> None:
+    """``module.load_state_dict`` with a one-line error when the checkpoint does not fit the recipe's model."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # wrong shapes
+        why = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+        raise UserError(f"{ckpt}: checkpoint does not match the recipe's model ({why})") from None
+    if strict and (missing or unexpected):
+        raise UserError(f"{ckpt}: checkpoint does not match the recipe's model "
+                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
 
 
 def plugin_versions(recipe: Recipe) -> dict[str, str]:

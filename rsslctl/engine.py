@@ -17,15 +17,17 @@ import torch
 from torch import Tensor
 
 from .build import autocast, build_method, load_train_split, plugin_versions, setup_device, uses_bf16
-from .checkpoint import (derive_seed, latest_checkpoint, load_checkpoint, optimizer_from_flat, save_checkpoint,
-                         set_rng_state)
+from .build import load_weights
+from .checkpoint import (CorruptCheckpoint, atomic_write_text, checkpoints, derive_seed, latest_checkpoint,
+                         load_checkpoint, optimizer_from_flat, read_meta, refuse_nonfinite, remove_stale_temporaries,
+                         save_checkpoint, set_rng_state)
 from .coreset import CoresetRun, method_target
 from .errors import TrainingDiverged, UserError
 from .logs import RunLogger, duration
 from .monitor import monitor_accuracies, monitor_splits
 from .optim import StepClock, lr_at, make_optimizer
 from .recipe import Recipe
-from .ui import console, progress_bar, summary_table
+from .ui import console, err_console, progress_bar, summary_table
 
 #: (optimizer step, lr, loss, metrics) of a step whose values are still on the device
 Pending = tuple[int, float, Tensor, dict[str, Tensor]]
@@ -84,17 +86,27 @@ class Trainer:
         return self.clock.step(epoch, i, rep), total, warm
 
     # -- state -------------------------------------------------------------------------------------
-    def restore(self) -> bool:
-        """Load the newest complete checkpoint; False if there is none."""
-        ckpt = latest_checkpoint(self.run_dir)
+    def restore(self, from_checkpoint: Path | None = None) -> bool:
+        """Load the newest complete checkpoint (or ``from_checkpoint``, one of this run's); False if there is none.
+        A corrupt checkpoint is named, with the command that resumes from the previous good one; nothing is
+        deleted."""
+        ckpt = self._pick_checkpoint(from_checkpoint)
         if ckpt is None:
+            self._truncate_metrics(0)  # a run killed before its first checkpoint keeps no records
             return False
-        model, state, meta = load_checkpoint(ckpt)
-        missing, unexpected = self.method.load_state_dict(model, strict=False)
-        if missing or unexpected:
-            raise UserError(f"{ckpt}: checkpoint does not match the recipe's model "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        optimizer_from_flat(self.optimizer, state, meta["optimizer"])
+        try:
+            model, state, meta = load_checkpoint(ckpt)
+            refuse_nonfinite(model, str(ckpt))
+        except CorruptCheckpoint as exc:
+            older = [c for c in checkpoints(self.run_dir) if c.name < ckpt.name]
+            hint = (f"resume from the previous one with `rsslctl pretrain --resume {self.run_dir} --from-checkpoint "
+                    f"{older[-1]}`" if older else "no older checkpoint is left; start over with --force")
+            raise UserError(f"{exc}; {hint} (nothing was deleted)") from None
+        load_weights(self.method, model, ckpt)
+        try:
+            optimizer_from_flat(self.optimizer, state, meta["optimizer"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise UserError(f"{ckpt}: optimizer state does not match the recipe ({str(exc)[:120]})") from None
         set_rng_state(state)
         self.epoch = int(meta["epoch"])
         self.method.load_run_state({k[len("method."):]: v.to(self.device) for k, v in state.items()
@@ -103,6 +115,16 @@ class Trainer:
             self.coreset.indices = state["coreset.indices"]
         self._truncate_metrics(self.clock.step(self.epoch + 1, 0))
         return True
+
+    def _pick_checkpoint(self, chosen: Path | None) -> Path | None:
+        if chosen is None:
+            return latest_checkpoint(self.run_dir)
+        known = {c.resolve(): c for c in checkpoints(self.run_dir)}
+        if Path(chosen).resolve() not in known:
+            names = ", ".join(c.name for c in known.values()) or "none"
+            raise UserError(f"--from-checkpoint {chosen}: not a complete checkpoint of {self.run_dir} "
+                            f"(its checkpoints: {names})")
+        return known[Path(chosen).resolve()]
 
     def _make_coreset(self) -> CoresetRun | None:
         """The [coreset] schedule, or None when the run trains on the whole split every epoch."""
@@ -120,11 +142,15 @@ class Trainer:
         if not self.metrics_path.exists():
             return
         keep = []
-        for line in self.metrics_path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("step", -1) < first_lost_step and rec.get("epoch", 0) <= self.epoch:
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a partial last line of a killed run
+                continue
+            if (isinstance(rec, dict) and rec.get("step", -1) < first_lost_step
+                    and rec.get("epoch", 0) <= self.epoch):
                 keep.append(line)
-        self.metrics_path.write_text("".join(k + "\n" for k in keep))
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
     def _meta(self, summary: dict[str, Any]) -> dict[str, Any]:
         return {"recipe": self.recipe.resolved, "plugins": plugin_versions(self.recipe), "metrics": summary,
@@ -139,10 +165,20 @@ class Trainer:
                         keep=self.recipe.engine.keep_checkpoints, extra=extra)
 
     # -- loop ----------------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict[str, Any]:
+    def fit(self, resume: bool = False, from_checkpoint: Path | None = None) -> dict[str, Any]:
         r = self.recipe
-        if resume and self.restore() and not self.quiet:
-            console.print(f"resuming after epoch {self.epoch}")
+        for stale in remove_stale_temporaries(self.run_dir):
+            err_console.print(f"removed {stale}, left behind by an interrupted run", highlight=False)
+        if resume:
+            if not self.restore(from_checkpoint):
+                err_console.print(f"{self.run_dir}: no checkpoint yet, so nothing to resume from; training from "
+                                  "epoch 1", highlight=False)
+            elif self.epoch >= r.schedule.epochs:
+                err_console.print(f"{self.run_dir}: already finished all {r.schedule.epochs} epochs; nothing to do "
+                                  "(to train longer, start a new run)", highlight=False)
+                return dict(read_meta(latest_checkpoint(self.run_dir)).get("metrics", {}))
+            elif not self.quiet:
+                console.print(f"resuming after epoch {self.epoch}")
         images, labels = self.train.images.to(self.device), self.train.labels.to(self.device)
         summary: dict[str, Any] = {}
         self._t_run, self._steps_at_start = time.perf_counter(), self.clock.step(self.epoch + 1, 0)
@@ -256,8 +292,20 @@ class Trainer:
     def _flush(self, pending: list[Pending], epoch: int, log: TextIO) -> list[float]:
         """One device→host copy for all pending steps; stop on a non-finite loss."""
         names = sorted({k for _, _, _, m in pending for k in m})
-        rows = torch.stack([torch.stack([loss.float()] + [m.get(k, loss).float() for k in names])
-                            for _, _, loss, m in pending]).tolist()
+        table = torch.stack([torch.stack([loss.float()] + [m.get(k, loss).float() for k in names])
+                             for _, _, loss, m in pending])
+        # the weights after the last step, checked in the same device→host copy: a diverging step whose loss was
+        # still finite cannot slip into a checkpoint
+        weights_ok = torch.stack([t.isfinite().all() for t in self.method.state_dict().values()
+                                  if t.is_floating_point()]).all()
+        values = torch.cat([table.flatten(), weights_ok.float().view(1)]).tolist()
+        width = table.shape[1]
+        rows = [values[i * width:(i + 1) * width] for i in range(len(pending))]
+        if values[-1] != 1.0 and all(math.isfinite(row[0]) for row in rows):
+            last = latest_checkpoint(self.run_dir)
+            kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint had been written yet"
+            raise TrainingDiverged(f"weights became non-finite by epoch {epoch}, step {pending[-1][0]}; {kept}; "
+                                   "lower optimizer.lr or set engine.grad_clip, then resume with --resume")
         out = []
         for (step, lr, _, _), row in zip(pending, rows):
             if not math.isfinite(row[0]):

@@ -8,6 +8,7 @@ from typing import Iterable, Literal
 import torch
 from torch import Tensor
 
+from .limits import MAX_BATCH, MAX_EPOCHS
 from .options import opt
 
 
@@ -21,15 +22,15 @@ class OptimizerOptions:
     nesterov: bool = opt(False, "SGD Nesterov momentum")
     weight_decay: float = opt(1e-6, "weight decay (LARS applies it to every tensor, as the reference)", min=0)
     trust_coefficient: float = opt(1e-3, "LARS trust coefficient η", min=0)
-    betas: tuple[float, float] = opt((0.9, 0.999), "Adam betas")
+    betas: tuple[float, float] = opt((0.9, 0.999), "Adam betas, each in [0, 1)")
 
 
 @dataclasses.dataclass
 class ScheduleOptions:
     """The recipe's [schedule] section."""
 
-    epochs: int = opt(100, "training epochs", min=1)
-    batch_size: int = opt(512, "images per step", min=2)
+    epochs: int = opt(100, "training epochs", min=1, max=MAX_EPOCHS)
+    batch_size: int = opt(512, "images per step", min=2, max=MAX_BATCH)
     warmup_epochs: float = opt(10, "linear warm-up length in epochs", min=0)
     kind: Literal["cosine", "constant"] = opt("cosine", "learning-rate schedule after warm-up")
     min_lr: float = opt(1e-6, "final learning rate of the cosine schedule (absolute)", min=0)

@@ -92,7 +92,7 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool, mode: str
         modes = ["SLF", "ALF", "AFF"] if mode == "ALL" else [mode]
         show_report(evaluate_finetuned(run_dir, modes, suite_from_flags(kw), list(overrides), force), run_dir, as_json)
         return
-    result = evaluate_run(run_dir, list(overrides), force=True, knn=knn, plot_embedding=plot_embedding)
+    result = evaluate_run(run_dir, list(overrides), force=force, knn=knn, plot_embedding=plot_embedding)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
