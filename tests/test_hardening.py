@@ -302,3 +302,15 @@ def test_sigterm_is_handled_like_sigint(tiny_recipe: Path, tmp_path: Path) -> No
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted (SIGTERM)" in err and "--resume" in err and "Traceback" not in err
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_plugin_verbs_force_never_deletes_a_directory_that_is_not_a_run(trained: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("four years")
+    one_line(run("dynacl-pp", str(trained), "--out", str(victim), "--force"), "not an rsslctl run")
+    one_line(run("dynacl-pp", str(trained), "--out", str(trained.parent), "--force"), "refusing to replace")
+    fake = tmp_path / "model.pt"
+    fake.write_bytes(b"not read")
+    one_line(run("import", str(fake), "--out", str(victim), "--force"), "not an rsslctl run")
+    assert (victim / "thesis.tex").read_text() == "four years" and (trained / "recipe.toml").is_file()
