@@ -112,13 +112,10 @@ def check_allocation(nbytes: int, what: str, fix: str) -> None:
 
 def check_recipe(parts: dict[str, Any], where: str) -> None:
     """Relations between options that each validate alone."""
-    schedule, run, data, encoder = parts.get("schedule"), parts["run"], parts["data"], parts.get("encoder")
+    run, data, encoder = parts["run"], parts["data"], parts.get("encoder")
     check_run_name(run.name, f"{where}: run.name")
     check_path_text(run.output_dir, f"{where}: run.output_dir")
     check_path_text(data.root, f"{where}: data.root")
-    if schedule is not None and schedule.warmup_epochs > schedule.epochs:
-        raise UserError(f"{where}: schedule.warmup_epochs = {schedule.warmup_epochs} exceeds schedule.epochs = "
-                        f"{schedule.epochs}; allowed range [0, {schedule.epochs}]")
     if encoder is not None and min(encoder.std) <= 0:
         raise UserError(f"{where}: encoder.std = {list(encoder.std)}: every value must be > 0 (it divides the input)")
     optimizer = parts.get("optimizer")

@@ -31,7 +31,7 @@ class ScheduleOptions:
 
     epochs: int = opt(100, "training epochs", min=1, max=MAX_EPOCHS)
     batch_size: int = opt(512, "images per step", min=2, max=MAX_BATCH)
-    warmup_epochs: float = opt(10, "linear warm-up length in epochs", min=0)
+    warmup_epochs: float = opt(10, "linear warm-up length in epochs", min=0, max=MAX_EPOCHS)
     kind: Literal["cosine", "constant"] = opt("cosine", "learning-rate schedule after warm-up")
     min_lr: float = opt(1e-6, "final learning rate of the cosine schedule (absolute)", min=0)
     scheduler_step: Literal["before", "after"] = opt(

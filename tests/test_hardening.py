@@ -36,13 +36,25 @@ def one_line(result, *fragments: str) -> str:
     return err
 
 
-@pytest.fixture
-def trained(tiny_recipe: Path, tmp_path: Path) -> Path:
-    """A finished 2-epoch run keeping both checkpoints."""
-    run_dir = tmp_path / "runs" / "done"
-    result = run("pretrain", str(tiny_recipe), "--run-dir", str(run_dir), *FAST, "--set", "schedule.epochs=2",
+@pytest.fixture(scope="module")
+def _trained_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import TINY
+    base = tmp_path_factory.mktemp("trained")
+    recipe = base / "tiny.toml"
+    recipe.write_text(TINY)
+    run_dir = base / "done"
+    result = run("pretrain", str(recipe), "--run-dir", str(run_dir), *FAST, "--set", "schedule.epochs=2",
                  "--set", "schedule.warmup_epochs=0")
     assert result.exit_code == 0, result.output
+    return run_dir
+
+
+@pytest.fixture
+def trained(_trained_once: Path, tmp_path: Path) -> Path:
+    """A finished 2-epoch run keeping both checkpoints (trained once per module, copied for each test)."""
+    import shutil
+    run_dir = tmp_path / "runs" / "done"
+    shutil.copytree(_trained_once, run_dir)
     return run_dir
 
 
@@ -290,3 +302,15 @@ def test_sigterm_is_handled_like_sigint(tiny_recipe: Path, tmp_path: Path) -> No
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted (SIGTERM)" in err and "--resume" in err and "Traceback" not in err
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_plugin_verbs_force_never_deletes_a_directory_that_is_not_a_run(trained: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("four years")
+    one_line(run("dynacl-pp", str(trained), "--out", str(victim), "--force"), "not an rsslctl run")
+    one_line(run("dynacl-pp", str(trained), "--out", str(trained.parent), "--force"), "refusing to replace")
+    fake = tmp_path / "model.pt"
+    fake.write_bytes(b"not read")
+    one_line(run("import", str(fake), "--out", str(victim), "--force"), "not an rsslctl run")
+    assert (victim / "thesis.tex").read_text() == "four years" and (trained / "recipe.toml").is_file()

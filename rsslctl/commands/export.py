@@ -39,8 +39,13 @@ def export_encoder(run_dir: Path, out: Path | None = None, route: str = "auto", 
     info = {"backbone": recipe.backbone.build().export_info(), "bn_route": route, "epoch": meta["epoch"],
             "input": "RGB in [0, 1], normalise with mean/std below before the backbone",
             "mean": list(recipe.encoder.mean), "std": list(recipe.encoder.std), "source_run": str(run_dir.resolve())}
-    save_tensors(out, single_bn_state(encoder.backbone, route), {"rsslctl": info})
+    weights = single_bn_state(encoder.backbone, route)
     atomic_write_text(out.with_suffix(".json"), json.dumps(info, indent=2))
+    try:  # the description first, the weights last: a failure leaves no weights without their description
+        save_tensors(out, weights, {"rsslctl": info})
+    except BaseException:
+        out.with_suffix(".json").unlink(missing_ok=True)
+        raise
     return out, info
 
 
