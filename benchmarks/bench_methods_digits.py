@@ -3,7 +3,9 @@ then evaluate each (linear probe on frozen features, clean and PGD-20 accuracy a
 
 Usage: python benchmarks/bench_methods_digits.py [--epochs 6] [--image-size 16] [--limit 640] [--eval-limit 200] [--out runs/bench_issue3]
 Each method starts from its paper recipe (recipes/<name>.toml) with the same digits overrides: the quickstart
-model (narrow ResNet-18, channels 16-32-64-128), batch 128, 3-step training attack, 50-epoch probe.
+model's stage widths (narrow ResNet-18, channels 16-32-64-128; timm's 64-channel stem, as when the README table was
+measured: the quickstart recipes now also set backbone.stem_width = 16), batch 128, 3-step training attack, 50-epoch
+probe.
 ACL-family methods use the quickstart optimiser (SGD lr 0.5); EMP-SSL methods keep their SGD lr 0.3.
 CF-AMC-SSL runs a third of the epochs with m = 3 replays (the paper's 10 vs 30 epochs). Prints a Markdown
 table with accuracies and wall times (pretraining, evaluation).

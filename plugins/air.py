@@ -97,7 +97,7 @@ class AIR(DynACL):
         loss_nat, loss_adv = nt_xent(z, o.temperature), nt_xent(z_adv, o.temperature)
         sir, air = invariance_regularisers(z[0::2], z[1::2], z_orig, z_adv[0::2], z_adv[1::2], o.temperature,
                                            o.kl_impl)
-        w = self.omega
+        w = self.omega_t
         loss = (1 - w) * loss_nat + (1 + w) * loss_adv + o.lambda1 * sir + o.lambda2 * air
         return loss, {"loss_nat": loss_nat.detach(), "loss_adv": loss_adv.detach(), "sir": sir.detach(),
                       "air": air.detach()}

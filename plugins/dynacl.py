@@ -85,13 +85,19 @@ class DynACL(Method):
     def __init__(self, options: DynACLOptions, encoder: Encoder, attack, augment) -> None:
         super().__init__(options, encoder, attack, augment)
         self.key_encoder = copy.deepcopy(encoder).requires_grad_(False) if options.momentum_encoder else None
-        self.omega = 0.0
+        # ω as a tensor: a Python float read in the step would be a compile-time constant, and torch.compile would
+        # recompile the step at every change (20 over a 1000-epoch run, past dynamo's recompile limit)
+        self.register_buffer("omega_t", torch.zeros(()), persistent=False)
+
+    @property
+    def omega(self) -> float:
+        return float(self.omega_t)
 
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         o = self.options
         if o.anneal_augment:
             self.augment.set_strength(strength_schedule(epoch, total_epochs, o.period))
-        self.omega = dynacl_weight(epoch, total_epochs, o.period, o.swap, o.weight_form)
+        self.omega_t.fill_(dynacl_weight(epoch, total_epochs, o.period, o.swap, o.weight_form))
 
     def embed(self, views: Tensor, route: str) -> Tensor:
         """Interleaved embeddings; with the key encoder, odd rows (view 2) go through it (official 'swap')."""
@@ -111,7 +117,7 @@ class DynACL(Method):
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         z, z_adv = self.embeddings(images)
         loss_nat, loss_adv = nt_xent(z, self.options.temperature), nt_xent(z_adv, self.options.temperature)
-        w = self.omega
+        w = self.omega_t
         loss = 0.5 * ((1 - w) * loss_nat + (1 + w) * loss_adv)
         return loss, {"loss_nat": loss_nat.detach(), "loss_adv": loss_adv.detach()}
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from rsslctl import hookimpl
 from rsslctl.adv_training import AdversarialTraining, AdvTrainingOptions
+from rsslctl.augment import HostRandom
 from rsslctl.encoder import Encoder
 from rsslctl.losses import fp32
 from rsslctl.method import Method
@@ -80,7 +81,7 @@ class EMPSSL(Method):
         self.pre_feature = nn.Sequential(nn.Linear(d, o.pre_dim), nn.BatchNorm1d(o.pre_dim), nn.ReLU(inplace=True))
         self.projector = nn.Sequential(nn.Linear(o.pre_dim, o.hidden_dim), nn.BatchNorm1d(o.hidden_dim),
                                        nn.ReLU(inplace=True), nn.Linear(o.hidden_dim, o.z_dim))
-        self.extra = nn.Sequential(K.RandomGaussianBlur((5, 5), (0.1, 2.0), p=o.blur_p),
+        self.extra = HostRandom(K.RandomGaussianBlur((5, 5), (0.1, 2.0), p=o.blur_p),
                                    K.RandomSolarize(0.0, 0.0, p=o.solarize_p))
 
     def views(self, images: Tensor, n: int) -> Tensor:

@@ -48,11 +48,14 @@ def representational_divergence(nat: Tensor, adv: Tensor, kind: str) -> Tensor:
         return (log_p.exp() * (log_p - log_q)).sum(1).mean()
 
 
-def rd_attack(target: CoresetTarget, x: Tensor, attack: Attack, divergence: str) -> Tensor:
-    """Adversarial inputs maximising RD against the (fixed) natural outputs; the model is in eval mode."""
+def rd_attack(target: CoresetTarget, x: Tensor, attack: Attack, divergence: str,
+              nat_features: Tensor | None = None) -> Tensor:
+    """Adversarial inputs maximising RD against the (fixed) natural outputs; the model is in eval mode.
+    ``nat_features``: ``target.features(x, nat_route)`` when the caller already has them (they are frozen)."""
     nat_route, adv_route = target.routes
     with torch.no_grad():
-        nat = target.outputs(x, nat_route)
+        f = target.features(x, nat_route) if nat_features is None else nat_features
+        nat = target.head(f, nat_route)
     return attack.perturb(x, lambda xa: representational_divergence(nat, target.outputs(xa, adv_route), divergence))
 
 
@@ -174,14 +177,14 @@ class RCSOptions:
 def greedy(sketches: Tensor, picks: int, val_sketch: Callable[[], Tensor], step: Callable[[int], None]) -> list[int]:
     """Pick ``picks`` rows of ``sketches`` [U, D] one at a time by largest dot product with the current validation
     sketch; after each pick but the last, ``step(row)`` updates the model and the validation sketch is recomputed."""
-    remaining = torch.ones(len(sketches), dtype=torch.bool)
     chosen: list[int] = []
     g_val = val_sketch()
+    sketches = sketches.to(g_val.device)  # once per round, not once per pick
+    taken = torch.zeros(len(sketches), dtype=torch.bool, device=g_val.device)
     for t in range(picks):
-        gains = (sketches.to(g_val.device) @ g_val).cpu().masked_fill(~remaining, float("-inf"))
-        best = int(gains.argmax())
+        best = int((sketches @ g_val).masked_fill(taken, float("-inf")).argmax())  # selection may sync
         chosen.append(best)
-        remaining[best] = False
+        taken[best] = True
         if t < picks - 1:
             step(best)
             g_val = val_sketch()
@@ -228,15 +231,19 @@ class RCS(CoresetSelector):
             units, shard = compute_gradients(target, context.images, context.labels, context.pool, bs, unit,
                                              context.seed, keep_full=o.head_lr > 0)
             bank = gather([shard])  # a multi-GPU engine gathers every rank's shard here
-            adv_cache: list[Tensor] = []
+            # what no pick changes is computed once per round: the layers below the target's are frozen, so the
+            # validation images' natural features are fixed, and without reattack so are their adversarial features
+            with torch.no_grad():
+                f_nat = target.features(x_val, nat_route).float()
+            f_adv: list[Tensor] = []
 
             def val_sketch() -> Tensor:
-                if o.reattack or not adv_cache:
-                    adv_cache[:] = [torch.cat([rd_attack(target, x, attack, divergence) for x in x_val.split(bs)])]
-                with torch.no_grad():
-                    f_nat = target.features(x_val, nat_route).float()
-                    f_adv = target.features(adv_cache[0], adv_route).float()
-                rd = representational_divergence(target.head(f_nat, nat_route), target.head(f_adv, adv_route),
+                if o.reattack or not f_adv:
+                    x_adv = torch.cat([rd_attack(target, x, attack, divergence, f) for x, f in
+                                       zip(x_val.split(bs), f_nat.split(bs))])
+                    with torch.no_grad():
+                        f_adv[:] = [target.features(x_adv, adv_route).float()]
+                rd = representational_divergence(target.head(f_nat, nat_route), target.head(f_adv[0], adv_route),
                                                  divergence)
                 return sketch([g.unsqueeze(0) for g in torch.autograd.grad(rd, params)])[0]
 

@@ -24,6 +24,8 @@ from rsslctl.options import closest, opt
 class TimmOptions:
     model: str = opt("resnet18", "timm model name (see timm.list_models())")
     cifar_stem: bool = opt(True, "ResNets: 3×3 stride-1 first conv and no max-pool, for 32×32 inputs")
+    stem_width: int = opt(0, "with cifar_stem: channels of the stem (0 = timm's 64); the first stage width gives the "
+                             "papers' CIFAR ResNet, with no 1×1 projection before the first block", min=0)
     model_kwargs: dict = opt({}, "extra keyword arguments for timm.create_model, e.g. {channels = [16, 32, 64, 128]}")
     weights: str = opt("", "optional safetensors file with initial backbone weights (timm key layout)")
     stem_init: Literal["kaiming", "pytorch"] = opt(
@@ -49,6 +51,9 @@ class TimmBackbone(Backbone):
         check_model_kwargs(o.model_kwargs, f"{where}.model_kwargs")
         if "zero_init_last" in o.model_kwargs:
             raise UserError(f"{where}.model_kwargs: set backbone.zero_init_last instead of model_kwargs.zero_init_last")
+        if o.stem_width and not o.cifar_stem:
+            raise UserError(f"{where}.stem_width applies to the CIFAR stem; set {where}.cifar_stem = true or "
+                            f"{where}.stem_width = 0")
         if o.weights and not Path(o.weights).is_file():
             raise UserError(f"{where}.weights: file not found: {Path(o.weights).resolve()}")
 
@@ -73,7 +78,7 @@ class TimmBackbone(Backbone):
             raise UserError(f"backbone.model_kwargs: {o.model_kwargs} gives {o.model} a layer without weights "
                             f"({empty}); use positive sizes")
         if o.cifar_stem:
-            apply_cifar_stem(model, o.stem_init)
+            apply_cifar_stem(model, o.stem_width, o.stem_init)
         if o.weights:
             from safetensors.torch import load_file
             try:
@@ -88,7 +93,7 @@ class TimmBackbone(Backbone):
 
     def export_info(self) -> dict[str, Any]:
         return {"library": "timm", "model": self.options.model, "cifar_stem": self.options.cifar_stem,
-                "model_kwargs": self.options.model_kwargs}
+                "stem_width": self.options.stem_width, "model_kwargs": self.options.model_kwargs}
 
     def classifier_export(self, num_classes: int) -> tuple[str, str]:
         """timm's own classifier name (``fc`` for ResNets) and a RobustBench-style ``load_model`` module."""

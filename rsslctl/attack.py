@@ -44,11 +44,21 @@ def make_attack(name: str, where: str = "attack", known_only: bool = False, **va
     return cls(validate(cls.Options, values, where))
 
 
+# Under ``torch.compile`` (engine.compile) the leaf that an input gradient is taken against has to be made outside the
+# graph: dynamo cannot return a tensor it called ``requires_grad_()`` on. So the two loops below run eagerly
+# (``disable(recursive=False)``: their own frame only) and hand the leaf to functions that compile whole — objective
+# forward, input gradient (dynamo's ``trace_autograd_ops``) and, for the shared loop, the projected step: one graph
+# per attack step, the same graph every step.
+@torch.compiler.disable(recursive=False)
 def input_grad(objective: Objective, x_adv: Tensor) -> tuple[Tensor, Tensor]:
     """(loss, ∂loss/∂x_adv): the objective is evaluated in fp32 and differentiated w.r.t. the input only."""
-    x_adv = x_adv.detach().requires_grad_(True)
-    loss = objective(x_adv).float()
-    (grad,) = torch.autograd.grad(loss, x_adv)
+    return loss_and_grad(objective, x_adv.detach().requires_grad_(True))
+
+
+def loss_and_grad(objective: Objective, leaf: Tensor) -> tuple[Tensor, Tensor]:
+    """(objective(leaf) in fp32, its gradient w.r.t. the leaf tensor ``leaf``), nothing else differentiated."""
+    loss = objective(leaf).float()
+    (grad,) = torch.autograd.grad(loss, leaf)
     return loss.detach(), grad
 
 
@@ -73,14 +83,20 @@ def project(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:
     return (x + delta).clamp(0.0, 1.0)
 
 
+@torch.compiler.disable(recursive=False)
 def projected_ascent(x: Tensor, x_adv: Tensor, objective: Objective, step: float, steps: int, eps: float,
                      norm: str) -> Tensor:
     """``steps`` steepest-ascent steps on ``objective`` from ``x_adv``, each projected onto the ε-ball around ``x``
     intersected with [0, 1] (the loop shared by PGD, FGSM and the TRADES adversaries)."""
     for _ in range(steps):
-        _, grad = input_grad(objective, x_adv)
-        x_adv = project(x, x_adv.detach() + ascent_step(grad, step, norm), eps, norm)
+        x_adv = projected_step(objective, x, x_adv.detach().requires_grad_(True), step, eps, norm)
     return x_adv.detach()
+
+
+def projected_step(objective: Objective, x: Tensor, leaf: Tensor, step: float, eps: float, norm: str) -> Tensor:
+    """One step of ``projected_ascent`` from the leaf tensor ``leaf`` (one compiled graph under engine.compile)."""
+    _, grad = loss_and_grad(objective, leaf)
+    return project(x, leaf.detach() + ascent_step(grad, step, norm), eps, norm)
 
 
 def random_start(x: Tensor, eps: float, norm: str) -> Tensor:

@@ -6,9 +6,10 @@ import contextlib
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import Tensor
 
 from . import registry
 from .augment import ViewAugment
@@ -105,9 +106,28 @@ def build_method(recipe: Recipe, device: torch.device) -> Method:
     augment = ViewAugment(recipe.data.image_size, recipe.augment, memory_format=fmt)
     method = recipe.method.build(encoder, attack, augment)
     method.to(device=device, memory_format=fmt)
-    if recipe.engine.compile:
-        encoder.backbone.compile()
     return method
+
+
+def compile_step(method: Method, cuda_graphs: bool = False, backend: str = "inductor"
+                 ) -> Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]:
+    """``method.training_step`` under ``torch.compile``: the attack and the loss compile, augmentation stays eager.
+
+    Graph breaks, by design: the augmentation (its random parameters are drawn on the host per call, so it is
+    ``torch.compiler.disable``d), and each attack step's leaf tensor (dynamo cannot return a tensor it called
+    ``requires_grad_()`` on, so the attack loops run eagerly and call one compiled graph per step: objective forward,
+    input gradient through dynamo's ``trace_autograd_ops``, projected step). What a method does around its attack
+    (e.g. ``eval_mode``) may break once more; a graph break never changes results, only what is fused. The loss
+    graph's backward is compiled by AOTAutograd and run by the engine's ``loss.backward()``; the optimizer step is
+    eager (multi-tensor kernels). ``cuda_graphs`` uses mode ``reduce-overhead``.
+    """
+    compiled = torch.compile(method.training_step, backend=backend, mode="reduce-overhead" if cuda_graphs else None)
+    config = {"trace_autograd_ops": True} if hasattr(torch._dynamo.config, "trace_autograd_ops") else {}
+
+    def step(images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch._dynamo.config.patch(**config):
+            return compiled(images, labels)
+    return step
 
 
 def load_trained_method(run_dir: Path, recipe: Recipe, device: torch.device, purpose: str
@@ -121,6 +141,8 @@ def load_trained_method(run_dir: Path, recipe: Recipe, device: torch.device, pur
     refuse_nonfinite(model_state, str(ckpt))
     method = build_method(recipe, device)
     load_weights(method, model_state, ckpt)
+    if recipe.engine.compile:  # evaluation and fine-tuning run the backbone many times on fixed shapes
+        method.eval_encoder().backbone.compile()
     return method, ckpt, meta
 
 

@@ -81,10 +81,16 @@ def convert_dual_bn(module: nn.Module) -> nn.Module:
     return module
 
 
-def apply_cifar_stem(model: nn.Module, init: Literal["kaiming", "pytorch"] = "kaiming") -> nn.Module:
+def apply_cifar_stem(model: nn.Module, width: int = 0, init: Literal["kaiming", "pytorch"] = "kaiming") -> nn.Module:
     """3×3 stride-1 first conv and no max-pool, so 32×32 inputs keep their resolution (ResNet style).
 
-    ``init = "kaiming"``: Kaiming-normal (fan-out) like the other convolutions and the ACL-family ResNets;
+    ``width`` > 0 also sets the stem's width. timm's ResNets keep a 64-channel stem whatever their stage widths, so a
+    narrow ResNet (channels 16/32/64/128) gets a 64-wide stem and a 1×1 projection 64 → 16 in its first block. With
+    ``width`` the stem, its BN and the first block's input convolution and shortcut take ``width`` channels, and a
+    shortcut left with equal widths at stride 1 is dropped: with ``width`` = the first stage width this is the CIFAR
+    ResNet of the papers.
+
+    ``init = "kaiming"``: the new stem conv starts Kaiming-normal (fan-out) like the ACL-family ResNets;
     ``"pytorch"``: nn.Conv2d's own default, which EMP-SSL and CF-AMC-SSL get by swapping torchvision's conv1 after
     the model is built.
     """
@@ -92,11 +98,39 @@ def apply_cifar_stem(model: nn.Module, init: Literal["kaiming", "pytorch"] = "ka
     if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
         raise UserError("backbone.cifar_stem: only ResNet-style models with 'conv1' and 'maxpool' support it; "
                         "set backbone.cifar_stem = false")
-    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+    stem = width or conv.out_channels
+    model.conv1 = nn.Conv2d(conv.in_channels, stem, 3, 1, 1, bias=False)
     if init == "kaiming":
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        _kaiming(model.conv1)
     model.maxpool = nn.Identity()
+    if stem != conv.out_channels:
+        block = getattr(model, "layer1", [None])[0]
+        bn = getattr(model, "bn1", None)
+        if not isinstance(bn, nn.BatchNorm2d) or not isinstance(getattr(block, "conv1", None), nn.Conv2d):
+            raise UserError("backbone.stem_width: needs a ResNet with 'bn1' and 'layer1[0].conv1'")
+        model.bn1 = nn.BatchNorm2d(stem, eps=bn.eps, momentum=bn.momentum)
+        block.conv1 = _resized_input(block.conv1, stem)
+        out = (getattr(block, "conv3", None) or block.conv2).out_channels
+        shortcut = getattr(block, "downsample", None)
+        if isinstance(shortcut, nn.Sequential) and isinstance(shortcut[0], nn.Conv2d):
+            if out == stem and shortcut[0].stride == (1, 1):
+                block.downsample = None
+            else:
+                shortcut[0] = _resized_input(shortcut[0], stem)
+        elif shortcut is None and out != stem:  # e.g. a bottleneck whose input width equalled its output width
+            block.downsample = nn.Sequential(_kaiming(nn.Conv2d(stem, out, 1, bias=False)), nn.BatchNorm2d(out))
     return model
+
+
+def _kaiming(conv: nn.Conv2d) -> nn.Conv2d:
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return conv
+
+
+def _resized_input(conv: nn.Conv2d, channels: int) -> nn.Conv2d:
+    """A freshly initialised copy of ``conv`` taking ``channels`` input channels."""
+    return _kaiming(nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              bias=conv.bias is not None))
 
 
 class ProjectionHead(nn.Sequential):

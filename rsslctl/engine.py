@@ -1,8 +1,9 @@
 """The one training engine every method runs on.
 
 Whole training split resident on the device as uint8; batched on-device augmentation inside the
-method; bf16 autocast, channels_last and torch.compile as options; per-iteration LR schedule;
-metrics read back from the device every ``log_every`` steps only (no host sync per step);
+method; bf16 autocast, channels_last, a compiled training step and CUDA graphs as options; per-iteration LR
+schedule; metrics read back from the device every ``log_every`` steps only (no host sync per step, see
+tests/test_sync.py);
 atomic checkpoints and exact resume (model, optimizer, RNG states, step counter).
 """
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any, Callable, TextIO
 import torch
 from torch import Tensor
 
-from .build import autocast, build_method, load_train_split, plugin_versions, setup_device, uses_bf16
-from .build import load_weights
+from .build import (autocast, build_method, compile_step, load_train_split, load_weights, plugin_versions,
+                    setup_device, uses_bf16)
 from .checkpoint import (CorruptCheckpoint, atomic_write_text, checkpoints, derive_seed, latest_checkpoint,
                          load_checkpoint, optimizer_from_flat, read_meta, refuse_nonfinite, remove_stale_temporaries,
                          save_checkpoint, set_rng_state)
@@ -51,6 +52,7 @@ class Trainer:
             raise UserError(f"schedule.batch_size = {self.batch_size} exceeds the {len(self.train)} training images; "
                             "lower schedule.batch_size")
         self.method = build_method(recipe, self.device)
+        self.training_step = self._training_step()
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, recipe.optimizer)
         self.replays = self.method.replays
@@ -125,6 +127,14 @@ class Trainer:
             raise UserError(f"--from-checkpoint {chosen}: not a complete checkpoint of {self.run_dir} "
                             f"(its checkpoints: {names})")
         return known[Path(chosen).resolve()]
+
+    def _training_step(self) -> Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]:
+        """The method's training step, compiled when the recipe asks (see ``build.compile_step``)."""
+        e = self.recipe.engine
+        if e.cuda_graphs and not (e.compile and self.device.type == "cuda"):
+            raise UserError("engine.cuda_graphs needs engine.compile = true and a CUDA device "
+                            f"(device here: {self.device})")
+        return compile_step(self.method, e.cuda_graphs) if e.compile else self.method.training_step
 
     def _make_coreset(self) -> CoresetRun | None:
         """The [coreset] schedule, or None when the run trains on the whole split every epoch."""
@@ -277,8 +287,12 @@ class Trainer:
                    periodic=self.method.schedule_in_minibatches)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if r.engine.cuda_graphs:  # a new iteration: the graphs' previous outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(self.device, r.engine.precision):
-            loss, metrics = self.method.training_step(images, labels)
+            loss, metrics = self.training_step(images, labels)
+        if r.engine.cuda_graphs:  # held until the next flush, so copied out of the graphs' static memory
+            metrics = {k: v.clone() for k, v in metrics.items()}
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if r.engine.grad_clip:
@@ -287,7 +301,7 @@ class Trainer:
         self.method.after_optimizer_step()
         if self.on_step:
             self.on_step(step)
-        return step, lr, loss.detach(), metrics
+        return step, lr, loss.detach().clone() if r.engine.cuda_graphs else loss.detach(), metrics
 
     def _flush(self, pending: list[Pending], epoch: int, log: TextIO) -> list[float]:
         """One device→host copy for all pending steps; stop on a non-finite loss."""

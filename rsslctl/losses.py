@@ -1,13 +1,18 @@
 """Losses shared by several methods, each testable alone against its formula."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def fp32(t: Tensor) -> torch.autocast:
-    """Disable autocast (bf16) for a loss computation on ``t``'s device: losses stay in fp32."""
+def fp32(t: Tensor) -> contextlib.AbstractContextManager:
+    """Disable autocast (bf16) for a loss computation on ``t``'s device: losses stay in fp32. Devices without
+    autocast (``meta``, used by the host-sync test) have nothing to disable."""
+    if not torch.amp.is_autocast_available(t.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
@@ -27,10 +32,18 @@ def nt_xent(z: Tensor, temperature: float = 0.5, n_views: int = 2, reduction: st
     eye = torch.eye(m, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(eye, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    group = torch.arange(m, device=z.device) // n_views
-    pos = (group[:, None] == group[None, :]) & ~eye
-    terms = -log_prob[pos]  # row-major: image k's n·(n−1) terms are contiguous
+    terms = -log_prob.gather(1, positive_columns(m, n_views, z.device))  # [m, n−1]: image k's terms are rows k·n…
     return terms.view(m // n_views, -1).mean(1) if reduction == "per_image" else terms.mean()
+
+
+def positive_columns(m: int, n_views: int, device: torch.device) -> Tensor:
+    """[m, n−1] column indices of each row's positives among m interleaved rows (rows k·n … k·n+n−1 are image k's
+    views): row a's own group minus a itself, ascending. Built from shapes alone, so selecting the positives is a
+    gather — a boolean mask (``x[mask]``) would need ``nonzero``, a device→host sync on CUDA."""
+    a = torch.arange(m, device=device)[:, None]
+    j = torch.arange(n_views - 1, device=device)[None, :]
+    offset = j + (j >= a % n_views).long()  # the n−1 view slots of the group that are not a's own
+    return a - a % n_views + offset
 
 
 def pair_rows(a: Tensor, b: Tensor) -> Tensor:

@@ -51,7 +51,9 @@ class EngineOptions:
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
     channels_last: bool = opt(True, "channels_last memory format for model and inputs")
-    compile: bool = opt(False, "torch.compile the encoder")
+    compile: bool = opt(False, "torch.compile the method's training step (attack and loss; augmentation stays eager)")
+    cuda_graphs: bool = opt(False, "with compile on CUDA: replay the compiled graphs as CUDA graphs (torch.compile "
+                                   "mode reduce-overhead); training batches have static shapes")
     grad_clip: float = opt(0.0, "clip the global gradient norm (0 = off)", min=0)
     checkpoint_every: int = opt(1, "write a checkpoint every N epochs (and always at the end)", min=1, max=MAX_EPOCHS)
     keep_checkpoints: int = opt(2, "how many checkpoints to keep", min=1, max=1000)

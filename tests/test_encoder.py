@@ -48,6 +48,29 @@ def test_cifar_stem_keeps_resolution():
     assert out.shape == (4, model.num_features) == (4, 64)
 
 
+def test_stem_width_builds_the_papers_cifar_resnet():
+    """timm keeps a 64-wide stem (and a 1×1 projection 64 → 8 in layer1); stem_width = the first stage width builds
+    the CIFAR ResNet whose convolutions are exactly 3→8, 8→8 … (no projection before layer2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(model: nn.Module) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model.eval()(images(n=1))
+        return counter.get_total_flops()
+
+    default, narrow = backbone_plugin().build(), backbone_plugin(stem_width=8).build()
+    assert default.conv1.out_channels == 64 and default.layer1[0].downsample is not None
+    assert narrow.conv1.out_channels == 8 and narrow.bn1.num_features == 8 and narrow.layer1[0].downsample is None
+    convs = [m for m in narrow.modules() if isinstance(m, nn.Conv2d)]
+    size = {8: 32, 16: 16, 32: 8, 64: 4}  # output resolution of each stage width at 32 px
+    by_hand = sum(2 * c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1] * size[c.out_channels] ** 2
+                  for c in convs)
+    assert flops(narrow) == by_hand < flops(default)
+    assert narrow(images()).shape == (4, 64)
+    with pytest.raises(UserError, match="stem_width applies to the CIFAR stem"):
+        backbone_plugin(cifar_stem=False, stem_width=8).build()
+
+
 def test_without_cifar_stem_downsamples_by_four():
     model = backbone_plugin(cifar_stem=False).build()
     assert model.conv1.stride == (2, 2) and not isinstance(model.maxpool, nn.Identity)
