@@ -72,6 +72,9 @@ class ACL(Method):
     """ACL: contrastive PGD on the views (eval mode, pgd BN), NT-Xent on clean and adversarial pairs."""
 
     name = "acl"
+    citation = ("@inproceedings{jiang2020acl, title={Robust Pre-Training by Adversarial Contrastive Learning}, "
+                "author={Jiang, Ziyu and Chen, Tianlong and Chen, Ting and Wang, Zhangyang}, "
+                "booktitle={NeurIPS}, year={2020}}")
     Options = ACLOptions
     needs_attack = True
     wants_dual_bn = True

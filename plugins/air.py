@@ -63,6 +63,10 @@ class AIR(DynACL):
     """ACL-AIR / DynACL-AIR: DynACL losses plus SIR and AIR with the original image as a third input."""
 
     name = "air"
+    citation = ("@inproceedings{xu2023air, "
+                "title={Enhancing Adversarial Contrastive Learning via Adversarial Invariant Regularization}, "
+                "author={Xu, Xilie and Zhang, Jingfeng and Liu, Feng and Sugiyama, Masashi and Kankanhalli, "
+                "Mohan}, booktitle={NeurIPS}, year={2023}}")
     Options = AIROptions
     # the ALF cells of the AIR rows do not restate the LR milestones; the SLF ones (10, 20) are used.
     # DynACL-AIR++ is the row of a DynACL-AIR run after `rsslctl dynacl-pp` (it has no STL-10 32px column).

@@ -58,7 +58,9 @@ class _Cifar(Dataset):
             images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32))  # rows hold R, G, B planes, row-major
             if len(images) != len(labels):
                 raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+                raise ValueError(f"labels outside 0..{len(classes) - 1}")
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError, IndexError, MemoryError) as exc:
             raise UserError(f"{folder}: corrupted {self.title} files ({exc}); re-extract the archive") from None
         return ImageData(torch.from_numpy(images), torch.from_numpy(labels), classes, self.name)
 
@@ -81,6 +83,9 @@ class Cifar10(_Cifar):
     """CIFAR-10: 50,000 train / 10,000 test 32x32 colour images in 10 classes (python or binary release)."""
 
     name, title, pydir, bindir = "cifar10", "CIFAR-10", "cifar-10-batches-py", "cifar-10-batches-bin"
+    citation = ("@techreport{krizhevsky2009cifar, "
+                "title={Learning Multiple Layers of Features from Tiny Images}, author={Krizhevsky, Alex}, "
+                "institution={University of Toronto}, year={2009}}")
     corruption_folder = "CIFAR-10-C"
     files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
     metas = ("batches.meta", "batches.meta.txt")
@@ -95,6 +100,9 @@ class Cifar100(_Cifar):
     """CIFAR-100: 50,000 train / 10,000 test 32x32 colour images in 100 classes (python or binary release)."""
 
     name, title, pydir, bindir = "cifar100", "CIFAR-100", "cifar-100-python", "cifar-100-binary"
+    citation = ("@techreport{krizhevsky2009cifar, "
+                "title={Learning Multiple Layers of Features from Tiny Images}, author={Krizhevsky, Alex}, "
+                "institution={University of Toronto}, year={2009}}")
     corruption_folder = "CIFAR-100-C"
     files, metas = {"train": ["train"], "test": ["test"]}, ("meta", "{kind}_label_names.txt")
     Options = Cifar100Options

@@ -21,6 +21,8 @@ class Digits(Dataset):
     """
 
     name = "digits"
+    citation = ("@misc{alpaydin1998digits, title={Optical Recognition of Handwritten Digits}, author={Alpaydin, "
+                "E. and Kaynak, C.}, howpublished={UCI Machine Learning Repository}, year={1998}}")
     splits = ("train", "test")
 
     def load(self, split: str) -> ImageData:

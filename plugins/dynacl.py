@@ -73,6 +73,9 @@ class DynACL(Method):
     """DynACL: dual-stream ACL with annealed augmentation and ω; optional EMA key encoder."""
 
     name = "dynacl"
+    citation = ("@inproceedings{luo2023dynacl, "
+                "title={Rethinking the Effect of Data Augmentation in Adversarial Contrastive Learning}, "
+                "author={Luo, Rundong and Wang, Yifei and Wang, Yisen}, booktitle={ICLR}, year={2023}}")
     Options = DynACLOptions
     needs_attack = True
     wants_dual_bn = True

@@ -31,7 +31,7 @@ from rsslctl.classify import (Classifier, LoopSettings, crop_flip, extract_featu
                               train_classifier, train_linear_probe)
 from rsslctl.commands.common import user_errors
 from rsslctl.errors import UserError
-from rsslctl.runs import RECIPE_FILE, load_run_recipe, refuse_existing
+from rsslctl.runs import MARKER, RECIPE_FILE, RunLock, check_replaceable, load_run_recipe, refuse_existing
 from rsslctl.ui import console
 
 #: fine-tuning row of a post-processed run, by the source run's row
@@ -68,6 +68,7 @@ def dynacl_pp(run_dir: Path, out_dir: Path, options: PostprocessOptions = Postpr
     if out_dir.resolve() == run_dir.resolve():
         raise UserError(f"{out_dir}: the output must be a new run directory, not the source run")
     refuse_existing(out_dir, "directory", force, " or choose another --out")
+    check_replaceable(out_dir, [run_dir])  # --force replaces only a run directory, never the source or a parent
     device = setup_device(recipe)
     torch.manual_seed(recipe.run.seed)
     method, ckpt, meta = load_trained_method(run_dir, recipe, device, "post-process")
@@ -100,9 +101,12 @@ def dynacl_pp(run_dir: Path, out_dir: Path, options: PostprocessOptions = Postpr
                                title="dynacl-pp", quiet=quiet)
     encoder.requires_grad_(method.encoder is encoder)  # a key encoder goes back to frozen
 
+    check_replaceable(out_dir, [run_dir])
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        with RunLock(out_dir, "being replaced by dynacl-pp"):  # not while another process writes it
+            shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
+    (out_dir / MARKER).write_text('{"format": "rsslctl-run/1"}\n')
     shutil.copyfile(run_dir / RECIPE_FILE, out_dir / RECIPE_FILE)
     save_tensors(out_dir / "pseudo_labels.safetensors", {"labels": labels})
     row = method.finetune_row()

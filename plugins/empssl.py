@@ -70,6 +70,9 @@ class EMPSSL(Method):
     """EMP-SSL: many views per image, total coding rate + invariance to the mean view."""
 
     name = "empssl"
+    citation = ("@article{tong2023empssl, "
+                "title={EMP-SSL: Towards Self-Supervised Learning in One Training Epoch}, author={Tong, "
+                "Shengbang and Chen, Yubei and Ma, Yi and LeCun, Yann}, journal={arXiv:2304.03977}, year={2023}}")
     Options = EMPOptions
 
     def __init__(self, options: EMPOptions, encoder: Encoder, attack, augment) -> None:
@@ -117,6 +120,9 @@ class EMPSSLAdv(AdversarialTraining, EMPSSL):
     reference: BN statistics also see the attack's forwards)."""
 
     name = "empssl_adv"
+    citation = ("@article{ghofrani2025cfamcssl, "
+                "title={Rapid Learning of Adversarially Robust Representations with Cost-Free Adversarial Multi-Crop Self-Supervised Learning}, "
+                "author={Ghofrani, Ali and Jamshidi, Fatemeh}, journal={arXiv:2501.03507}, year={2025}}")
     Options = EMPAdvOptions
     needs_attack = True
 

@@ -23,6 +23,9 @@ class FGSM(Attack):
     """Fast gradient sign method (one step), with the FGSM-RS random-start variant."""
 
     name = "fgsm"
+    citation = ("@inproceedings{goodfellow2015fgsm, title={Explaining and Harnessing Adversarial Examples}, "
+                "author={Goodfellow, Ian J. and Shlens, Jonathon and Szegedy, Christian}, booktitle={ICLR}, "
+                "year={2015}}")
     Options = FGSMOptions
 
     def perturb(self, x: Tensor, objective: Objective) -> Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -9,6 +10,7 @@ import torch
 from rsslctl import hookimpl
 from rsslctl.data import Dataset, ImageData, missing_data
 from rsslctl.errors import UserError
+from rsslctl.limits import MAX_IMAGE_SIZE, check_allocation
 from rsslctl.options import opt
 
 _EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -17,7 +19,8 @@ _EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 @dataclasses.dataclass
 class ImageFolderOptions:
     path: str = opt("", "folder under data.root holding one sub-folder per split")
-    image_size: int = opt(32, "images are resized to this square size", min=8)
+    image_size: int = opt(32, "images are resized to this square size", min=8, max=MAX_IMAGE_SIZE)
+    follow_symlinks: bool = opt(False, "read symlinked files and class folders that point outside the dataset folder")
 
 
 class ImageFolder(Dataset):
@@ -36,23 +39,36 @@ class ImageFolder(Dataset):
         if split not in self.splits and split not in present:
             raise UserError(f"{self.name}: unknown split '{split}'; valid splits: "
                             f"{', '.join(sorted(set(self.splits) | set(present)))}")
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and self._inside(p)) if folder.is_dir() else []
         files = [(f, i) for i, c in enumerate(classes) for f in sorted((folder / c).rglob("*"))
-                 if f.is_file() and f.suffix.lower() in _EXTENSIONS]
+                 if f.is_file() and f.suffix.lower() in _EXTENSIONS and self._inside(f)]
         if not files:
             raise missing_data(self.name, [folder],
                                f"put one sub-folder per class holding png/jpg/jpeg/bmp/webp images there "
                                "(or set the dataset's path option)")
         size = self.options.image_size
+        check_allocation(len(files) * size * size * 3, f"{self.name}: {len(files):,} images at image_size = {size}",
+                         "lower the dataset's image_size")
         images = np.empty((len(files), size, size, 3), dtype=np.uint8)
         for n, (f, _) in enumerate(files):
             try:
                 with Image.open(f) as im:
                     images[n] = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
+            except Image.DecompressionBombError as exc:
+                raise UserError(f"{f}: refused as a possible decompression bomb ({exc})") from None
+            except (OSError, UnidentifiedImageError, ValueError, MemoryError) as exc:
                 raise UserError(f"{f}: cannot read image ({exc}); fix or remove the file") from None
         labels = torch.tensor([i for _, i in files], dtype=torch.int64)
         return ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, classes, self.name)
+
+
+    def _inside(self, path: Path) -> bool:
+        """True unless ``path`` resolves (through symlinks) outside the dataset folder and following is off."""
+        if self.options.follow_symlinks:
+            return True
+        root = (self.root / self.options.path).resolve()
+        real = path.resolve()
+        return real == root or root in real.parents
 
 
 @hookimpl

@@ -33,6 +33,10 @@ class Imagenet32(Dataset):
     """ImageNet at 32x32: 1,281,167 train / 50,000 val colour images in 1,000 classes."""
 
     name = "imagenet32"
+    citation = ("@article{chrabaszcz2017imagenet32, "
+                "title={A Downsampled Variant of ImageNet as an Alternative to the CIFAR datasets}, "
+                "author={Chrabaszcz, Patryk and Loshchilov, Ilya and Hutter, Frank}, "
+                "journal={arXiv:1707.08819}, year={2017}}")
     splits = ("train", "val")
 
     def load(self, split: str) -> ImageData:

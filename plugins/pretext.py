@@ -91,6 +91,10 @@ class SAT(ClassificationTask):
     """Supervised adversarial training (Madry et al.): PGD-AT with the true labels."""
 
     name = "sat"
+    citation = ("@inproceedings{madry2018pgd, "
+                "title={Towards Deep Learning Models Resistant to Adversarial Attacks}, author={Madry, "
+                "Aleksander and Makelov, Aleksandar and Schmidt, Ludwig and Tsipras, Dimitris and Vladu, "
+                "Adrian}, booktitle={ICLR}, year={2018}}")
     Options = SATOptions
     needs_attack = True
 
@@ -110,6 +114,9 @@ class Rotation(ClassificationTask):
     """Rotation prediction (Gidaris et al., 2018): every image in all four rotations, 4-way classification."""
 
     name = "rotation"
+    citation = ("@inproceedings{gidaris2018rotation, "
+                "title={Unsupervised Representation Learning by Predicting Image Rotations}, author={Gidaris, "
+                "Spyros and Singh, Praveer and Komodakis, Nikos}, booktitle={ICLR}, year={2018}}")
     num_outputs = 4
 
     def task(self, views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,6 +150,9 @@ class Jigsaw(ClassificationTask):
     classify which permutation was applied."""
 
     name = "jigsaw"
+    citation = ("@inproceedings{noroozi2016jigsaw, "
+                "title={Unsupervised Learning of Visual Representations by Solving Jigsaw Puzzles}, "
+                "author={Noroozi, Mehdi and Favaro, Paolo}, booktitle={ECCV}, year={2016}}")
     Options = JigsawOptions
 
     def __init__(self, options: JigsawOptions, encoder: Encoder, attack, augment) -> None:

@@ -205,6 +205,10 @@ class RCS(CoresetSelector):
     """RCS: greedy selection matching training gradients to the validation RD gradient (robustness-aware)."""
 
     name = "rcs"
+    citation = ("@inproceedings{xu2023rcs, "
+                "title={Efficient Adversarial Contrastive Learning via Robustness-Aware Coreset Selection}, "
+                "author={Xu, Xilie and Zhang, Jingfeng and Liu, Feng and Sugiyama, Masashi and Kankanhalli, "
+                "Mohan}, booktitle={NeurIPS}, year={2023}}")
     Options = RCSOptions
     needs_validation = True
     needs_target = True

@@ -457,7 +457,10 @@ def write_run(out: Path, recipe: Any, method: Any, epoch: int, meta: dict[str, A
         if out.exists():
             if any(out.iterdir()) and not force:  # appeared while we worked
                 raise UserError(f"{out}: run directory already exists; pass --force to replace it")
-            shutil.rmtree(out)
+            from rsslctl.runs import RunLock, check_replaceable
+            check_replaceable(out)
+            with RunLock(out, "being replaced by an import"):  # not while another process writes it
+                shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -472,6 +475,8 @@ def check_out(path: Path, out: Path, force: bool) -> None:
         raise UserError(f"--out {out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out}: run directory already exists; pass --force to replace it")
+    from rsslctl.runs import check_replaceable
+    check_replaceable(out)
 
 
 def import_checkpoint(path: Path, fmt: str, out: Path, overrides: list[str] = (), force: bool = False) -> dict[str, Any]:

@@ -21,6 +21,10 @@ class SimCLR(Method):
     """SimCLR: NT-Xent on two augmented views (standard, non-robust contrastive learning)."""
 
     name = "simclr"
+    citation = ("@inproceedings{chen2020simclr, "
+                "title={A Simple Framework for Contrastive Learning of Visual Representations}, author={Chen, "
+                "Ting and Kornblith, Simon and Norouzi, Mohammad and Hinton, Geoffrey}, booktitle={ICML}, "
+                "year={2020}}")
     Options = SimCLROptions
 
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -16,6 +16,9 @@ class Stl10(Dataset):
     """STL-10: 96x96 colour images, 5,000 train / 8,000 test in 10 classes and 100,000 unlabeled."""
 
     name = "stl10"
+    citation = ("@inproceedings{coates2011stl10, "
+                "title={An Analysis of Single-Layer Networks in Unsupervised Feature Learning}, author={Coates, "
+                "Adam and Ng, Andrew and Lee, Honglak}, booktitle={AISTATS}, year={2011}}")
     splits = ("train", "test", "unlabeled")
 
     @classmethod

@@ -6,6 +6,10 @@
 * ``free`` (Shafahi et al., 2019): a persistent perturbation δ is carried across minibatches; each minibatch
   is replayed ``replays`` times on the same views; the engine's single backward fills both the parameter
   gradients and ``x_adv.grad``, from which δ takes one signed step after every optimizer step.
+  By default every forward sees clip(x + δ, 0, 1), a valid image in the ε-ball of x, and δ is only kept in
+  [−ε, ε] (as Shafahi et al.). ``reference_delta`` reproduces CF-AMC-SSL instead: after each step
+  δ ← clip(x + δ, 0, 1) − x for the current x, and the forward uses x + δ unclipped, so the first replay of
+  a new minibatch (whose δ was fitted to the previous one) sees inputs in [−ε, 1 + ε].
 """
 from __future__ import annotations
 
@@ -30,13 +34,20 @@ class AdvTrainingOptions:
                                          "(reference CF-AMC-SSL bug, for parity only)")
     reference_schedule: bool = opt(False, "free: LR schedule length counted in minibatches, so the cosine runs "
                                           "m half-periods (reference CF-AMC-SSL quirk, for parity only)")
+    reference_delta: bool = opt(False, "free: feed x+δ unclipped and re-project δ ← clip(x+δ, 0, 1) − x after each "
+                                       "step, so a new minibatch's inputs range over [−ε, 1+ε] (reference CF-AMC-SSL, "
+                                       "for parity only); false = clip(x+δ, 0, 1) at every forward")
 
 
 class FreePerturbation:
-    """Persistent δ for free adversarial training; ``inputs`` gives a leaf x+δ, ``update`` steps δ from its grad."""
+    """Persistent δ for free adversarial training; ``inputs`` gives a leaf x+δ, ``update`` steps δ from its grad.
 
-    def __init__(self, eps: float, step: float) -> None:
-        self.eps, self.step = eps, step
+    ``reference = True`` is CF-AMC-SSL's order of operations (see the module docstring); the default clips every
+    input to [0, 1] and leaves δ unprojected.
+    """
+
+    def __init__(self, eps: float, step: float, reference: bool = False) -> None:
+        self.eps, self.step, self.reference = eps, step, reference
         self.delta: Tensor | None = None
         self.x: Tensor | None = None
         self.x_adv: Tensor | None = None
@@ -46,15 +57,19 @@ class FreePerturbation:
         if self.delta is None or self.delta.shape != x.shape:
             self.delta = torch.zeros_like(x)  # zeros at the first minibatch, as in the reference
         self.x = x
-        self.x_adv = (x + self.delta).clamp(0.0, 1.0).requires_grad_(True)
+        x_adv = x + self.delta
+        self.x_adv = (x_adv if self.reference else x_adv.clamp(0.0, 1.0)).requires_grad_(True)
         return self.x_adv
 
     @torch.no_grad()
     def update(self) -> None:
-        """δ ← clip(δ + α·sign(∇δ), −ε, ε), using the gradient the training backward left on x+δ."""
+        """δ ← clip(δ + α·sign(∇δ), −ε, ε), using the gradient the training backward left on x+δ; in reference
+        mode then δ ← clip(x + δ, 0, 1) − x."""
         if self.x_adv is None or self.x_adv.grad is None:
             return
         self.delta = (self.delta + self.step * self.x_adv.grad.sign()).clamp_(-self.eps, self.eps)
+        if self.reference:
+            self.delta = (self.x + self.delta).clamp_(0.0, 1.0) - self.x
         self.x_adv = None
 
 
@@ -70,7 +85,7 @@ class AdversarialTraining:
         self.replays = o.replays if free else 1
         self.schedule_in_minibatches = free and o.reference_schedule
         step = float(getattr(self.attack.options, "step_size", self.attack.eps / 4))
-        self.free = FreePerturbation(self.attack.eps, step) if free else None
+        self.free = FreePerturbation(self.attack.eps, step, o.reference_delta) if free else None
         self._replay, self._views = 0, None
 
     def replayed(self, make: Callable[[], Tensor]) -> Tensor:

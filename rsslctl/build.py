@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,7 +13,8 @@ from torch import Tensor
 
 from . import registry
 from .augment import ViewAugment
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import load_latest, refuse_nonfinite
+from .limits import check_allocation
 from .data import ImageData
 from .encoder import build_encoder
 from .errors import UserError
@@ -58,13 +60,17 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def setup_device(recipe: Recipe) -> torch.device:
-    """The recipe's device, with its CPU thread count applied."""
+    """The recipe's device, with its CPU thread count and determinism setting applied."""
     if recipe.engine.threads:
         torch.set_num_threads(recipe.engine.threads)
+    if recipe.engine.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+    torch.use_deterministic_algorithms(recipe.engine.deterministic)  # process-wide: the recipe that runs decides
+    torch.backends.cudnn.benchmark = False
     return select_device(recipe.engine.device)
 
 
-def load_split(recipe: Recipe, split: str) -> ImageData:
+def load_split(recipe: Recipe, split: str, limit: int = 0) -> ImageData:
     """Load a split through the dataset plugin (downloading only if the recipe asks), resized to image_size."""
     cls = recipe.dataset.cls
     if split not in cls.splits:
@@ -78,15 +84,17 @@ def load_split(recipe: Recipe, split: str) -> ImageData:
         console.print(f"[bold]downloading[/] {cls.name} into {Path(recipe.data.root).resolve()}")
         dataset.download()
         data = dataset.load(split)
-    return data.resized(recipe.data.image_size)
+    if limit:  # cut before resizing: only the images used are brought to image_size
+        data = data.subset(torch.arange(min(limit, len(data))))
+    size = recipe.data.image_size
+    check_allocation(len(data) * data.images.shape[1] * size * size, f"data: {len(data):,} images of split "
+                     f"'{split}' at data.image_size = {size}", "lower data.image_size or set data.limit")
+    return data.resized(size)
 
 
 def load_train_split(recipe: Recipe) -> ImageData:
     """The recipe's training split, cut to its first ``data.limit`` images when a limit is set."""
-    train = load_split(recipe, recipe.data.train_split)
-    if recipe.data.limit:
-        train = train.subset(torch.arange(min(recipe.data.limit, len(train))))
-    return train
+    return load_split(recipe, recipe.data.train_split, recipe.data.limit)
 
 
 def build_method(recipe: Recipe, device: torch.device) -> Method:
@@ -126,15 +134,28 @@ def load_trained_method(run_dir: Path, recipe: Recipe, device: torch.device, pur
                         ) -> tuple[Method, Path, dict[str, Any]]:
     """(method with the weights of the run's newest checkpoint, that checkpoint, its meta); ``purpose`` names the
     command in the error raised when the run has no checkpoint yet."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
+    found = load_latest(run_dir)
+    if found is None:
         raise UserError(f"{run_dir}: no checkpoint to {purpose} yet; run `rsslctl pretrain` first")
+    ckpt, model_state, _, meta = found
+    refuse_nonfinite(model_state, str(ckpt))
     method = build_method(recipe, device)
-    model_state, _, meta = load_checkpoint(ckpt)
-    method.load_state_dict(model_state)
+    load_weights(method, model_state, ckpt)
     if recipe.engine.compile:  # evaluation and fine-tuning run the backbone many times on fixed shapes
         method.eval_encoder().backbone.compile()
     return method, ckpt, meta
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], ckpt: Path, strict: bool = True) -> None:
+    """``module.load_state_dict`` with a one-line error when the checkpoint does not fit the recipe's model."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # wrong shapes
+        why = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+        raise UserError(f"{ckpt}: checkpoint does not match the recipe's model ({why})") from None
+    if strict and (missing or unexpected):
+        raise UserError(f"{ckpt}: checkpoint does not match the recipe's model "
+                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
 
 
 def plugin_versions(recipe: Recipe) -> dict[str, str]:

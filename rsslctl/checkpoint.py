@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes, save_file as _save_file
 
 from .errors import UserError
 
@@ -32,25 +33,84 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (disk full, read-only, file too large) raised as the OSError
+    they are, so every command reports them as one line."""
+    try:
+        _save_file(tensors, path, metadata=metadata)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — safetensors wraps OS errors in its own exception type
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+UMASK = _umask()
+
+
+def save_file_like_open(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, but with the permissions ``open()`` would give (it creates files 0600 whatever the
+    umask, which hides checkpoints from the rest of a lab's group)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~UMASK)
+
+
 def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling, fsync it and rename it into place: a reader sees the old file or the
+    new one, never half of one; on any failure (disk full, read-only) the temporary file is removed."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
     """Atomic safetensors write; ``metadata`` is stored as JSON strings in the file header."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: _plain(v) for k, v in tensors.items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    try:
+        save_file_like_open({k: _plain(v) for k, v in tensors.items()}, tmp,
+                            metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or ±inf (one device sync)."""
+    names = [k for k, v in tensors.items() if torch.is_floating_point(v) and v.numel()]
+    if not names:
+        return []
+    flags = torch.stack([torch.isfinite(tensors[k]).all() for k in names]).cpu().tolist()
+    return [k for k, ok in zip(names, flags) if not ok]
+
+
+def refuse_nonfinite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """UserError naming the first non-finite tensor: weights that diverged are never evaluated or exported."""
+    bad = nonfinite(tensors)
+    if bad:
+        raise UserError(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); the run diverged "
+                        "before this checkpoint — resume from an earlier one or retrain with a lower optimizer.lr")
 
 
 def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -111,39 +171,130 @@ def save_checkpoint(run_dir: Path, epoch: int, model: torch.nn.Module, optimizer
     final = root / f"epoch-{epoch:04d}"
     tmp = root / f".tmp-epoch-{epoch:04d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    opt_tensors, opt_rest = optimizer_to_flat(optimizer)
-    save_file({k: _plain(v) for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
-              metadata={"epoch": str(epoch), "format": "pt"})
-    save_file({k: _plain(v) for k, v in {**opt_tensors, **rng_state(), **(extra or {})}.items()}, str(tmp / "state.safetensors"))
-    meta = dict(meta, epoch=epoch, optimizer=opt_rest,
-                sha256={f: sha256(tmp / f) for f in ("model.safetensors", "state.safetensors")})
-    atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, default=str))
-    if final.exists():  # re-saving the same epoch (after a resume): move the old one aside first
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    model_state = model.state_dict()
+    bad = nonfinite(model_state)
+    if bad:  # a checkpoint is 'good' only if its weights are finite
+        from .errors import TrainingDiverged
+        raise TrainingDiverged(f"weights became non-finite by epoch {epoch} ({bad[0]}); nothing was saved for this "
+                               "epoch; lower optimizer.lr or set engine.grad_clip, then resume with --resume")
+    try:
+        tmp.mkdir()
+        opt_tensors, opt_rest = optimizer_to_flat(optimizer)
+        save_file_like_open({k: _plain(v) for k, v in model_state.items()}, tmp / "model.safetensors",
+                            metadata={"epoch": str(epoch), "format": "pt"})
+        save_file_like_open({k: _plain(v) for k, v in {**opt_tensors, **rng_state(), **(extra or {})}.items()},
+                            tmp / "state.safetensors")
+        meta = dict(meta, epoch=epoch, optimizer=opt_rest,
+                    sha256={f: sha256(tmp / f) for f in ("model.safetensors", "state.safetensors")})
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, default=str))
+        if final.exists():  # re-saving the same epoch (after a resume): the new one replaces it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:  # disk full, read-only, interrupted: leave no half-written directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in sorted(p for p in root.glob("epoch-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary checkpoint directories and files a crashed or killed writer left behind (call only
+    while holding the run's lock); returns what was removed."""
+    removed = []
+    for pattern in (f"{CKPT_DIR}/.tmp-epoch-*", ".*.tmp-*", f"{CKPT_DIR}/.*.tmp-*"):
+        for p in Path(run_dir).glob(pattern):
+            if pid_alive(p.name.rpartition("-")[2]):  # e.g. an evaluate writing eval.json right now
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def pid_alive(pid: str) -> bool:
+    """Whether another process ``pid`` (the suffix of a temporary name) still runs on this machine; this process's
+    own temporaries, left by an earlier failed attempt, count as stale."""
+    try:
+        if int(pid) == os.getpid():
+            return False
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories (those with meta.json), oldest first."""
+    return sorted(p for p in (Path(run_dir) / CKPT_DIR).glob("epoch-*") if (p / "meta.json").is_file())
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint directory (one with meta.json), or None."""
-    root = Path(run_dir) / CKPT_DIR
-    done = sorted(p for p in root.glob("epoch-*") if (p / "meta.json").is_file())
+    done = checkpoints(run_dir)
     return done[-1] if done else None
 
 
+class CorruptCheckpoint(UserError):
+    """A checkpoint directory whose files are missing, truncated or do not match their recorded checksums."""
+
+    def __init__(self, ckpt: Path, why: str) -> None:
+        super().__init__(f"{ckpt}: corrupt checkpoint ({why})")
+        self.ckpt, self.why = Path(ckpt), why
+
+
 def read_meta(ckpt: Path) -> dict[str, Any]:
-    return json.loads((Path(ckpt) / "meta.json").read_text())
+    """meta.json of a checkpoint; CorruptCheckpoint when it is truncated, empty or lacks its required keys."""
+    try:
+        meta = json.loads((Path(ckpt) / "meta.json").read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpoint(ckpt, f"meta.json unreadable: {str(exc)[:120]}") from None
+    missing = [k for k in ("epoch", "sha256") if not isinstance(meta, dict) or k not in meta]
+    if missing or not isinstance(meta["sha256"], dict) or not isinstance(meta["epoch"], int):
+        raise CorruptCheckpoint(ckpt, f"meta.json lacks {missing[0] if missing else 'a valid epoch/sha256'}")
+    return meta
 
 
 def load_checkpoint(ckpt: Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """(model tensors, state tensors, meta); the sha256 of each file is checked against meta.json."""
+    """(model tensors, state tensors, meta); each file is read once and its sha256 checked against meta.json, so
+    the tensors are exactly the bytes that were checked. FileNotFoundError when the directory vanished while being
+    read (a writer pruned it); CorruptCheckpoint for anything else that is wrong with it."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
-    if verify:
-        for name, digest in meta["sha256"].items():
-            if sha256(ckpt / name) != digest:
-                raise UserError(f"{ckpt / name}: checksum mismatch (file corrupted); delete {ckpt} to resume from an older checkpoint")
-    return load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "state.safetensors")), meta
+    out = []
+    for name in ("model.safetensors", "state.safetensors"):
+        try:
+            data = (ckpt / name).read_bytes()
+        except FileNotFoundError:
+            if not ckpt.is_dir():
+                raise
+            raise CorruptCheckpoint(ckpt, f"{name} is missing") from None
+        digest = meta["sha256"].get(name)
+        if verify and digest != hashlib.sha256(data).hexdigest():
+            raise CorruptCheckpoint(ckpt, f"{name}: checksum mismatch")
+        try:
+            out.append(load_bytes(data))
+        except Exception as exc:  # noqa: BLE001 — safetensors raises its own error types for malformed headers
+            raise CorruptCheckpoint(ckpt, f"{name}: {str(exc)[:120]}") from None
+    return out[0], out[1], meta
+
+
+def load_latest(run_dir: Path, tries: int = 5
+                ) -> tuple[Path, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(checkpoint, model, state, meta) of the newest checkpoint, read consistently while a writer may be saving
+    and pruning: a checkpoint that disappears mid-read is replaced by the then-newest one. None if there is none."""
+    for _ in range(tries):
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            return None
+        try:
+            return (ckpt, *load_checkpoint(ckpt))
+        except FileNotFoundError:
+            continue
+        except CorruptCheckpoint:  # half-deleted by a pruning writer, unless it is still the newest one
+            if ckpt.is_dir() and latest_checkpoint(run_dir) == ckpt:
+                raise
+    raise UserError(f"{run_dir}: its checkpoints changed {tries} times while being read; retry")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping, TextIO
@@ -29,10 +30,11 @@ from .attack import eval_mode, projected_ascent
 from .build import autocast
 from .encoder import Encoder, EncoderOptions
 from .errors import TrainingDiverged, UserError
+from .limits import MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_STEPS, check_number
 from .method import FinetuneRows
 from .options import validate
 from .recipe import shipped_defaults
-from .ui import progress_bar
+from .ui import err_console, progress_bar
 
 MODES = ("SLF", "ALF", "AFF")
 #: the columns of the fine-tuning hyper-parameter tables (a dataset plugin names its own in
@@ -105,12 +107,15 @@ def resolve_config(mode: str, rows: FinetuneRows, row: str, column: str,
     if "milestones" in values:
         values["milestones"] = tuple(int(m) for m in values["milestones"])
     cfg = FinetuneConfig(mode=mode, pretraining=row, hp_source=source, **values)
-    for name, ok, rule in (("epochs", cfg.epochs >= 1, ">= 1"), ("batch-size", cfg.batch_size >= 1, ">= 1"),
-                           ("lr", cfg.lr > 0, "> 0"), ("label-fraction", 0 < cfg.label_fraction <= 1, "in (0, 1]"),
-                           ("train-steps", cfg.train_steps >= 1, ">= 1"), ("eps", cfg.eps >= 0, ">= 0"),
-                           ("beta", cfg.beta >= 0, ">= 0"), ("weight-decay", cfg.weight_decay >= 0, ">= 0")):
-        if not ok:
-            raise UserError(f"--{name}: {getattr(cfg, name.replace('-', '_'))} must be {rule}")
+    for name, lo, hi in (("epochs", 1, MAX_EPOCHS), ("batch-size", 1, MAX_BATCH), ("lr", 0, None),
+                         ("label-fraction", 0, 1), ("train-steps", 1, MAX_STEPS), ("eps", 0, None),
+                         ("step-size", 0, None), ("beta", 0, None), ("weight-decay", 0, None), ("seed", 0, MAX_SEED)):
+        check_number(getattr(cfg, name.replace("-", "_")), f"--{name}", lo, hi)
+    for m in cfg.milestones:
+        check_number(m, "--milestones", 0, MAX_EPOCHS)
+    if cfg.lr <= 0 or cfg.label_fraction <= 0:
+        name = "lr" if cfg.lr <= 0 else "label-fraction"
+        raise UserError(f"--{name}: {getattr(cfg, name.replace('-', '_'))} must be > 0")
     return cfg
 
 
@@ -292,6 +297,9 @@ def train_classifier(params: list[Tensor], inputs: Tensor, labels: Tensor, step_
             if not math.isfinite(summary["loss"]):
                 raise TrainingDiverged(f"{title}: loss became {summary['loss']} in epoch {epoch}; lower the learning rate")
             bar.update(task, info=f"ep {epoch}/{s.epochs} loss {summary['loss']:.4f}")
+            if not quiet and not sys.stdout.isatty():  # a batch job: one plain line per epoch
+                err_console.print(f"{title}: epoch {epoch}/{s.epochs} mean loss {summary['loss']:.4f}, train accuracy "
+                              f"{100 * summary['train_accuracy']:.2f} %", highlight=False)
             if log is not None:
                 log.write(json.dumps(summary) + "\n")
     return summary
@@ -353,8 +361,20 @@ def load_classifier(directory: Path, device: torch.device) -> tuple[Classifier, 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory}: no fine-tuned model here; run `rsslctl finetune` first")
-    from safetensors.torch import load_file
-    info = json.loads((directory / "config.json").read_text())
-    net = encoder_classifier(build_backbone(info["backbone"]), info["mean"], info["std"], info["num_classes"], False)
-    load_strict(net, load_file(str(directory / "model.safetensors")), str(directory / "model.safetensors"))
+    from safetensors.torch import load as load_bytes
+
+    from .checkpoint import refuse_nonfinite
+    weights = directory / "model.safetensors"
+    try:
+        info = json.loads((directory / "config.json").read_text())
+        backbone, mean, std, classes = info["backbone"], info["mean"], info["std"], int(info["num_classes"])
+        state = load_bytes(weights.read_bytes())
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        raise UserError(f"{directory}: damaged fine-tuning output ({type(exc).__name__}: {str(exc)[:120]}); run "
+                        "`rsslctl finetune --force` again") from None
+    except Exception as exc:  # noqa: BLE001 — safetensors' own error for a malformed file
+        raise UserError(f"{weights}: not a readable safetensors file ({str(exc)[:120]})") from None
+    refuse_nonfinite(state, str(weights))
+    net = encoder_classifier(build_backbone(backbone), mean, std, classes, False)
+    load_strict(net, state, str(weights))
     return net.to(device).eval(), info

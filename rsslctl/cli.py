@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from . import __version__
+from .commands.cite import cite
 from .commands.evaluate import evaluate
 from .commands.export import export
 from .commands.finetune import finetune_command
@@ -20,10 +21,12 @@ def main() -> None:
     """Robust self-supervised learning: pretrain, fine-tune and evaluate robust encoders."""
 
 
-for _command in (pretrain, evaluate, finetune_command, export, plugins, recipe, select_coreset):
+for _command in (pretrain, evaluate, finetune_command, export, plugins, recipe, select_coreset, cite):
     main.add_command(_command)
-for _command in registry().commands():  # a plugin cannot replace a built-in verb
-    if _command.name not in main.commands:
+for _command, _info in registry().command_entries():
+    if _command.name in main.commands:  # a plugin cannot replace a built-in (or an earlier plugin's) verb
+        _info.error = f"verb '{_command.name}' is taken; not added"
+    else:
         main.add_command(_command)
 
 if __name__ == "__main__":

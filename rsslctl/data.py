@@ -35,7 +35,8 @@ class ImageData:
         if self.images.shape[-1] == size and self.images.shape[-2] == size:
             return self
         out = []
-        for chunk in self.images.split(1024):
+        per_image = self.images.shape[1] * max(size * size, self.images.shape[-1] * self.images.shape[-2]) * 4
+        for chunk in self.images.split(max(1, min(1024, (256 << 20) // max(1, per_image)))):  # ≤ ~256 MB of floats
             x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             out.append(x.round_().clamp_(0, 255).to(torch.uint8))
         return ImageData(torch.cat(out), self.labels, self.classes, self.name)
@@ -95,5 +96,6 @@ def safe_unpickle(path: Path) -> Any:
     try:
         with open(path, "rb") as fh:
             return _SafeUnpickler(io.BytesIO(fh.read()), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, OverflowError, MemoryError, TypeError,
+            AttributeError, IndexError, KeyError, RecursionError) as exc:
         raise UserError(f"{path}: not a valid dataset batch file ({exc}); re-extract the archive") from None

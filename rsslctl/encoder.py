@@ -40,6 +40,11 @@ class Backbone(Plugin):
         """How to rebuild the exported backbone outside rsslctl (stored in the export's metadata)."""
         return {}
 
+    def classifier_export(self, num_classes: int) -> tuple[str, str]:
+        """(prefix of the library's own classifier keys, Python source defining ``load_model(path)``) for exporting a
+        fine-tuned classifier that loads without rsslctl; ('', '') when the backbone cannot."""
+        return "", ""
+
 
 @dataclasses.dataclass
 class EncoderOptions:
@@ -76,7 +81,7 @@ def convert_dual_bn(module: nn.Module) -> nn.Module:
     return module
 
 
-def apply_cifar_stem(model: nn.Module, width: int = 0) -> nn.Module:
+def apply_cifar_stem(model: nn.Module, width: int = 0, init: Literal["kaiming", "pytorch"] = "kaiming") -> nn.Module:
     """3×3 stride-1 first conv and no max-pool, so 32×32 inputs keep their resolution (ResNet style).
 
     ``width`` > 0 also sets the stem's width. timm's ResNets keep a 64-channel stem whatever their stage widths, so a
@@ -84,13 +89,19 @@ def apply_cifar_stem(model: nn.Module, width: int = 0) -> nn.Module:
     ``width`` the stem, its BN and the first block's input convolution and shortcut take ``width`` channels, and a
     shortcut left with equal widths at stride 1 is dropped: with ``width`` = the first stage width this is the CIFAR
     ResNet of the papers.
+
+    ``init = "kaiming"``: the new stem conv starts Kaiming-normal (fan-out) like the ACL-family ResNets;
+    ``"pytorch"``: nn.Conv2d's own default, which EMP-SSL and CF-AMC-SSL get by swapping torchvision's conv1 after
+    the model is built.
     """
     conv = getattr(model, "conv1", None)
     if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
         raise UserError("backbone.cifar_stem: only ResNet-style models with 'conv1' and 'maxpool' support it; "
                         "set backbone.cifar_stem = false")
     stem = width or conv.out_channels
-    model.conv1 = _kaiming(nn.Conv2d(conv.in_channels, stem, 3, 1, 1, bias=False))
+    model.conv1 = nn.Conv2d(conv.in_channels, stem, 3, 1, 1, bias=False)
+    if init == "kaiming":
+        _kaiming(model.conv1)
     model.maxpool = nn.Identity()
     if stem != conv.out_channels:
         block = getattr(model, "layer1", [None])[0]

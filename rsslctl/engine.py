@@ -17,15 +17,18 @@ from typing import Any, Callable, TextIO
 import torch
 from torch import Tensor
 
-from .build import (autocast, build_method, compile_step, load_train_split, plugin_versions, setup_device,
-                    uses_bf16)
-from .checkpoint import (derive_seed, latest_checkpoint, load_checkpoint, optimizer_from_flat, save_checkpoint,
-                         set_rng_state)
+from .build import (autocast, build_method, compile_step, load_train_split, load_weights, plugin_versions,
+                    setup_device, uses_bf16)
+from .checkpoint import (CorruptCheckpoint, atomic_write_text, checkpoints, derive_seed, latest_checkpoint,
+                         load_checkpoint, optimizer_from_flat, read_meta, refuse_nonfinite, remove_stale_temporaries,
+                         save_checkpoint, set_rng_state)
 from .coreset import CoresetRun, method_target
 from .errors import TrainingDiverged, UserError
+from .logs import RunLogger, duration
+from .monitor import monitor_accuracies, monitor_splits
 from .optim import StepClock, lr_at, make_optimizer
 from .recipe import Recipe
-from .ui import console, progress_bar, summary_table
+from .ui import console, err_console, progress_bar, summary_table
 
 #: (optimizer step, lr, loss, metrics) of a step whose values are still on the device
 Pending = tuple[int, float, Tensor, dict[str, Tensor]]
@@ -61,10 +64,11 @@ class Trainer:
         epoch_steps = self.coreset.epoch_steps() if self.coreset else [self.steps_per_epoch] * recipe.schedule.epochs
         self.clock = StepClock(epoch_steps, self.replays, recipe.schedule.warmup_epochs, recipe.coreset.lr_schedule)
         # a method may ask for the free-AT reference quirk instead: schedule length in minibatches, but stepped
-        # once per optimizer step, so the cosine is over-stepped m times (see docs/methods.md, free AT)
+        # once per optimizer step, so the cosine is over-stepped m times (see docs/methods.md, "Adversarial training and free AT")
         self.minibatch_clock = StepClock(epoch_steps, 1, recipe.schedule.warmup_epochs, recipe.coreset.lr_schedule)
         self.epoch = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.monitor_data: tuple | None = None  # (train features' images/labels, test images/labels) for monitors
 
     @property
     def total_steps(self) -> int:
@@ -84,17 +88,27 @@ class Trainer:
         return self.clock.step(epoch, i, rep), total, warm
 
     # -- state -------------------------------------------------------------------------------------
-    def restore(self) -> bool:
-        """Load the newest complete checkpoint; False if there is none."""
-        ckpt = latest_checkpoint(self.run_dir)
+    def restore(self, from_checkpoint: Path | None = None) -> bool:
+        """Load the newest complete checkpoint (or ``from_checkpoint``, one of this run's); False if there is none.
+        A corrupt checkpoint is named, with the command that resumes from the previous good one; nothing is
+        deleted."""
+        ckpt = self._pick_checkpoint(from_checkpoint)
         if ckpt is None:
+            self._truncate_metrics(0)  # a run killed before its first checkpoint keeps no records
             return False
-        model, state, meta = load_checkpoint(ckpt)
-        missing, unexpected = self.method.load_state_dict(model, strict=False)
-        if missing or unexpected:
-            raise UserError(f"{ckpt}: checkpoint does not match the recipe's model "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        optimizer_from_flat(self.optimizer, state, meta["optimizer"])
+        try:
+            model, state, meta = load_checkpoint(ckpt)
+            refuse_nonfinite(model, str(ckpt))
+        except CorruptCheckpoint as exc:
+            older = [c for c in checkpoints(self.run_dir) if c.name < ckpt.name]
+            hint = (f"resume from the previous one with `rsslctl pretrain --resume {self.run_dir} --from-checkpoint "
+                    f"{older[-1]}`" if older else "no older checkpoint is left; start over with --force")
+            raise UserError(f"{exc}; {hint} (nothing was deleted)") from None
+        load_weights(self.method, model, ckpt)
+        try:
+            optimizer_from_flat(self.optimizer, state, meta["optimizer"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise UserError(f"{ckpt}: optimizer state does not match the recipe ({str(exc)[:120]})") from None
         set_rng_state(state)
         self.epoch = int(meta["epoch"])
         self.method.load_run_state({k[len("method."):]: v.to(self.device) for k, v in state.items()
@@ -103,6 +117,16 @@ class Trainer:
             self.coreset.indices = state["coreset.indices"]
         self._truncate_metrics(self.clock.step(self.epoch + 1, 0))
         return True
+
+    def _pick_checkpoint(self, chosen: Path | None) -> Path | None:
+        if chosen is None:
+            return latest_checkpoint(self.run_dir)
+        known = {c.resolve(): c for c in checkpoints(self.run_dir)}
+        if Path(chosen).resolve() not in known:
+            names = ", ".join(c.name for c in known.values()) or "none"
+            raise UserError(f"--from-checkpoint {chosen}: not a complete checkpoint of {self.run_dir} "
+                            f"(its checkpoints: {names})")
+        return known[Path(chosen).resolve()]
 
     def _training_step(self) -> Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]:
         """The method's training step, compiled when the recipe asks (see ``build.compile_step``)."""
@@ -128,11 +152,15 @@ class Trainer:
         if not self.metrics_path.exists():
             return
         keep = []
-        for line in self.metrics_path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("step", -1) < first_lost_step and rec.get("epoch", 0) <= self.epoch:
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a partial last line of a killed run
+                continue
+            if (isinstance(rec, dict) and rec.get("step", -1) < first_lost_step
+                    and rec.get("epoch", 0) <= self.epoch):
                 keep.append(line)
-        self.metrics_path.write_text("".join(k + "\n" for k in keep))
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
     def _meta(self, summary: dict[str, Any]) -> dict[str, Any]:
         return {"recipe": self.recipe.resolved, "plugins": plugin_versions(self.recipe), "metrics": summary,
@@ -147,29 +175,64 @@ class Trainer:
                         keep=self.recipe.engine.keep_checkpoints, extra=extra)
 
     # -- loop ----------------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict[str, Any]:
+    def fit(self, resume: bool = False, from_checkpoint: Path | None = None) -> dict[str, Any]:
         r = self.recipe
-        if resume and self.restore() and not self.quiet:
-            console.print(f"resuming after epoch {self.epoch}")
+        for stale in remove_stale_temporaries(self.run_dir):
+            err_console.print(f"removed {stale}, left behind by an interrupted run", highlight=False)
+        if resume:
+            if not self.restore(from_checkpoint):
+                err_console.print(f"{self.run_dir}: no checkpoint yet, so nothing to resume from; training from "
+                                  "epoch 1", highlight=False)
+            elif self.epoch >= r.schedule.epochs:
+                err_console.print(f"{self.run_dir}: already finished all {r.schedule.epochs} epochs; nothing to do "
+                                  "(to train longer, start a new run)", highlight=False)
+                return dict(read_meta(latest_checkpoint(self.run_dir)).get("metrics", {}))
+            elif not self.quiet:
+                console.print(f"resuming after epoch {self.epoch}")
         images, labels = self.train.images.to(self.device), self.train.labels.to(self.device)
         summary: dict[str, Any] = {}
-        t_run = time.perf_counter()
-        with open(self.metrics_path, "a") as log, progress_bar(self.quiet) as bar:
-            task = bar.add_task("pretrain", total=sum(self.clock.epoch_steps[self.epoch:]), info="")
-            for epoch in range(self.epoch + 1, r.schedule.epochs + 1):
-                summary = self._epoch(epoch, images, labels, log, lambda n, info: bar.update(task, advance=n, info=info))
-                self.epoch = epoch
-                if epoch % r.engine.checkpoint_every == 0 or epoch == r.schedule.epochs:
-                    self._checkpoint(epoch, summary)
-        summary["total_seconds"] = time.perf_counter() - t_run
+        self._t_run, self._steps_at_start = time.perf_counter(), self.clock.step(self.epoch + 1, 0)
+        self.logger = RunLogger(self.run_dir, r.logging, r.resolved, self.quiet, purge_step=self._steps_at_start)
+        try:
+            with open(self.metrics_path, "a") as log, progress_bar(self.quiet or self.logger.plain) as bar:
+                task = bar.add_task("pretrain", total=sum(self.clock.epoch_steps[self.epoch:]), info="")
+                for epoch in range(self.epoch + 1, r.schedule.epochs + 1):
+                    summary = self._epoch(epoch, images, labels, log,
+                                          lambda n, info=None: bar.update(task, advance=n, **({"info": info} if info else {})))
+                    self.epoch = epoch
+                    summary.update(self._monitor(epoch))
+                    self.logger.scalars(summary, self.clock.step(epoch + 1, 0) - 1, "epoch")
+                    self.logger.progress(f"epoch {epoch}/{r.schedule.epochs} done: " + ", ".join(
+                        f"{k.replace('_', ' ')} {100 * v:.2f} %" if k.endswith("accuracy") else f"{k} {v:.4g}"
+                        for k, v in summary.items() if k in ("loss", "images_per_s") or k.endswith("accuracy")),
+                        force=True)
+                    if epoch % r.engine.checkpoint_every == 0 or epoch == r.schedule.epochs:
+                        self._checkpoint(epoch, summary)
+        finally:
+            self.logger.close()
+        summary["total_seconds"] = time.perf_counter() - self._t_run
         if not self.quiet:
             console.print(summary_table("pretraining finished", {
                 "method": r.method.name, "device": str(self.device),
                 "precision": "bf16 autocast" if uses_bf16(self.device, r.engine.precision) else "fp32",
                 "epochs": r.schedule.epochs, "steps/epoch": self.steps_per_epoch,
-                "final loss": f"{summary['loss']:.4f}", "images/s (last epoch)": f"{summary['images_per_s']:,.0f}",
+                "mean loss of the last epoch": f"{summary['loss']:.4f}",
+                "images/s (last epoch)": f"{summary['images_per_s']:,.0f}",
+                **{f"{k.replace('_', ' ')} (last epoch)": f"{100 * v:.2f} %" for k, v in summary.items()
+                   if k.endswith("_accuracy")},
                 "wall time": f"{summary['total_seconds']:.1f} s", "run directory": str(self.run_dir)}))
         return summary
+
+    def _monitor(self, epoch: int) -> dict[str, float]:
+        """kNN / linear-probe accuracy on frozen features, when the [logging] table asks for them this epoch."""
+        o = self.recipe.logging
+        knn, probe = (every and epoch % every == 0 for every in (o.knn_every, o.probe_every))
+        if not (knn or probe):
+            return {}
+        if self.monitor_data is None:
+            self.monitor_data = monitor_splits(self.recipe, o.monitor_limit)
+        return monitor_accuracies(self.method, *self.monitor_data, self.device, self.recipe.engine.precision,
+                                  knn, probe, self.recipe.evaluation)
 
     def _epoch_batches(self, epoch: int, images: Tensor, labels: Tensor) -> tuple[Tensor, float]:
         """(minibatch indices [steps, batch] on the device, seconds spent selecting a coreset)."""
@@ -183,7 +246,7 @@ class Trainer:
         return perm.to(self.device).view(spe, bs), t_select
 
     def _epoch(self, epoch: int, images: Tensor, labels: Tensor, log: TextIO,
-               progress: Callable[[int, str], None]) -> dict[str, Any]:
+               progress: Callable[..., None]) -> dict[str, Any]:
         r = self.recipe
         self.method.train()
         self.method.on_epoch_start(epoch, r.schedule.epochs)
@@ -195,11 +258,18 @@ class Trainer:
         for i, idx in enumerate(batches):
             for rep in range(self.replays):
                 pending.append(self._step(epoch, i, rep, images[idx], labels[idx]))
+            progress(1)  # the bar moves every step; its numbers are the last ones read back
             if (i + 1) % r.engine.log_every == 0 or i == spe - 1:
                 losses += self._flush(pending, epoch, log)
-                lr = pending[-1][1]
-                progress(len(pending) // self.replays, f"ep {epoch}/{r.schedule.epochs} loss {losses[-1]:.4f} "
-                         f"lr {lr:.3g} {(i + 1) * bs / (time.perf_counter() - t0):,.0f} img/s")
+                step, lr = pending[-1][0], pending[-1][1]
+                done = step + 1 - self._steps_at_start
+                elapsed = time.perf_counter() - self._t_run
+                eta = elapsed / done * (self.clock.total_steps - step - 1)
+                info = (f"ep {epoch}/{r.schedule.epochs} loss (last read) {losses[-1]:.4f} lr {lr:.3g} "
+                        f"{(i + 1) * bs / (time.perf_counter() - t0):,.0f} img/s")
+                progress(0, info)
+                self.logger.progress(f"epoch {epoch}/{r.schedule.epochs} step {i + 1}/{spe} {info[info.index('loss'):]} "
+                                     f"elapsed {duration(elapsed)} eta {duration(eta)}")
                 pending = []
         seconds = time.perf_counter() - t0
         summary = {"epoch": epoch, "loss": sum(losses) / len(losses), "seconds": seconds, "images_per_s": spe * bs / seconds}
@@ -236,8 +306,20 @@ class Trainer:
     def _flush(self, pending: list[Pending], epoch: int, log: TextIO) -> list[float]:
         """One device→host copy for all pending steps; stop on a non-finite loss."""
         names = sorted({k for _, _, _, m in pending for k in m})
-        rows = torch.stack([torch.stack([loss.float()] + [m.get(k, loss).float() for k in names])
-                            for _, _, loss, m in pending]).tolist()
+        table = torch.stack([torch.stack([loss.float()] + [m.get(k, loss).float() for k in names])
+                             for _, _, loss, m in pending])
+        # the weights after the last step, checked in the same device→host copy: a diverging step whose loss was
+        # still finite cannot slip into a checkpoint
+        weights_ok = torch.stack([t.isfinite().all() for t in self.method.state_dict().values()
+                                  if t.is_floating_point()]).all()
+        values = torch.cat([table.flatten(), weights_ok.float().view(1)]).tolist()
+        width = table.shape[1]
+        rows = [values[i * width:(i + 1) * width] for i in range(len(pending))]
+        if values[-1] != 1.0 and all(math.isfinite(row[0]) for row in rows):
+            last = latest_checkpoint(self.run_dir)
+            kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint had been written yet"
+            raise TrainingDiverged(f"weights became non-finite by epoch {epoch}, step {pending[-1][0]}; {kept}; "
+                                   "lower optimizer.lr or set engine.grad_clip, then resume with --resume")
         out = []
         for (step, lr, _, _), row in zip(pending, rows):
             if not math.isfinite(row[0]):
@@ -245,7 +327,8 @@ class Trainer:
                 kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint had been written yet"
                 raise TrainingDiverged(f"loss became {row[0]} at epoch {epoch}, step {step}; {kept}; "
                                        "lower optimizer.lr or set engine.grad_clip, then resume with --resume")
-            log.write(json.dumps({"kind": "step", "epoch": epoch, "step": step, "lr": lr, "loss": row[0],
-                                  **dict(zip(names, row[1:]))}) + "\n")
+            record = {"epoch": epoch, "step": step, "lr": lr, "loss": row[0], **dict(zip(names, row[1:]))}
+            log.write(json.dumps({"kind": "step", **record}) + "\n")
+            self.logger.scalars(record, step, "train")
             out.append(row[0])
         return out

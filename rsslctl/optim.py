@@ -8,6 +8,7 @@ from typing import Iterable, Literal
 import torch
 from torch import Tensor
 
+from .limits import MAX_BATCH, MAX_EPOCHS
 from .options import opt
 
 
@@ -21,18 +22,22 @@ class OptimizerOptions:
     nesterov: bool = opt(False, "SGD Nesterov momentum")
     weight_decay: float = opt(1e-6, "weight decay (LARS applies it to every tensor, as the reference)", min=0)
     trust_coefficient: float = opt(1e-3, "LARS trust coefficient η", min=0)
-    betas: tuple[float, float] = opt((0.9, 0.999), "Adam betas")
+    betas: tuple[float, float] = opt((0.9, 0.999), "Adam betas, each in [0, 1)")
 
 
 @dataclasses.dataclass
 class ScheduleOptions:
     """The recipe's [schedule] section."""
 
-    epochs: int = opt(100, "training epochs", min=1)
-    batch_size: int = opt(512, "images per step", min=2)
-    warmup_epochs: float = opt(10, "linear warm-up length in epochs", min=0)
+    epochs: int = opt(100, "training epochs", min=1, max=MAX_EPOCHS)
+    batch_size: int = opt(512, "images per step", min=2, max=MAX_BATCH)
+    warmup_epochs: float = opt(10, "linear warm-up length in epochs", min=0, max=MAX_EPOCHS)
     kind: Literal["cosine", "constant"] = opt("cosine", "learning-rate schedule after warm-up")
     min_lr: float = opt(1e-6, "final learning rate of the cosine schedule (absolute)", min=0)
+    scheduler_step: Literal["before", "after"] = opt(
+        "before", "where the reference steps its scheduler: before each iteration (ACL/AIR/RCS LambdaLR: iteration i "
+                  "runs at the schedule's value at i+1) or after each optimizer step (EMP-SSL/CF-AMC-SSL "
+                  "CosineAnnealingLR, official DynACL: iteration i runs at i)")
 
 
 class LARS(torch.optim.Optimizer):
@@ -79,16 +84,21 @@ def make_optimizer(params: list[Tensor], o: OptimizerOptions) -> torch.optim.Opt
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: ScheduleOptions,
           periodic: bool = False) -> float:
-    """Learning rate for iteration ``step`` (0-based): linear warm-up to ``peak``, then cosine to min_lr.
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up to ``peak``, then cosine to min_lr.
 
-    ``periodic`` lets the cosine run on past ``total_steps`` (back up, down again, ...) like an over-stepped
-    CosineAnnealingLR; only the reference free-AT schedule quirk uses it (see docs/methods.md, free AT).
+    With f(s) = peak·s/W for s < W, else min_lr + (peak − min_lr)·½(1 + cos(π(s − W)/(T − W))), step i runs at
+    f(i + 1) when ``schedule.scheduler_step = "before"`` (a LambdaLR created at f(0) and stepped at the start of
+    every iteration, as ACL/AIR/RCS). ``"after"`` (a scheduler stepped after the optimizer) runs the cosine at
+    f(i) and keeps the warm-up at peak·(i + 1)/W, so no step trains at lr 0. The warm-up values are the same either
+    way. ``periodic`` lets the cosine run on past ``total_steps`` (back up, down again, ...) like an over-stepped
+    CosineAnnealingLR; only the reference free-AT schedule quirk uses it (see docs/methods.md, "Adversarial training and free AT").
     """
     if warmup_steps > 0 and step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     if schedule.kind == "constant":
         return peak
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    s = step + 1 if schedule.scheduler_step == "before" else step
+    t = (s - warmup_steps) / max(1, total_steps - warmup_steps)
     lo = min(schedule.min_lr, peak)
     return lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * (t if periodic else min(1.0, t))))
 
@@ -101,7 +111,9 @@ class StepClock:
     steps actually taken. ``lr_position`` places a step on the LR schedule: ``by = "steps"`` spreads warm-up and
     cosine over the steps the run will really take; ``by = "epochs"`` (the RCS reference) spreads them over
     fractions of epochs, i.e. the LR of step i of epoch e is the full-data run's LR at the same epoch fraction.
-    With equal epochs both equal the plain per-iteration schedule.
+    ``by = "epochs"`` counts in steps of the current epoch, as the RCS reference does when it rebuilds its schedule
+    every epoch for the current loader length L (E·L steps, W·L warm-up, fast-forwarded (e − 1)·L), so ``lr_at``'s
+    one-step offset is one step of that epoch. With equal epochs both equal the plain per-iteration schedule.
     """
 
     epoch_steps: list[int]
@@ -113,7 +125,6 @@ class StepClock:
         self._offset = [0]
         for n in self.epoch_steps:
             self._offset.append(self._offset[-1] + n)
-        self._ref = max(self.epoch_steps)
 
     def step(self, epoch: int, i: int, rep: int = 0) -> int:
         """0-based optimizer step of replay ``rep`` of minibatch ``i`` (0-based) in ``epoch`` (1-based)."""
@@ -129,7 +140,6 @@ class StepClock:
             whole = min(int(self.warmup_epochs), len(self.epoch_steps))
             part = self.epoch_steps[whole] * (self.warmup_epochs - whole) if whole < len(self.epoch_steps) else 0
             return self.step(epoch, i, rep), self.total_steps, round((self._offset[whole] + part) * self.replays)
-        scale = self._ref / self.epoch_steps[epoch - 1]  # one short-epoch step covers `scale` full-epoch steps
-        r = self.replays
-        return (((epoch - 1) * self._ref) * r + (i * r + rep) * scale, len(self.epoch_steps) * self._ref * r,
-                round(self.warmup_epochs * self._ref * r))
+        per_epoch = self.epoch_steps[epoch - 1] * self.replays
+        return ((epoch - 1) * per_epoch + i * self.replays + rep, len(self.epoch_steps) * per_epoch,
+                round(self.warmup_epochs * per_epoch))

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from fractions import Fraction
 from typing import Any, Literal, get_args, get_origin
 
 from .errors import UserError
+from .limits import check_nested, check_number
 
 
 class Number(float):
@@ -38,6 +40,8 @@ class Plugin:
 
     name: typing.ClassVar[str] = ""
     Options: typing.ClassVar[type] = NoOptions
+    #: BibTeX of the work this plugin implements or reads ('' = nothing to cite); `rsslctl cite` prints it
+    citation: typing.ClassVar[str] = ""
 
     @classmethod
     def check_options(cls, options: Any, where: str) -> None:
@@ -51,16 +55,30 @@ def closest(name: str, candidates: typing.Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def parse_number(value: Any, where: str) -> float:
+def parse_number(value: Any, where: str, check: bool = True) -> float:
+    """A float from a number or a fraction string; non-finite or absurd values are refused unless ``check`` is
+    false (then the caller checks them against the option's own bounds)."""
     if isinstance(value, bool):
         raise UserError(f"{where}: expected a number, got {value!r}")
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
         try:
-            return float(Fraction(value.replace(" ", "")))
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if check:
+            check_number(number, where)
+        return number
+    if isinstance(value, str) and len(value) <= 100:
+        try:
+            number = float(Fraction(value.replace(" ", "")))
+        except OverflowError:
+            number = math.inf if not value.strip().startswith("-") else -math.inf
         except (ValueError, ZeroDivisionError):
-            pass
+            number = None
+        if number is not None:
+            if check:
+                check_number(number, where)
+            return number
     raise UserError(f"{where}: expected a number such as 0.03 or '8/255', got {value!r}")
 
 
@@ -88,7 +106,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                             + (closest(value, map(str, choices)) if isinstance(value, str) else ""))
         return value
     if tp is Number:
-        return parse_number(value, where)
+        return parse_number(value, where, check=False)
     if tp is bool:
         if not isinstance(value, bool):
             raise UserError(f"{where}: expected true or false, got {value!r}")
@@ -97,12 +115,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise UserError(f"{where}: expected an integer, got {value!r}")
+            raise UserError(f"{where}: expected an integer, got {str(value)[:40]!r}")
+        check_number(value, where)
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return parse_number(value, where)
-        return float(value)
+        return parse_number(value, where, check=False)
     if tp is str:
         if not isinstance(value, str):
             raise UserError(f"{where}: expected a string, got {value!r}")
@@ -149,11 +166,9 @@ def validate(cls: type, values: dict[str, Any], where: str, extra_keys: typing.I
             raise UserError(f"{loc}: {coerced!r} is not one of {', '.join(map(repr, meta['choices']))}"
                             + (closest(coerced, map(str, meta["choices"])) if isinstance(coerced, str) else ""))
         if isinstance(coerced, (int, float)) and not isinstance(coerced, bool):
-            lo, hi = meta.get("min"), meta.get("max")
-            if lo is not None and coerced < lo:
-                raise UserError(f"{loc}: {coerced} is below the minimum {lo}")
-            if hi is not None and coerced > hi:
-                raise UserError(f"{loc}: {coerced} is above the maximum {hi}")
+            check_number(coerced, loc, meta.get("min"), meta.get("max"))
+        else:
+            check_nested(coerced, loc)
         kwargs[key] = coerced
     return cls(**kwargs)
 

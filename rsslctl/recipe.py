@@ -20,16 +20,19 @@ from .augment import AugmentOptions
 from .coreset import CoresetOptions, check_options as check_coreset
 from .encoder import EncoderOptions
 from .errors import UserError
+from .limits import MAX_BATCH, MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_SEED, MAX_STEPS, check_recipe
+from .logs import LoggingOptions
 from .options import Number, as_dict, closest, opt, validate
 from .optim import OptimizerOptions, ScheduleOptions
 
+MAX_RECIPE_BYTES = 1 << 20
 NONE = "none"  # the plugin name that switches an optional plugin table off
 
 
 @dataclasses.dataclass
 class RunOptions:
     name: str = opt("run", "run name; the run directory is <output_dir>/<name>")
-    seed: int = opt(0, "global random seed", min=0)
+    seed: int = opt(0, "global random seed", min=0, max=MAX_SEED)
     output_dir: str = opt("runs", "where run directories are created")
 
 
@@ -39,7 +42,7 @@ class DataOptions:
     download: bool = opt(False, "download missing files (only datasets that support it)")
     train_split: str = opt("train", "split used for pretraining and fine-tuning")
     test_split: str = opt("test", "split used for evaluation")
-    image_size: int = opt(32, "images are presented at this square size", min=8)
+    image_size: int = opt(32, "images are presented at this square size", min=8, max=MAX_IMAGE_SIZE)
     limit: int = opt(0, "use only the first N training images (0 = all)", min=0)
 
 
@@ -52,17 +55,20 @@ class EngineOptions:
     cuda_graphs: bool = opt(False, "with compile on CUDA: replay the compiled graphs as CUDA graphs (torch.compile "
                                    "mode reduce-overhead); training batches have static shapes")
     grad_clip: float = opt(0.0, "clip the global gradient norm (0 = off)", min=0)
-    checkpoint_every: int = opt(1, "write a checkpoint every N epochs (and always at the end)", min=1)
-    keep_checkpoints: int = opt(2, "how many checkpoints to keep", min=1)
+    checkpoint_every: int = opt(1, "write a checkpoint every N epochs (and always at the end)", min=1, max=MAX_EPOCHS)
+    keep_checkpoints: int = opt(2, "how many checkpoints to keep", min=1, max=1000)
     log_every: int = opt(10, "read metrics back from the device every N steps", min=1)
-    threads: int = opt(0, "CPU threads for torch (0 = torch default)", min=0)
+    threads: int = opt(0, "CPU threads for torch (0 = torch default); fix it for bit-reproducible CPU runs", min=0,
+                       max=4096)
+    deterministic: bool = opt(False, "deterministic algorithms only (torch.use_deterministic_algorithms); "
+                                     "bit-reproducible runs on one machine, usually slower on CUDA")
 
 
 @dataclasses.dataclass
 class EvaluationOptions:
-    epochs: int = opt(30, "linear-probe epochs on frozen features", min=1)
+    epochs: int = opt(30, "linear-probe epochs on frozen features", min=1, max=MAX_EPOCHS)
     lr: float = opt(0.1, "linear-probe SGD learning rate (cosine decay)", min=0)
-    batch_size: int = opt(256, "linear-probe batch size", min=1)
+    batch_size: int = opt(256, "linear-probe batch size", min=1, max=MAX_BATCH)
     weight_decay: float = opt(2e-4, "linear-probe weight decay", min=0)
     route: Literal["auto", "normal", "pgd"] = opt("auto", "BN route of a dual-BN encoder (auto = pgd, as in the protocol)")
     attack: str = opt("", "attack plugin for robust accuracy (also the PGD row of the suite and ALF's training "
@@ -70,9 +76,11 @@ class EvaluationOptions:
     single_step_attack: str = opt("", "attack plugin of the suite's single-step (FGSM) row; default from defaults.toml")
     eps: Number = opt(8 / 255, "attack radius", min=0)
     step_size: Number = opt(2 / 255, "attack step size", min=0)
-    steps: int = opt(20, "attack iterations", min=1)
+    steps: int = opt(20, "attack iterations", min=1, max=MAX_STEPS)
     clamp_start: bool = opt(True, "clip the attack's random start into [0, 1] (false = reference PGD)")
     limit: int = opt(0, "evaluate on the first N test images (0 = all)", min=0)
+    knn_k: int = opt(20, "neighbours of the weighted kNN accuracy", min=1)
+    knn_temperature: float = opt(0.07, "temperature τ of the kNN vote weights exp(s/τ)", min=1e-4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +101,7 @@ class Slot:
 OFF = Slot(NONE, None, None)
 CORE = {"run": RunOptions, "data": DataOptions, "augment": AugmentOptions, "backbone": None, "encoder": EncoderOptions,
         "method": None, "attack": None, "optimizer": OptimizerOptions, "schedule": ScheduleOptions,
-        "coreset": CoresetOptions, "engine": EngineOptions, "evaluation": EvaluationOptions}
+        "coreset": CoresetOptions, "engine": EngineOptions, "evaluation": EvaluationOptions, "logging": LoggingOptions}
 #: recipe table → (plugin kind, attribute of the Recipe holding its slot)
 PLUGIN_TABLES = {"data": ("dataset", "dataset"), "backbone": ("backbone", "backbone"), "method": ("method", "method"),
                  "attack": ("attack", "attack"), "coreset": ("coreset", "selector")}
@@ -115,6 +123,7 @@ class Recipe:
     coreset: CoresetOptions | None
     engine: EngineOptions
     evaluation: EvaluationOptions
+    logging: LoggingOptions
     dataset: Slot
     backbone: Slot | None
     method: Slot | None
@@ -139,19 +148,44 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {text!r}: the key must be table.key, e.g. method.temperature")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw.strip()
     return path, value
 
 
-def load_raw(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found; list the shipped ones with `ls recipes/`")
+def shipped_recipes() -> dict[str, Any]:
+    """Name → file (an importlib.resources Traversable) of every recipe installed with rsslctl."""
+    from importlib.resources import files
     try:
-        return tomllib.loads(path.read_text())
+        folder = files("rsslctl_recipes")
+    except ModuleNotFoundError:
+        return {}
+    return {f.name[:-5]: f for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".toml")}
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    """A recipe file, or a shipped recipe by name (``quickstart`` = the installed ``quickstart.toml``)."""
+    shipped = shipped_recipes()
+    name = str(path).removesuffix(".toml")
+    try:
+        if Path(path).is_file():
+            data = Path(path).read_bytes()
+        elif name in shipped:
+            data = shipped[name].read_bytes()
+        else:
+            raise UserError(f"{path}: recipe file not found, and no shipped recipe has that name; list them with "
+                            "`rsslctl recipe list`")
+        if len(data) > MAX_RECIPE_BYTES:
+            raise UserError(f"{path}: {len(data):,} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES:,})")
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); save the recipe as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid TOML: nested too deeply") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
 
 
 def _with_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> dict[str, dict[str, Any]]:
@@ -206,7 +240,7 @@ def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "",
     """
     where = source or "recipe"
     raw = _with_overrides(raw, list(overrides), where)
-    wanted = set(CORE) if only is None else set(only) | {"run", "data", "engine", "evaluation"}
+    wanted = set(CORE) if only is None else set(only) | {"run", "data", "engine", "evaluation", "logging"}
     defaults = shipped_defaults()["recipe"]
     names = {t: raw.get(t, {}).get("name", defaults.get(t, {}).get("name", NONE)) for t in PLUGIN_TABLES}
     needs_attack = False
@@ -241,6 +275,7 @@ def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "",
     ev = parts["evaluation"]
     make_attack(ev.attack, f"{where}: evaluation.attack", known_only=True, eps=ev.eps, step_size=ev.step_size,
                 steps=ev.steps, clamp_start=ev.clamp_start)
+    check_recipe(parts, where)
     if parts["coreset"] is not None:
         check_coreset(parts["coreset"], parts["selector"].name, parts["schedule"].epochs, f"{where}: coreset")
     return Recipe(resolved=resolved, **{k: v for k, v in parts.items() if k in RECIPE_FIELDS})

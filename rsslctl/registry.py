@@ -111,12 +111,14 @@ class Registry:
             return
         self._provenance[id(module)] = (package, version)
         self.entries.cache_clear()
+        self.command_entries.cache_clear()
 
     def unregister(self, module: ModuleType) -> None:
         """Remove a module registered with ``register`` (tests use it to leave the registry as they found it)."""
         if self.pm.is_registered(module):
             self.pm.unregister(module)
         self.entries.cache_clear()
+        self.command_entries.cache_clear()
 
     def _call(self, hook_name: str, kind: str) -> list[tuple[Any, str, str, str]]:
         """(object, plugin name, package, version) for every object returned by every implementation of a hook."""
@@ -173,17 +175,23 @@ class Registry:
     def get(self, kind: str, name: str, where: str = "") -> type:
         return self.info(kind, name, where).cls  # type: ignore[return-value]
 
-    def commands(self) -> list[Any]:
-        """Click commands from every plugin's ``rsslctl_commands`` hook (errors are kept in ``broken``)."""
+    @functools.lru_cache(maxsize=None)
+    def command_entries(self) -> list[tuple[Any, PluginInfo]]:
+        """(click command, its PluginInfo) from every plugin's ``rsslctl_commands`` hook (errors go to ``broken``)."""
         import click
         out = []
         for command, plugin, package, version in self._call("rsslctl_commands", "command"):
             if isinstance(command, click.Command) and command.name:
-                out.append(command)
+                doc = (command.help or "").strip().splitlines()[0] if command.help else ""
+                out.append((command, PluginInfo("command", command.name, None, package, version, doc)))
             else:
                 self.broken.append(PluginInfo("command", plugin, None, package, version, "",
                                               f"rsslctl_commands returned {command!r}, not a click command"))
         return out
+
+    def commands(self) -> list[Any]:
+        """The click commands plugins contribute."""
+        return [command for command, _ in self.command_entries()]
 
     def all(self) -> list[PluginInfo]:
         rows = [info for kind in KINDS for infos in self.entries(kind).values() for info in infos]
@@ -191,7 +199,7 @@ class Registry:
             for info in infos:
                 others = [o.package for o in infos if o is not info]
                 info.error = f"name also provided by {', '.join(others)}; choose with '{info.package}:{info.name}'"
-        return rows + self.broken
+        return rows + [info for _, info in self.command_entries()] + self.broken
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,6 +17,7 @@ from .build import load_split, setup_device
 from .checkpoint import atomic_write_text
 from .classify import accuracy, load_classifier, mode_dir
 from .errors import UserError
+from .ui import err_console as console  # status lines go to stderr, so `--json` stdout stays parseable
 from .recipe import resolve
 from .runs import refuse_existing
 
@@ -64,8 +65,7 @@ def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, opts: 
     from pyautoattack import AutoAttack
 
     if opts.aa_limit and opts.aa_limit < len(labels):
-        g = torch.Generator().manual_seed(opts.seed)
-        index = torch.randperm(len(labels), generator=g)[: opts.aa_limit].sort().values
+        index = aa_subset(len(labels), opts.aa_limit, opts.seed)
         images, labels = images[index], labels[index]
     norm = {"linf": "Linf", "l2": "L2"}[opts.norm]
     kwargs: dict[str, Any] = {"eps": opts.eps, "norm": norm, "version": opts.aa_version, "device": device, "seed": opts.seed}
@@ -102,6 +102,7 @@ def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, opts: 
         state["done"].append(attack)
         state["robust"] = robust.tolist()
         atomic_write_text(state_path, json.dumps(state))
+        console.print(f"  AutoAttack {attack}: {int(robust.sum())}/{len(robust)} still correct", highlight=False)
     n = len(labels)
     return {"robust_accuracy": float(robust.float().mean()), "clean_accuracy": sum(state["clean"]) / n, "images": n,
             "version": opts.aa_version, "attacks": attacks, "norm": norm, "eps": opts.eps,
@@ -136,11 +137,18 @@ def corruption_accuracy(model: nn.Module, test: Any, folder: str, root: Path, op
 
 def evaluate_model(model: nn.Module, test: Any, corruption_folder: str, data_root: Path, opts: SuiteOptions,
                    device: torch.device, state_path: Path) -> dict[str, Any]:
-    """Clean, FGSM, PGD-k, AutoAttack, corruptions and the accuracy-vs-ε curve of a classifier on pixels in [0, 1]."""
+    """Clean, FGSM, PGD-k, AutoAttack, corruptions and the accuracy-vs-ε curve of a classifier on pixels in [0, 1].
+
+    Every accuracy of one result is measured on the same test images: with an AutoAttack subset (``aa_limit``) the
+    whole suite runs on that subset, so robust accuracy can never be compared with a clean accuracy of other images.
+    (Corruption files hold their own copies of the test set; ``corruption_limit`` sets how many per severity.)"""
     model.eval()
+    if opts.autoattack and opts.aa_limit and opts.aa_limit < len(test):
+        test = test.subset(aa_subset(len(test), opts.aa_limit, opts.seed))
     x, y = test.images, test.labels
-    out: dict[str, Any] = {"test_images": len(y)}
+    out: dict[str, Any] = {"test_images": len(y), "settings": suite_settings(opts)}
     out["clean_accuracy"] = accuracy(model, x, y, device, batch=opts.batch_size)
+    console.print(f"  clean accuracy {100 * out['clean_accuracy']:.2f} % on {len(y)} images", highlight=False)
     if opts.fgsm:
         torch.manual_seed(opts.seed)
         out["fgsm"] = {"attack": opts.single_step_attack, "eps": opts.eps, "norm": opts.norm, "accuracy": accuracy(
@@ -150,6 +158,7 @@ def evaluate_model(model: nn.Module, test: Any, corruption_folder: str, data_roo
     out["pgd"] = {"eps": opts.eps, "step_size": opts.step_size, "steps": opts.pgd_steps, "norm": opts.norm,
                   "attack": opts.attack, "random_start": True, "clamp_start": opts.clamp_start,
                   "accuracy": accuracy(model, x, y, device, pgd, batch=opts.batch_size)}
+    console.print(f"  {opts.attack}-{opts.pgd_steps} accuracy {100 * out['pgd']['accuracy']:.2f} %", highlight=False)
     if opts.autoattack:
         out["autoattack"] = autoattack_accuracy(model, x, y, opts, device, state_path)
     if opts.corruptions:
@@ -164,15 +173,28 @@ def evaluate_model(model: nn.Module, test: Any, corruption_folder: str, data_roo
     return out
 
 
+def aa_subset(n: int, limit: int, seed: int) -> Tensor:
+    """The seeded, sorted subset of ``limit`` of ``n`` test images that AutoAttack (and so the whole suite) uses."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def suite_settings(opts: SuiteOptions) -> dict[str, Any]:
+    """The settings that decide a result's numbers (stored with every mode's result)."""
+    keep = ("eps", "step_size", "pgd_steps", "norm", "attack", "single_step_attack", "clamp_start", "autoattack",
+            "aa_version", "aa_attacks", "aa_limit", "corruptions", "corruption_limit", "test_limit", "seed")
+    return {k: v for k, v in dataclasses.asdict(opts).items() if k in keep}
+
+
 def leaderboard_fields(result: dict[str, Any]) -> dict[str, Any]:
-    """SA / RA / CA in percent as on the RobustSSL leaderboard (RA = AutoAttack only; None when not run)."""
+    """SA / RA / CA in percent as on the RobustSSL leaderboard (RA = AutoAttack only); what did not run is absent."""
     aa, corr = result.get("autoattack"), result.get("corruption")
-    pct = lambda v: None if v is None else round(100 * v, 2)  # noqa: E731
-    fields = {"SA": pct(result["clean_accuracy"]), "RA": pct(aa and aa["robust_accuracy"]),
-              "PGD": pct(result["pgd"]["accuracy"]), "CA": pct(corr and corr["mean"])}
-    for s in ("1", "2", "3", "4", "5"):
-        fields[f"CS-{s}"] = pct(corr and corr["per_severity"][s])
-    fields["CA_generated"] = bool(corr and corr["generated"])
+    fields: dict[str, Any] = {"SA": round(100 * result["clean_accuracy"], 2), "PGD": round(100 * result["pgd"]["accuracy"], 2)}
+    if aa:
+        fields["RA"] = round(100 * aa["robust_accuracy"], 2)
+    if corr:
+        fields["CA"] = round(100 * corr["mean"], 2)
+        fields.update({f"CS-{s}": round(100 * corr["per_severity"][s], 2) for s in ("1", "2", "3", "4", "5")})
+        fields["CA_generated"] = corr["generated"]
     return fields
 
 
@@ -184,9 +206,13 @@ def write_report(out_dir: Path) -> dict[str, Any]:
         path = eval_dir / f"{mode}.json"
         if path.is_file():
             modes[mode] = json.loads(path.read_text())
-    report = {"protocol": "RobustSSL benchmark (docs/methods.md, evaluation): fine-tuned classifier, eval mode; SA = clean, "
+    report = {"protocol": "RobustSSL benchmark (docs/methods.md, Evaluation): fine-tuned classifier, eval mode; SA = clean, "
                           "RA = AutoAttack, CA = mean corruption accuracy over severities 1-5 (percent)",
               "leaderboard": {m: r["leaderboard"] for m, r in modes.items()}, "modes": modes}
+    differ = sorted({k for r in modes.values() for k, v in r.get("settings", {}).items()
+                     if any(o.get("settings", {}).get(k) != v for o in modes.values())})
+    if differ:  # modes evaluated at different times with different flags: say so instead of merging silently
+        report["settings_differ"] = differ
     atomic_write_text(eval_dir / "report.json", json.dumps(report, indent=2))
     if any(r["eps_curve"] for r in modes.values()):
         plot_eps_curve(modes, eval_dir / "eps_curve.png")
@@ -205,8 +231,12 @@ def plot_eps_curve(modes: dict[str, Any], path: Path) -> None:
             ax.plot([p["eps"] * scale for p in r["eps_curve"]], [100 * p["accuracy"] for p in r["eps_curve"]],
                     marker="o", label=mode)
     norm = next(iter(modes.values()))["pgd"]
+    counts = sorted({r["test_images"] for r in modes.values() if r["eps_curve"]})
+    ax.set_title(f"accuracy vs ε ({' / '.join(map(str, counts))} test images)")
     ax.set_xlabel("ε (×1/255, L∞)" if norm["norm"] == "linf" else "ε (L2)")
     ax.set_ylabel(f"accuracy under PGD-{norm['steps']} (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -242,6 +272,8 @@ def report_table(report: dict[str, Any]) -> Any:
     p = next(iter(report["modes"].values()))["pgd"]
     notes.insert(0, f"PGD-{p['steps']} {p['norm']} ε {p['eps'] * (255 if p['norm'] == 'linf' else 1):.3g}"
                     f"{'/255' if p['norm'] == 'linf' else ''}")
+    if report.get("settings_differ"):
+        notes.append(f"modes evaluated with different settings: {', '.join(report['settings_differ'])}")
     table.caption = "; ".join(notes)
     return table
 
@@ -258,6 +290,7 @@ def evaluate_finetuned(out_dir: Path, modes: list[str], opts: SuiteOptions, over
         refuse_existing(eval_dir / f"{m}.json", "evaluation", force)
     eval_dir.mkdir(parents=True, exist_ok=True)
     for mode in todo:
+        console.print(f"evaluating {mode}", highlight=False)
         info = json.loads((mode_dir(out_dir, mode) / "config.json").read_text())
         # a fine-tuned classifier needs no pretraining plugins: only its data, engine and evaluation settings
         raw = {"data": dict(info["data"]), "engine": dict(info["engine"])}

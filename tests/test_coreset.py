@@ -251,8 +251,17 @@ def test_step_clock_equal_epochs_is_the_plain_schedule_and_epochs_mode_tracks_pr
     assert plain.lr_position(3, 4, 1) == (29, 60, 10)
     short = StepClock([5, 5, 1, 1, 1, 1], warmup_epochs=1, by="epochs")
     full = StepClock([5] * 6, warmup_epochs=1)
-    for epoch in range(1, 7):  # the first step of every epoch sees the full run's LR for that epoch
-        assert lr_at(*short.lr_position(epoch, 0), 1.0, sched) == pytest.approx(lr_at(*full.lr_position(epoch, 0), 1.0, sched))
+    after = ScheduleOptions(epochs=6, warmup_epochs=1, scheduler_step="after")
+    for epoch in range(1, 7):  # a scheduler stepped after the optimizer: every epoch starts at the full run's LR
+        assert lr_at(*short.lr_position(epoch, 0), 1.0, after) == pytest.approx(lr_at(*full.lr_position(epoch, 0), 1.0, after))
+    for epoch in range(1, 7):  # stepped before each iteration (RCS): every epoch's last step ends where the full run's does
+        n = short.epoch_steps[epoch - 1]
+        assert lr_at(*short.lr_position(epoch, n - 1), 1.0, sched) == pytest.approx(lr_at(*full.lr_position(epoch, 4), 1.0, sched))
+    # RCS rebuilds its schedule each epoch for the current loader length L (here 1): step i of epoch e runs at
+    # position (e − 1)·L + i + 1 of E·L, with W·L warm-up steps
+    assert short.lr_position(4, 0) == (3, 6, 1)
+    assert lr_at(*short.lr_position(4, 0), 1.0, sched) == pytest.approx(
+        1e-6 + (1 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (3 + 1 - 1) / (6 - 1))))
     steps = StepClock([5, 5, 1, 1, 1, 1], warmup_epochs=1, by="steps")
     assert steps.total_steps == 14 and steps.lr_position(6, 0) == (13, 14, 5)
     assert lr_at(*steps.lr_position(6, 0), 1.0, sched) < lr_at(*steps.lr_position(3, 0), 1.0, sched)

@@ -259,3 +259,55 @@ def test_model_kwargs_lists_become_tuples():
     model = backbone_plugin().build()
     assert model.num_features == 64
     assert model.layer1[0].conv1.out_channels == 8 and model.layer4[0].conv1.out_channels == 64
+
+
+# -- initialisation: the reference ResNets start every BN weight at 1 (no zero-init of the residual branch) ----------
+def last_block_bns(model: nn.Module) -> list[nn.Module]:
+    """The BN closing each residual branch: bn2 of a BasicBlock, bn3 of a Bottleneck."""
+    from timm.models.resnet import BasicBlock, Bottleneck
+    out = [m.bn2 for m in model.modules() if isinstance(m, BasicBlock)]
+    out += [m.bn3 for m in model.modules() if isinstance(m, Bottleneck)]
+    return out
+
+
+@pytest.mark.parametrize("model", ["resnet18", "resnet50"])
+def test_resnet_blocks_start_with_unit_bn_weights_like_the_reference(model):
+    net = backbone_plugin(model=model).build()
+    bns = last_block_bns(net)
+    assert len(bns) == (8 if model == "resnet18" else 16)
+    for bn in bns:
+        assert torch.equal(bn.weight.detach(), torch.ones_like(bn.weight)) and not bn.bias.detach().any()
+    # timm's own default, still available
+    zeroed = last_block_bns(backbone_plugin(model=model, zero_init_last=True).build())
+    assert all(not bn.weight.detach().any() for bn in zeroed)
+
+
+def test_encoder_dual_bn_routes_both_start_at_one():
+    enc = encoder(dual=True)
+    for bn in last_block_bns(enc.backbone):
+        assert isinstance(bn, DualBatchNorm)
+        for route in bn.bn_list:
+            assert torch.equal(route.weight.detach(), torch.ones_like(route.weight))
+
+
+def test_zero_init_last_is_ignored_by_models_without_it_and_refused_in_model_kwargs():
+    plugin = TimmBackbone(validate(TimmOptions, {"model": "mobilenetv3_small_050", "cifar_stem": False}, "backbone"))
+    assert plugin.build().num_features > 0
+    with pytest.raises(UserError, match="backbone.zero_init_last"):
+        TimmBackbone.check_options(backbone_plugin(model_kwargs={**KWARGS, "zero_init_last": False}).options)
+
+
+def test_cifar_stem_init_kaiming_or_pytorch_default():
+    torch.manual_seed(0)
+    w = TimmBackbone(validate(TimmOptions, {"model": "resnet18"}, "backbone")).build().conv1.weight.detach()
+    assert w.shape == (64, 3, 3, 3)
+    # Kaiming-normal, fan-out = 64·3·3: std √(2/576)
+    assert float(w.mean()) == pytest.approx(0.0, abs=0.01)
+    assert float(w.std()) == pytest.approx((2 / 576) ** 0.5, rel=0.1)
+    torch.manual_seed(0)
+    w = TimmBackbone(validate(TimmOptions, {"model": "resnet18", "stem_init": "pytorch"}, "backbone")).build()
+    w = w.conv1.weight.detach()
+    # nn.Conv2d's default: uniform on ±1/√fan_in, fan-in = 3·3·3, so std = bound/√3
+    bound = 1 / 27 ** 0.5
+    assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
+    assert float(w.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.1)

@@ -325,6 +325,20 @@ def test_finetune_and_evaluate_end_to_end(tiny_recipe: Path, tmp_path: Path) -> 
     assert again.exit_code == 2 and "--force" in again.stderr
     assert run("evaluate", str(run_dir), "--mode", "SLF", "--test-limit", "8", "--force", "--eps-curve", "").exit_code == 0
 
+    # the fine-tuned classifier leaves rsslctl: timm weights + a load_model module, same outputs as inside rsslctl
+    exported = run("export", str(run_dir), "--classifier", "AFF")
+    assert exported.exit_code == 0, exported.output
+    import importlib.util
+    from rsslctl.classify import load_classifier
+    spec = importlib.util.spec_from_file_location("clf", run_dir / "classifier_AFF.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    outside = module.load_model(str(run_dir / "classifier_AFF.safetensors"))
+    inside, _ = load_classifier(run_dir / "finetune" / "AFF", CPU)
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(outside(x), inside(x), atol=1e-5)
+
     # an external encoder: the exported backbone through --weights; a wrong model is an error naming keys
     assert run("export", str(run_dir)).exit_code == 0
     ext = tmp_path / "ext"
@@ -341,3 +355,28 @@ def test_transfer_recipe_swaps_the_dataset_only() -> None:
     r = ft.downstream_recipe(base, "stl10", None, 32, [])
     assert r.resolved["data"]["name"] == "stl10" and r.data.root == "/d" and r.data.image_size == 32
     assert resolve(base).resolved["data"]["labels"] == "coarse"
+
+
+def test_report_rows_use_one_set_of_images_and_absent_results_are_absent(tmp_path: Path) -> None:
+    from rsslctl.data import ImageData
+    from rsslctl.suite import evaluate_model, write_report
+    model = _Tiny().eval()
+    torch.manual_seed(2)
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        labels = model(images.float() / 255).argmax(1)
+    labels[::3] = (labels[::3] + 1) % 10  # a third wrong: clean accuracy of a subset depends on which images
+    test = ImageData(images, labels, [str(i) for i in range(10)], "t")
+    opts = SuiteOptions(autoattack=True, aa_version="custom", aa_attacks=("apgd-ce",), aa_limit=12, eps_curve=(),
+                        attack="pgd", single_step_attack="fgsm", pgd_steps=2)
+    res = evaluate_model(model, test, "", tmp_path, opts, CPU, tmp_path / "aa.json")
+    assert res["test_images"] == res["autoattack"]["images"] == 12
+    assert res["clean_accuracy"] == res["autoattack"]["clean_accuracy"]  # the same 12 images in every column
+    assert res["autoattack"]["robust_accuracy"] <= res["clean_accuracy"]
+    assert "CA" not in res["leaderboard"] and "CA_generated" not in res["leaderboard"] and "RA" in res["leaderboard"]
+    plain = evaluate_model(model, test, "", tmp_path, dataclasses.replace(opts, autoattack=False), CPU, tmp_path / "x")
+    assert plain["test_images"] == 40 and "RA" not in plain["leaderboard"]
+    (tmp_path / "evaluation").mkdir()
+    for mode, r in (("SLF", res), ("ALF", plain)):
+        (tmp_path / "evaluation" / f"{mode}.json").write_text(json.dumps({"mode": mode, **r}))
+    assert write_report(tmp_path)["settings_differ"] == ["autoattack"]

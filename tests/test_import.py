@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from rsslctl.checkpoint import latest_checkpoint, read_meta
 from rsslctl.cli import main
-from rsslctl.runs import load_run_recipe, load_trained_method
+from rsslctl.build import load_trained_method
+from rsslctl.runs import load_run_recipe
 
 CPU = torch.device("cpu")
 TINY = (8, 16, 16, 16)

@@ -1,7 +1,9 @@
-"""LARS against a naive per-tensor loop, the warm-up + cosine schedule and make_optimizer."""
+"""LARS against a naive per-tensor loop, the warm-up + cosine schedule against torch's schedulers stepped as the
+references step them, and make_optimizer."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -94,40 +96,110 @@ def sched(**kw) -> ScheduleOptions:
     return ScheduleOptions(**kw)
 
 
-def reference_lr(t, total, warm, lr_max, lr_min):
-    if t < warm:
-        return lr_max * (t + 1) / warm
-    return lr_min + (lr_max - lr_min) * 0.5 * (1 + math.cos(math.pi * (t - warm) / (total - warm)))
+def acl_factor(step, total, lr_max, lr_min, warm):
+    """The multiplicative schedule the ACL/AIR/RCS code hands to LambdaLR (lr_max = 1, lr_min relative)."""
+    if step < warm:
+        return lr_max * step / warm
+    return lr_min + (lr_max - lr_min) * 0.5 * (1 + math.cos((step - warm) / (total - warm) * math.pi))
 
 
-def test_lr_at_matches_reference_formula():
+def lambda_lr_before_each_iteration(total, warm, peak, lo):
+    """LR of every iteration of the ACL/AIR/RCS loop: LambdaLR built at f(0), scheduler.step() first thing in
+    each iteration, then the optimizer step."""
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=peak)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about stepping the scheduler first; the reference does
+        sched_ = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: acl_factor(t, total, 1, lo / peak, warm))
+        out = []
+        for _ in range(total):
+            sched_.step()
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+    return out
+
+
+def cosine_annealing_after_each_step(total, peak, lo):
+    """LR of every iteration of the EMP-SSL/CF-AMC-SSL loop: CosineAnnealingLR stepped after the optimizer."""
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=peak)
+    sched_ = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=lo)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched_.step()
+    return out
+
+
+@pytest.mark.parametrize("total,warm", [(100, 10), (60, 0), (37, 5)])
+def test_lr_at_matches_lambda_lr_stepped_before_each_iteration(total, warm):
+    peak, lo = 5.0, 1e-3
+    want = lambda_lr_before_each_iteration(total, warm, peak, lo)
+    s = sched(min_lr=lo)  # scheduler_step = "before" is the default
+    got = [lr_at(t, total, warm, peak, s) for t in range(total)]
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert got[-1] == pytest.approx(lo)  # the last iteration runs at min_lr, as in the reference
+
+
+def test_lr_at_matches_the_reference_formula_at_i_plus_1():
     total, warm, peak, lo = 100, 10, 5.0, 1e-3
     s = sched(min_lr=lo)
+
+    def f(x):  # the schedule value after x scheduler steps
+        if x < warm:
+            return peak * x / warm
+        return lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * (x - warm) / (total - warm)))
+
+    for t in range(total):
+        assert lr_at(t, total, warm, peak, s) == pytest.approx(f(t + 1), rel=1e-12), t
+
+
+def test_lr_at_after_matches_cosine_annealing_stepped_after_the_optimizer():
+    total, peak = 50, 0.3
+    s = sched(min_lr=0.0, scheduler_step="after")
+    want = cosine_annealing_after_each_step(total, peak, 0.0)
+    assert [lr_at(t, total, 0, peak, s) for t in range(total)] == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert lr_at(0, total, 0, peak, s) == peak
+
+
+def test_lr_at_after_keeps_the_warmup_and_runs_the_cosine_at_i():
+    total, warm, peak, lo = 100, 10, 5.0, 1e-3
+    s = sched(min_lr=lo, scheduler_step="after")
     for t in range(total + 1):
-        assert lr_at(t, total, warm, peak, s) == pytest.approx(reference_lr(t, total, warm, peak, lo), rel=1e-12), t
+        want = (peak * (t + 1) / warm if t < warm
+                else lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * (t - warm) / (total - warm))))
+        assert lr_at(t, total, warm, peak, s) == pytest.approx(want, rel=1e-12), t
 
 
-def test_lr_at_warmup_is_linear_and_reaches_peak():
-    s = sched(min_lr=0.0)
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_lr_at_warmup_is_linear_and_reaches_peak(when):
+    s = sched(min_lr=0.0, scheduler_step=when)
     values = [lr_at(t, 50, 5, 2.0, s) for t in range(5)]
-    assert values == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0])
-    assert lr_at(5, 50, 5, 2.0, s) == pytest.approx(2.0)  # first post-warm-up step = peak
+    assert values == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0])  # the same warm-up either way
+    first_cosine = lr_at(5, 50, 5, 2.0, s)
+    if when == "before":  # the sixth iteration is one step into the cosine
+        assert first_cosine == pytest.approx(1.0 * (1 + math.cos(math.pi / 45)))
+    else:
+        assert first_cosine == pytest.approx(2.0)
 
 
 def test_lr_at_monotone_after_warmup_and_ends_at_min_lr():
     total, warm, peak, lo = 200, 20, 5.0, 1e-6
     s = sched(min_lr=lo)
-    post = [lr_at(t, total, warm, peak, s) for t in range(warm, total + 1)]
+    post = [lr_at(t, total, warm, peak, s) for t in range(warm - 1, total)]
+    assert post[0] == pytest.approx(peak)  # the last warm-up iteration
     assert all(b < a for a, b in zip(post, post[1:]))
-    assert lr_at(total, total, warm, peak, s) == pytest.approx(lo, abs=1e-15)
+    assert lr_at(total - 1, total, warm, peak, s) == pytest.approx(lo, abs=1e-15)
     assert lr_at(total + 10, total, warm, peak, s) == pytest.approx(lo, abs=1e-15)  # stays at min_lr
-    assert lr_at((total + warm) // 2, total, warm, peak, s) == pytest.approx((peak + lo) / 2)
+    assert lr_at((total + warm) // 2 - 1, total, warm, peak, s) == pytest.approx((peak + lo) / 2)
 
 
-def test_lr_at_without_warmup_starts_at_peak():
-    s = sched(min_lr=0.0)
-    assert lr_at(0, 10, 0, 3.0, s) == pytest.approx(3.0)
-    assert lr_at(10, 10, 0, 3.0, s) == pytest.approx(0.0, abs=1e-12)
+def test_lr_at_without_warmup():
+    assert lr_at(0, 10, 0, 3.0, sched(min_lr=0.0, scheduler_step="after")) == pytest.approx(3.0)
+    assert lr_at(0, 10, 0, 3.0, sched(min_lr=0.0)) == pytest.approx(1.5 * (1 + math.cos(math.pi / 10)))
+    assert lr_at(9, 10, 0, 3.0, sched(min_lr=0.0)) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(10, 10, 0, 3.0, sched(min_lr=0.0, scheduler_step="after")) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_lr_at_constant_kind():

@@ -15,13 +15,14 @@ from rsslctl.runs import prepare_run_dir
 # the quickstart recipes already train on digits and are exercised by test_cli/test_engine
 RECIPES = sorted(p for p in Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.toml")
                  if not p.stem.startswith("quickstart"))
-TINY = ["data.name=digits", "data.limit=32", "data.image_size=16", "schedule.epochs=1", "schedule.batch_size=16",
+TINY = ["data.name=digits", "data.limit=32", "data.image_size=16", "schedule.epochs=1", "schedule.warmup_epochs=0",
+        "schedule.batch_size=16",
         "backbone.model_kwargs={channels=[8,16,16,16]}", "engine.device=cpu", "engine.log_every=1"]
 PER_METHOD = {  # shrink the expensive method options
     "empssl": ["method.n_views=2", "method.pre_dim=32", "method.hidden_dim=32", "method.z_dim=16", "method.eval_views=2"],
     "empssl_adv": ["method.n_views=2", "method.pre_dim=32", "method.hidden_dim=32", "method.z_dim=16",
                    "method.eval_views=2", "method.replays=2"],
-    "simclr_adv": ["method.replays=2"],
+    "simclr_adv": ["method.replays=2", "method.pre_dim=32", "method.hidden_dim=32", "method.z_dim=16"],
 }
 
 

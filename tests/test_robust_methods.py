@@ -158,6 +158,38 @@ def test_empssl_bag_of_features_averages_views(tiny_recipe: Path) -> None:
     torch.testing.assert_close(m.eval_features(x, "normal"), m.pre_feature(m.encoder.features(x)))
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("recipe", ["simclr_adv.toml", "simclr_free_adv.toml"])
+def test_simclr_adv_recipes_build_the_reference_heads_and_evaluate_the_pre_feature(recipe: str) -> None:
+    r = load(REPO / "recipes" / recipe, ["data.name=digits", "engine.device=cpu"])
+    torch.manual_seed(0)
+    m = build_method(r, CPU)
+    assert isinstance(m.encoder.head, torch.nn.Identity) and m.encoder.out_dim == 512
+    # reference: 512 → Linear → BN → ReLU (pre-feature) → Linear → BN → ReLU → Linear → 128, biases everywhere
+    kinds = [type(layer).__name__ for layer in [*m.pre_feature, *m.projector]]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    lin = [layer for layer in [*m.pre_feature, *m.projector] if isinstance(layer, torch.nn.Linear)]
+    assert [(li.in_features, li.out_features) for li in lin] == [(512, 4096), (4096, 4096), (4096, 128)]
+    assert all(li.bias is not None for li in lin)
+    m.eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert m.embed(x).shape == (3, 128)
+        feats = m.eval_features(x, "normal")
+        assert feats.shape == (3, 4096) and feats.min() >= 0  # after the ReLU
+        torch.testing.assert_close(feats, m.pre_feature(m.encoder.features(x)))
+
+
+def test_simclr_adv_pre_dim_needs_no_encoder_head(tiny_recipe: Path) -> None:
+    from rsslctl.errors import UserError
+    with pytest.raises(UserError, match="head_layers = 0"):
+        method_for(tiny_recipe, "simclr_adv", "method.pre_dim=16")
+    m, _ = method_for(tiny_recipe, "simclr_adv")  # pre_dim = 0: the encoder head projects, backbone features evaluated
+    assert m.pre_feature is None and m.embed(torch.rand(2, 3, 16, 16)).shape == (2, 32)
+
+
 # -- free AT and gradient leakage -----------------------------------------------------------------------------
 def test_free_perturbation_persists_and_steps_by_sign_of_grad() -> None:
     eps, step = 0.05, 0.03
@@ -178,6 +210,79 @@ def test_free_perturbation_persists_and_steps_by_sign_of_grad() -> None:
     assert float(free.delta.abs().max()) == pytest.approx(eps)
     xa = free.inputs(x)
     assert xa.min() >= 0 and xa.max() <= 1
+
+
+def _boxed_batches(n: int, seed: int = 0) -> list[torch.Tensor]:
+    """Minibatches with many pixels exactly at 0 or 1, where clipping matters."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(4, 3, 8, 8, generator=g) * 1.4 - 0.2).clamp(0, 1) for _ in range(n)]
+
+
+def _grad(xa: torch.Tensor) -> torch.Tensor:
+    """∂/∂xa of the test objective Σ sin(7·xa)·xa, so the gradient's sign depends on where xa is."""
+    return torch.sin(7 * xa) + 7 * xa * torch.cos(7 * xa)
+
+
+def _run_free(free: FreePerturbation, batches: list[torch.Tensor], m: int) -> list[torch.Tensor]:
+    seen = []
+    for x in batches:
+        for _ in range(m):
+            xa = free.inputs(x)
+            seen.append(xa.detach().clone())
+            (torch.sin(7 * xa) * xa).sum().backward()
+            free.update()
+    return seen
+
+
+def test_free_reference_delta_matches_cf_amc_order_of_operations() -> None:
+    eps, alpha, m = 8 / 255, 0.01, 3
+    batches = _boxed_batches(4)
+    # CF-AMC-SSL, written out: forward on x + δ (no clip), backward, optimizer step, then
+    # δ ← clip(δ + α·sign(∇δ), −ε, ε) and δ ← clip(x + δ, 0, 1) − x with the current minibatch x
+    delta, want = torch.zeros_like(batches[0]), []
+    for x in batches:
+        for _ in range(m):
+            xa = x + delta
+            want.append(xa.clone())
+            delta = (delta + alpha * _grad(xa).sign()).clamp(-eps, eps)
+            delta = (x + delta).clamp(0, 1) - x
+    free = FreePerturbation(eps, alpha, reference=True)
+    got = _run_free(free, batches, m)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=f"forward {i}")
+    torch.testing.assert_close(free.delta, delta, rtol=0, atol=1e-7)
+    # the first replay of a new minibatch reuses a δ fitted to the previous one: inputs leave the box
+    assert min(float(a.min()) for a in got) < -1e-3 and max(float(a.max()) for a in got) > 1 + 1e-3
+    assert all(-eps - 1e-6 <= float(a.min()) and float(a.max()) <= 1 + eps + 1e-6 for a in got)
+    for k in range(1, len(got)):  # later replays of a minibatch were re-projected onto [0, 1]
+        if k % m:
+            assert 0 <= float(got[k].min()) and float(got[k].max()) <= 1
+
+
+def test_free_default_delta_clips_every_input_and_is_not_reprojected() -> None:
+    eps, alpha, m = 8 / 255, 0.01, 3
+    batches = _boxed_batches(4)
+    delta, want = torch.zeros_like(batches[0]), []
+    for x in batches:
+        for _ in range(m):
+            xa = (x + delta).clamp(0, 1)
+            want.append(xa)
+            delta = (delta + alpha * _grad(xa).sign()).clamp(-eps, eps)
+    free = FreePerturbation(eps, alpha)
+    got = _run_free(free, batches, m)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+        assert 0 <= float(a.min()) and float(a.max()) <= 1
+    torch.testing.assert_close(free.delta, delta, rtol=0, atol=1e-7)
+
+
+def test_reference_delta_option_reaches_the_perturbation(tiny_recipe: Path) -> None:
+    for name in ("simclr_adv", "empssl_adv"):
+        extra = ["encoder.head_layers=0", "method.n_views=2"] if name == "empssl_adv" else []
+        m, _ = method_for(tiny_recipe, name, "method.training=free", *extra)
+        assert m.free.reference is False
+        m, _ = method_for(tiny_recipe, name, "method.training=free", "method.reference_delta=true", *extra)
+        assert m.free.reference is True
 
 
 def test_free_training_replays_views_and_updates_delta(tiny_recipe: Path) -> None:
@@ -226,7 +331,7 @@ def test_leaked_attack_gradients_equal_sum_over_attack_steps(tiny_recipe: Path) 
 
 
 def test_reference_free_schedule_cycles_the_cosine(tiny_recipe: Path) -> None:
-    s = ScheduleOptions(kind="cosine", min_lr=0.0)
+    s = ScheduleOptions(kind="cosine", min_lr=0.0, scheduler_step="after")  # CF-AMC-SSL steps after the optimizer
     assert lr_at(150, 100, 0, 1.0, s, periodic=True) == pytest.approx(0.5)  # back up after the first period
     assert lr_at(200, 100, 0, 1.0, s, periodic=True) == pytest.approx(1.0)
     assert lr_at(150, 100, 0, 1.0, s) == pytest.approx(0.0)

@@ -12,16 +12,20 @@ from ..build import load_split, load_trained_method, setup_device
 from ..checkpoint import atomic_write_text
 from ..classify import Classifier, accuracy, extract_features, train_linear_probe
 from ..errors import UserError
+from ..monitor import embedding_plot, knn_accuracy
 from ..runs import load_run_recipe, refuse_existing
 from ..suite import SuiteOptions, evaluate_finetuned
 from ..ui import console, summary_table
 from .common import SET, show_report, suite_from_flags, suite_options, user_errors
 
 EVAL_FILE = "eval.json"
+EMBEDDING_FILE = "embedding.png"
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True) -> dict[str, Any]:
-    """Linear probe + clean/robust accuracy of the newest checkpoint of ``run_dir``; writes eval.json."""
+def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True, knn: bool = False,
+                 plot_embedding: bool = False) -> dict[str, Any]:
+    """Linear probe + clean/robust accuracy of the newest checkpoint of ``run_dir`` (and, if asked, weighted kNN
+    accuracy and a t-SNE plot of the test features); writes eval.json."""
     run_dir = Path(run_dir)
     refuse_existing(run_dir / EVAL_FILE, "evaluation", force)
     recipe = load_run_recipe(run_dir, overrides)
@@ -52,6 +56,17 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True) -
               "attack": {"name": ev.attack, "eps": ev.eps, "step_size": ev.step_size, "steps": ev.steps,
                          "clamp_start": ev.clamp_start},
               "probe": {"epochs": ev.epochs, "lr": ev.lr, "batch_size": ev.batch_size}}
+    if knn or plot_embedding:
+        test_feats = extract_features(method, lambda x: method.eval_features(x, route), test.images, device,
+                                      recipe.engine.precision)
+        if knn:
+            result["knn"] = {"accuracy": knn_accuracy(feats, train.labels.to(device), test_feats, test.labels.to(device),
+                                                      ev.knn_k, ev.knn_temperature),
+                             "k": ev.knn_k, "temperature": ev.knn_temperature, "test_images": len(test)}
+        if plot_embedding:
+            embedding_plot(test_feats, test.labels, train.classes, run_dir / EMBEDDING_FILE,
+                           f"{recipe.method.name}, epoch {meta['epoch']}", recipe.run.seed)
+            result["embedding_plot"] = str(run_dir / EMBEDDING_FILE)
     atomic_write_text(run_dir / EVAL_FILE, json.dumps(result, indent=2))
     return result
 
@@ -63,9 +78,12 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True) -
 @click.option("--mode", type=click.Choice(["SLF", "ALF", "AFF", "ALL"]), default=None,
               help="Evaluate the fine-tuned model(s) of RUN_DIR/finetune/<MODE> with the full suite.")
 @click.option("--force", is_flag=True, help="Replace existing evaluation results.")
+@click.option("--knn", is_flag=True, help="Also weighted kNN accuracy on frozen features (evaluation.knn_k, knn_temperature).")
+@click.option("--plot-embedding", is_flag=True, help="Also a t-SNE plot of the test features (RUN_DIR/embedding.png).")
 @suite_options
 @user_errors
-def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool, mode: str | None, force: bool, **kw: Any) -> None:
+def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool, mode: str | None, force: bool, knn: bool,
+             plot_embedding: bool, **kw: Any) -> None:
     """Without --mode: linear probe + PGD-20 (RUN_DIR/eval.json). With --mode: the robustness suite of the
     RobustSSL benchmark on fine-tuned models (see docs/methods.md)."""
     if not Path(run_dir).is_dir():
@@ -74,7 +92,7 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool, mode: str
         modes = ["SLF", "ALF", "AFF"] if mode == "ALL" else [mode]
         show_report(evaluate_finetuned(run_dir, modes, suite_from_flags(kw), list(overrides), force), run_dir, as_json)
         return
-    result = evaluate_run(run_dir, list(overrides), force=True)
+    result = evaluate_run(run_dir, list(overrides), force=force, knn=knn, plot_embedding=plot_embedding)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -83,4 +101,7 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool, mode: str
         "protocol": result["protocol"], "BN route": result["route"], "test images": result["test_images"],
         "clean accuracy": f"{100 * result['clean_accuracy']:.2f} %",
         f"robust accuracy ({a['name'].upper()}-{a['steps']}, ε {a['eps'] * 255:.3g}/255)": f"{100 * result['robust_accuracy']:.2f} %",
+        **({f"kNN accuracy (k {result['knn']['k']}, τ {result['knn']['temperature']:g})":
+            f"{100 * result['knn']['accuracy']:.2f} %"} if "knn" in result else {}),
+        **({"embedding plot": result["embedding_plot"]} if "embedding_plot" in result else {}),
         "saved to": str(Path(run_dir) / EVAL_FILE)}))

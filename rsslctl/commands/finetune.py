@@ -20,12 +20,12 @@ from torch import Tensor
 from .. import registry
 from ..attack import make_attack
 from ..build import load_train_split, load_trained_method, setup_device
-from ..checkpoint import atomic_write_text, read_meta, save_tensors
+from ..checkpoint import atomic_write_text, nonfinite, pid_alive, refuse_nonfinite, save_tensors
 from ..classify import (Classifier, FinetuneConfig, LoopSettings, balanced_subset, build_backbone, crop_flip,
                         encoder_classifier, load_strict, mode_dir, resolve_configs, trades_adversary, trades_loss,
                         train_classifier)
 from ..encoder import IMAGENET_MEAN, IMAGENET_STD, collapse_bn_state, single_bn_state
-from ..errors import UserError
+from ..errors import TrainingDiverged, UserError
 from ..method import FinetuneRows
 from ..recipe import Recipe, resolve, shipped_defaults
 from ..runs import RECIPE_FILE, load_run_recipe, refuse_existing
@@ -69,10 +69,10 @@ def from_run(run_dir: Path, overrides: list[str] = ()) -> Pretrained:
     post-processing step wrote may name its own hyper-parameter row in the checkpoint's metadata."""
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir, overrides)
-    method, ckpt, _ = load_trained_method(run_dir, recipe, torch.device("cpu"), "fine-tune")
+    method, ckpt, meta = load_trained_method(run_dir, recipe, torch.device("cpu"), "fine-tune")
     enc = method.eval_encoder()
     bb = recipe.resolved["backbone"]
-    row = read_meta(ckpt).get("finetune_row") or method.finetune_row() or "other"
+    row = meta.get("finetune_row") or method.finetune_row() or "other"
     return Pretrained({"name": bb["name"], "options": {k: v for k, v in bb.items() if k != "name"}},
                       {k: v.clone() for k, v in enc.backbone.state_dict().items()}, enc.dual_bn,
                       tuple(recipe.encoder.mean), tuple(recipe.encoder.std), row,
@@ -93,7 +93,13 @@ def from_safetensors(weights: Path, model: str | None, cifar_stem: bool | None) 
         state = load_file(str(weights))
     except Exception as exc:  # not a safetensors file
         raise UserError(f"--weights: {weights} is not a readable safetensors file ({exc})") from None
-    info = json.loads(meta.get("rsslctl", "{}"))
+    refuse_nonfinite(state, str(weights))
+    try:
+        info = json.loads(meta.get("rsslctl", "{}"))
+    except ValueError:
+        info = {}
+    if not isinstance(info, dict) or not isinstance(info.get("backbone", {}), dict):
+        info = {}
     bb = info.get("backbone", {})
     model = model or bb.get("model")
     if not model:
@@ -155,6 +161,27 @@ def train(cfg: FinetuneConfig, net: Classifier, images: Tensor, labels: Tensor, 
         net.requires_grad_(True)
 
 
+def _train_mode(cfg: FinetuneConfig, source: Pretrained, net: Classifier, subset: Any, classes: list[str],
+                num_classes: int, recipe: Recipe, device: torch.device, tmp: Path, quiet: bool) -> dict[str, Any]:
+    """Train one mode into the temporary directory ``tmp``; return its config.json record."""
+    tmp.mkdir(parents=True)
+    with open(tmp / "metrics.jsonl", "w") as log:
+        summary = train(cfg, net, subset.images.to(device), subset.labels.to(device), device,
+                        recipe.engine.precision, log, quiet)
+    info = {"config": dataclasses.asdict(cfg), "source": source.origin, "backbone": source.backbone,
+            "mean": list(source.mean), "std": list(source.std), "num_classes": num_classes,
+            "classes": classes, "dual_bn_trained": net.body.dual_bn,
+            "train_images": len(subset), "data": recipe.resolved["data"], "engine": recipe.resolved["engine"],
+            "final": summary}
+    weights = single_bn_state(net, "pgd")
+    if nonfinite(weights):  # never save a diverged model as a result
+        raise TrainingDiverged(f"fine-tuning {cfg.mode}: weights became non-finite ({nonfinite(weights)[0]}); "
+                               "lower --lr; nothing was written for this mode")
+    save_tensors(tmp / "model.safetensors", weights, {"rsslctl": info})
+    atomic_write_text(tmp / "config.json", json.dumps(info, indent=2))
+    return info
+
+
 def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConfig, ...], out_dir: Path,
              force: bool = False, quiet: bool = False) -> dict[str, dict[str, Any]]:
     """Run each config; write <out_dir>/finetune/<MODE>/{model.safetensors, config.json, metrics.jsonl}."""
@@ -172,25 +199,21 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
         net = source.net(num_classes, cfg.dual_bn and cfg.mode == "AFF").to(device)
         final = mode_dir(out_dir, cfg.mode)
         tmp = final.with_name(f".{cfg.mode}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        with open(tmp / "metrics.jsonl", "w") as log:
-            summary = train(cfg, net, subset.images.to(device), subset.labels.to(device), device,
-                            recipe.engine.precision, log, quiet)
-        info = {"config": dataclasses.asdict(cfg), "source": source.origin, "backbone": source.backbone,
-                "mean": list(source.mean), "std": list(source.std), "num_classes": num_classes,
-                "classes": train_data.classes, "dual_bn_trained": net.body.dual_bn,
-                "train_images": len(subset), "data": recipe.resolved["data"], "engine": recipe.resolved["engine"],
-                "final": summary}
-        save_tensors(tmp / "model.safetensors", single_bn_state(net, "pgd"), {"rsslctl": info})
-        atomic_write_text(tmp / "config.json", json.dumps(info, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        for stale in final.parent.glob(f".{cfg.mode}.tmp-*"):  # left behind by a killed run (its process is gone)
+            if not pid_alive(stale.name.rpartition("-")[2]):
+                shutil.rmtree(stale, ignore_errors=True)
+        try:
+            info = _train_mode(cfg, source, net, subset, train_data.classes, num_classes, recipe, device, tmp, quiet)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         results[cfg.mode] = info
         if not quiet:
             console.print(f"{cfg.mode}: {cfg.epochs} epochs, lr {cfg.lr:g}, batch {cfg.batch_size} ({cfg.hp_source}); "
-                          f"final loss {summary['loss']:.4f}, train accuracy {100 * summary['train_accuracy']:.2f} %")
+                          f"final loss {info['final']['loss']:.4f}, train accuracy {100 * info['final']['train_accuracy']:.2f} %")
     return results
 
 
@@ -247,8 +270,9 @@ def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, we
     recipe = downstream_recipe(source.recipe_raw, data, data_root, image_size, list(overrides))
     train_keys = ("epochs", "batch_size", "lr", "weight_decay", "beta", "train_steps", "label_fraction", "seed")
     user: dict[str, Any] = {k: kw.pop(k) for k in train_keys}
-    user["eps"] = parse_eps(kw.pop("train_eps")) if kw.get("train_eps") else kw.pop("train_eps")
-    user["step_size"] = parse_eps(kw.pop("train_step_size")) if kw.get("train_step_size") else kw.pop("train_step_size")
+    user["eps"] = parse_eps(kw.pop("train_eps"), "--train-eps") if kw.get("train_eps") else kw.pop("train_eps")
+    user["step_size"] = (parse_eps(kw.pop("train_step_size"), "--train-step-size") if kw.get("train_step_size")
+                         else kw.pop("train_step_size"))
     ms = kw.pop("milestones")
     try:
         user["milestones"] = tuple(int(m) for m in ms.split(",") if m.strip()) if ms is not None else None
@@ -260,6 +284,12 @@ def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, we
     column = recipe.dataset.cls.hyperparameter_column(recipe.data.image_size)
     configs = resolve_configs(mode, finetune_rows(), row, column, user)
     suite = suite_from_flags(kw)  # validate evaluation flags before training
+    if weights is not None:  # replacing a mode's output must never delete the file being fine-tuned
+        for c in configs:
+            target = mode_dir(out_dir, c.mode).resolve()
+            if target in Path(weights).resolve().parents:
+                raise UserError(f"--weights {weights}: lies inside {target}, which fine-tuning writes; move it or "
+                                "choose another --out")
     run_finetune(source, recipe, configs, out_dir, force, quiet)
     if then_evaluate:
         report = evaluate_finetuned(out_dir, [c.mode for c in configs], suite, list(overrides), force)

@@ -9,12 +9,12 @@ import click
 import torch
 
 from .. import __version__
-from ..build import build_method, load_train_split, setup_device
-from ..checkpoint import derive_seed, latest_checkpoint, load_checkpoint
+from ..build import build_method, load_train_split, load_weights, setup_device
+from ..checkpoint import CKPT_DIR, derive_seed, load_latest, refuse_nonfinite
 from ..coreset import CoresetRun, SelectionContext, encoder_sha256, run_selector, save_selection
 from ..errors import UserError
 from ..recipe import NONE, load_raw, resolve, shipped_defaults
-from ..runs import RECIPE_FILE, refuse_existing
+from ..runs import RECIPE_FILE, check_output
 from ..ui import console, summary_table
 from .common import SET, user_errors
 
@@ -30,8 +30,9 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
     out = Path(out)
     if out.suffix not in (".safetensors", ".json"):
         raise UserError(f"--out {out}: use a .safetensors or .json file name")
-    refuse_existing(out, "--out file", force, " or choose another name")
     source = Path(run_dir) / RECIPE_FILE if run_dir else Path(recipe_file)
+    reads = [source] + ([Path(run_dir) / CKPT_DIR, Path(run_dir) / "metrics.jsonl"] if run_dir else [])
+    check_output(out, reads, "--out file", force)
     if run_dir and not source.is_file():
         raise UserError(f"{run_dir}: not a run directory (no {RECIPE_FILE}); pass the directory `rsslctl pretrain` created")
     raw = load_raw(source)
@@ -46,12 +47,13 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
     method = build_method(recipe, device)
     ckpt, epoch = None, 0
     if run_dir:
-        ckpt = latest_checkpoint(Path(run_dir))
-        if ckpt is None:
+        found = load_latest(Path(run_dir))
+        if found is None:
             raise UserError(f"{run_dir}: no checkpoint yet, so there is no encoder to select with; pretrain first "
                             "(or pass the RECIPE to select with the untrained model)")
-        state, _, meta = load_checkpoint(ckpt)
-        method.load_state_dict(state)
+        ckpt, state, _, meta = found
+        refuse_nonfinite(state, str(ckpt))
+        load_weights(method, state, ckpt)
         epoch = int(meta["epoch"])
     train = load_train_split(recipe)
     selector = recipe.selector.build()
