@@ -30,6 +30,7 @@ import platform
 import statistics
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -216,7 +217,7 @@ def main() -> None:
     n = args.batch
     images = torch.randint(0, 256, (n * args.log_every, 3, 32, 32), dtype=torch.uint8)  # one engine epoch
     data = ImageData(images, torch.zeros(len(images), dtype=torch.long), ["x"], "synthetic")
-    build_mod.load_split = lambda recipe, split: data  # resident synthetic data, no files
+    build_mod.load_split = lambda recipe, split, limit=0: data  # resident synthetic data, no files
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, ResNet-18 width "
           f"{args.width}, batch {n} (2 views), PGD-{args.pgd_steps}; load average before: "
@@ -268,10 +269,13 @@ def main() -> None:
         bare = make_trainer(args, device, "bf16", tmp)  # same weights; only its method and optimizer are used
         resident, resident_labels = images.to(device), torch.zeros(len(images), dtype=torch.long, device=device)
         epoch = [0]
+        # what Trainer.fit sets up around its epochs: the run clock and a logger (no TensorBoard files here)
+        engine._t_run, engine._steps_at_start = time.perf_counter(), 0
+        engine.logger = types.SimpleNamespace(progress=lambda *a, **k: None, scalars=lambda *a, **k: None)
 
         def run_engine() -> None:
             epoch[0] += 1
-            engine._epoch(epoch[0], resident, resident_labels, io.StringIO(), lambda k, info: None)
+            engine._epoch(epoch[0], resident, resident_labels, io.StringIO(), lambda k, info=None: None)
 
         def run_bare() -> None:
             idx = torch.randperm(len(resident))[: spe * n].to(device).view(spe, n)
