@@ -129,7 +129,10 @@ def test_an_epoch_reads_metrics_back_only_every_log_every_steps(tiny_recipe: Pat
         return [0.0] * len(pending)
 
     monkeypatch.setattr(trainer, "_flush", flush)
+    from rsslctl.logs import LoggingOptions, RunLogger
+    trainer._t_run, trainer._steps_at_start = 0.0, 0  # what fit() sets up before its epochs
+    trainer.logger = RunLogger(tmp_path, LoggingOptions(tensorboard=False, csv=False), {}, quiet=True)
     images, labels = trainer.train.images.to(META), trainer.train.labels.to(META)
     with open(tmp_path / "log.jsonl", "w") as log, SyncDetector():
-        trainer._epoch(1, images, labels, log, lambda n, info: None)
+        trainer._epoch(1, images, labels, log, lambda n, info=None: None)
     assert flushed == [2, 2, 2]
