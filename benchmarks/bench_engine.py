@@ -1,170 +1,298 @@
-"""Engine speed, measured side by side in one process: prints images/s and ratios.
+"""rsslctl's ACL step against a re-implementation of the reference step, and the engine against a bare loop.
 
-  python benchmarks/bench_engine.py                       # CPU, narrow ResNet-18, quick
-  python benchmarks/bench_engine.py --width 64 --batch 512 --compile   # full ResNet-18 (e.g. on a GPU)
+  python benchmarks/bench_engine.py                                  # CPU: width-16 ResNet-18, batch 128, PGD-5
+  python benchmarks/bench_engine.py --width 64 --batch 512 --compile # full ResNet-18 (e.g. on a GPU)
 
-Sections:
-  1. fwd+bwd throughput of the backbone: NCHW fp32 / channels_last fp32 / channels_last bf16 [/ compiled]
-  2. ACL step (5-step contrastive PGD on both views + clean and adversarial training passes):
-     reference-style attack (backward through the whole model, weight grads discarded) vs the
-     engine's input-only attack gradients, both fp32 and bf16
-  3. engine overhead: Trainer.fit on a resident synthetic dataset vs a hand-written loop of the same ACL math
-Each configuration is timed as the median of --repeats measurements after warm-up.
+1. ACL-DS step, rsslctl vs reference, fp32 and bf16 autocast. "reference" is written here from the ACL paper (Jiang
+   et al., NeurIPS 2020) and the way its public code computes a step: a plain CIFAR ResNet-18 (3×3 stride-1 stem, no
+   max-pool, BasicBlocks 2-2-2-2) with dual BN and the 3-layer projection head; contrastive PGD on both views in eval
+   mode through the pgd BN, each attack step a full ``loss.backward()`` after ``zero_grad()`` (weight gradients
+   computed and thrown away), then NT-Xent of the clean views (normal BN) plus NT-Xent of the adversarial views
+   (pgd BN), one backward, SGD. rsslctl is ``Trainer._step`` of the ``acl`` plugin (LR, autocast, attack with input
+   gradients only, loss, backward, optimizer). Both build the same network (``backbone.stem_width`` = the first
+   stage width, so no 64-wide stem and no extra 1×1 projection): the script checks that the forward FLOPs are equal. Both augment the
+   same way (the batched ViewAugment, inside the timed step), so the difference is the training math only.
+2. Engine overhead: ``Trainer._epoch`` (batch indices, LR schedule, the step, metrics read back every ``log_every``
+   steps) vs a bare loop calling the same method's ``training_step``, backward and optimizer on the same batches.
+
+Timing: ``--rounds`` interleaved rounds; in each, every configuration runs ``--steps`` steps back to back (order
+reversed on every other round, so drift hits all alike) and is timed as a block. Ratios are formed within a round
+and reported as median (min–max) over rounds; the per-configuration times are medians over rounds. The machine's
+load average is printed before and after: compare numbers only within one run.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
+import os
+import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
-import timm
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from rsslctl.attack import eval_mode, project
-from rsslctl.encoder import EncoderOptions, Encoder, apply_cifar_stem
-from rsslctl.losses import nt_xent
+import rsslctl.build as build_mod
+from rsslctl.augment import AugmentOptions, ViewAugment, multi_view
+from rsslctl.build import compile_step
+from rsslctl.data import ImageData
+from rsslctl.engine import Trainer
+from rsslctl.recipe import resolve
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timeit(fn, device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def make_encoder(width: int, device, channels_last: bool, dual: bool = True) -> Encoder:
-    chans = tuple(width * m for m in (1, 2, 4, 8))
-    backbone = apply_cifar_stem(timm.create_model("resnet18", num_classes=0, channels=chans))
-    enc = Encoder(backbone, EncoderOptions(head_layers=3), dual_bn=dual).to(device)
-    return enc.to(memory_format=torch.channels_last) if channels_last else enc
+# -- the reference step, from the paper ------------------------------------------------------------------------------
+class DualBN(nn.Module):
+    def __init__(self, bn: Callable[[int], nn.Module], c: int) -> None:
+        super().__init__()
+        self.bns = nn.ModuleList([bn(c), bn(c)])  # 0: clean, 1: adversarial
+        self.route = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bns[self.route](x)
 
 
-def amp(device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = DualBN(nn.BatchNorm2d, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = DualBN(nn.BatchNorm2d, cout)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), DualBN(nn.BatchNorm2d, cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.short is None else self.short(x)))
 
 
-def acl_step(enc, opt, views, steps: int, input_only: bool, bf16: bool, device) -> None:
-    eps, alpha = 8 / 255, 2 / 255
-    x = views
-    with eval_mode(enc):
-        x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
-        for _ in range(steps):
-            x_adv = x_adv.detach().requires_grad_(True)
-            with amp(device, bf16):
-                loss = nt_xent(enc(x_adv, "pgd"))
-            if input_only:
-                (g,) = torch.autograd.grad(loss, x_adv)
-            else:  # reference style: full backward, weight gradients computed and thrown away
-                enc.zero_grad()
-                loss.backward()
-                g = x_adv.grad
-            x_adv = project(x, x_adv.detach() + alpha * g.sign(), eps, "linf")
-    with amp(device, bf16):
-        loss = 0.5 * (nt_xent(enc(x, "normal")) + nt_xent(enc(x_adv.detach(), "pgd")))
-    opt.zero_grad(set_to_none=True)
+class ReferenceResNet18(nn.Module):
+    """CIFAR ResNet-18 with dual BN and ACL's projection head (Linear+BN+ReLU, Linear+BN+ReLU, Linear+BN)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        w = [width, 2 * width, 4 * width, 8 * width]
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
+        self.conv1 = nn.Conv2d(3, w[0], 3, 1, 1, bias=False)
+        self.bn1 = DualBN(nn.BatchNorm2d, w[0])
+        blocks, cin = [], w[0]
+        for i, c in enumerate(w):
+            blocks += [Block(cin, c, 1 if i == 0 else 2), Block(c, c, 1)]
+            cin = c
+        self.blocks = nn.Sequential(*blocks)
+        d = w[3]
+        self.head = nn.ModuleList([nn.Linear(d, d), nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)])
+        self.head_bn = nn.ModuleList([DualBN(nn.BatchNorm1d, d) for _ in range(3)])
+        self.dual = [m for m in self.modules() if isinstance(m, DualBN)]
+
+    def forward(self, x: Tensor, route: int = 0) -> Tensor:
+        for m in self.dual:
+            m.route = route
+        x = F.relu(self.bn1(self.conv1((x - self.mean) / self.std)))
+        x = F.adaptive_avg_pool2d(self.blocks(x), 1).flatten(1)
+        for i, (lin, bn) in enumerate(zip(self.head, self.head_bn)):
+            x = bn(lin(x))
+            x = F.relu(x) if i < 2 else x
+        return x
+
+
+def reference_nt_xent(z: Tensor, tau: float = 0.5) -> Tensor:
+    """SimCLR's NT-Xent over pairs (2k, 2k+1), from the formula: −log softmax over all other rows at the positive."""
+    z = F.normalize(z.float(), dim=1)
+    sim = (z @ z.t() / tau).masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
+    return F.cross_entropy(sim, torch.arange(len(z), device=z.device) ^ 1)
+
+
+def reference_step(model: ReferenceResNet18, opt: torch.optim.Optimizer, augment: ViewAugment, images: Tensor,
+                   steps: int, bf16: bool, eps: float = 8 / 255, alpha: float = 2 / 255) -> Tensor:
+    amp = torch.autocast(images.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    views = multi_view(images, augment, 2)
+    model.eval()
+    x_adv = (views + torch.empty_like(views).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        model.zero_grad()
+        with amp:
+            loss = reference_nt_xent(model(x_adv, 1))
+        loss.backward()  # weight gradients too, as the reference code does
+        x_adv = torch.min(torch.max(x_adv.detach() + alpha * x_adv.grad.sign(), views - eps), views + eps).clamp(0, 1)
+    model.train()
+    with amp:
+        loss = 0.5 * (reference_nt_xent(model(views, 0)) + reference_nt_xent(model(x_adv.detach(), 1)))
+    opt.zero_grad()
     loss.backward()
     opt.step()
+    return loss.detach()
+
+
+# -- harness ---------------------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(configs: dict[str, Callable[[], None]], rounds: int, steps: int, warmup: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of each configuration in each round (after ``warmup`` untimed steps each)."""
+    for fn in configs.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    out: dict[str, list[float]] = {name: [] for name in configs}
+    names = list(configs)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            for _ in range(steps):
+                configs[name]()
+            sync(device)
+            out[name].append((time.perf_counter() - t) / steps)
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {out[n][-1]:.3f} s" for n in names), flush=True)
+    return out
+
+
+def ratio(times: dict[str, list[float]], slow: str, fast: str) -> str:
+    """median (min–max) over rounds of time[slow] / time[fast]."""
+    rs = [a / b for a, b in zip(times[slow], times[fast])]
+    return f"{statistics.median(rs):.2f}× ({min(rs):.2f}–{max(rs):.2f})"
+
+
+def forward_flops(model: nn.Module, x: Tensor, *args) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, *args)
+    model.train()
+    return counter.get_total_flops()
+
+
+def make_trainer(args, device: torch.device, precision: str, tmp: Path, compile_: bool = False) -> Trainer:
+    chans = [args.width * m for m in (1, 2, 4, 8)]
+    raw = {"data": {"name": "digits", "image_size": 32},
+           "backbone": {"model_kwargs": {"channels": chans}, "stem_width": args.width},
+           "encoder": {"head_layers": 3}, "method": {"name": "acl"}, "attack": {"steps": args.pgd_steps},
+           "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4},
+           "schedule": {"epochs": 1000, "batch_size": args.batch, "warmup_epochs": 0},
+           "engine": {"device": str(device), "precision": precision, "log_every": args.log_every,
+                      "checkpoint_every": 1000}}
+    torch.manual_seed(0)
+    trainer = Trainer(resolve(raw), tmp / f"{precision}{compile_}", quiet=True)
+    if compile_:
+        trainer.training_step = compile_step(trainer.method)
+    trainer.method.train()
+    trainer.method.on_epoch_start(1, 1000)
+    return trainer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--width", type=int, default=16, help="ResNet-18 base width (64 = standard)")
-    ap.add_argument("--batch", type=int, default=128, help="images per step (ACL uses 2 views each)")
+    ap.add_argument("--batch", type=int, default=128, help="images per step (2 views each)")
     ap.add_argument("--pgd-steps", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to warm up)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="steps per configuration per round")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="also rsslctl with engine.compile (minutes to warm up on CPU)")
     ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
     n = args.batch
-    print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, ResNet-18 width {args.width}, batch {n}")
-
-    print("\n1. backbone fwd+bwd, images/s")
-    rows = {}
-    configs = [("NCHW fp32", False, False, False), ("channels_last fp32", True, False, False),
-               ("channels_last bf16", True, True, False)]
-    if args.compile:
-        configs.append(("channels_last bf16 compiled", True, True, True))
-    for name, cl, bf16, comp in configs:
-        enc = make_encoder(args.width, device, cl, dual=False)
-        if comp:
-            enc.backbone.compile()
-        x = torch.rand(n, 3, 32, 32, device=device)
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-
-        def step():
-            with amp(device, bf16):
-                out = enc(x)
-            out.float().square().mean().backward()
-        t = timeit(step, device, 3 if not comp else 5, args.repeats)
-        rows[name] = n / t
-        print(f"  {name:32s} {n / t:10.0f} img/s   x{rows[name] / rows['NCHW fp32']:.2f} vs NCHW fp32")
-
-    print(f"\n2. ACL step ({args.pgd_steps}-step PGD on both views), images/s")
-    acl = {}
-    for bf16 in (False, True):
-        for input_only in (False, True):
-            enc = make_encoder(args.width, device, True)
-            opt = torch.optim.SGD(enc.parameters(), lr=0.1, momentum=0.9)
-            views = torch.rand(2 * n, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-            t = timeit(lambda: acl_step(enc, opt, views, args.pgd_steps, input_only, bf16, device), device, 2, args.repeats)
-            key = ("bf16" if bf16 else "fp32", "input-only" if input_only else "reference")
-            acl[key] = n / t
-            print(f"  {key[0]} {key[1]:11s} attack {n / t:10.1f} img/s")
-        p = "bf16" if bf16 else "fp32"
-        print(f"  -> input-only / reference ({p}): x{acl[(p, 'input-only')] / acl[(p, 'reference')]:.2f}")
-    print(f"  -> bf16 input-only / fp32 reference: x{acl[('bf16', 'input-only')] / acl[('fp32', 'reference')]:.2f}")
-
-    if args.skip_engine:
-        return
-    print("\n3. engine overhead: Trainer (ACL plugin, augmentation off) vs hand-written loop, same math")
-    from rsslctl.engine import Trainer
-    from rsslctl.recipe import resolve
-    import rsslctl.build as build_mod
-    from rsslctl.data import ImageData
-    steps = max(3, args.repeats)
-    images = torch.randint(0, 256, (n * steps, 3, 32, 32), dtype=torch.uint8)
+    images = torch.randint(0, 256, (n * args.log_every, 3, 32, 32), dtype=torch.uint8)  # one engine epoch
     data = ImageData(images, torch.zeros(len(images), dtype=torch.long), ["x"], "synthetic")
     build_mod.load_split = lambda recipe, split: data  # resident synthetic data, no files
-    raw = {"data": {"name": "digits"}, "backbone": {"model_kwargs": {"channels": [args.width * m for m in (1, 2, 4, 8)]}},
-           "encoder": {"head_layers": 3}, "method": {"name": "acl"}, "attack": {"steps": args.pgd_steps},
-           "augment": {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "flip_p": 0.0, "jitter_p": 0.0, "grayscale_p": 0.0},
-           "optimizer": {"name": "sgd", "lr": 0.01}, "schedule": {"epochs": 2, "batch_size": n, "warmup_epochs": 0},
-           "engine": {"device": str(device), "precision": "bf16", "log_every": 50, "checkpoint_every": 1000}}
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(resolve(raw), Path(tmp), quiet=True)
-        summary = trainer.fit()
-        engine_ips = summary["images_per_s"]  # second epoch (first includes warm-up)
-    enc = make_encoder(args.width, device, True)
-    opt = torch.optim.SGD(enc.parameters(), lr=0.01, momentum=0.9)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, ResNet-18 width "
+          f"{args.width}, batch {n} (2 views), PGD-{args.pgd_steps}; load average before: "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     batch = images[:n].to(device)
+    labels = torch.zeros(n, dtype=torch.long, device=device)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_engine_"))
 
-    def hand():
-        views = batch.repeat_interleave(2, 0).float().div(255).contiguous(memory_format=torch.channels_last)
-        acl_step(enc, opt, views, args.pgd_steps, True, True, device)
-    raw_ips = n / timeit(hand, device, 2, steps)
-    print(f"  engine {engine_ips:10.1f} img/s   hand-written {raw_ips:10.1f} img/s   "
-          f"engine overhead {100 * (raw_ips / engine_ips - 1):+.1f} %")
+    trainers = {p: make_trainer(args, device, p, tmp) for p in ("fp32", "bf16")}
+    ours = {p: trainers[p].method.encoder for p in trainers}
+    refs, ref_opts = {}, {}
+    for p in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        refs[p] = ReferenceResNet18(args.width).to(device, memory_format=torch.channels_last)
+        ref_opts[p] = torch.optim.SGD(refs[p].parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x = torch.rand(2, 3, 32, 32, device=device)
+    f_ours, f_ref = forward_flops(ours["fp32"], x, "pgd"), forward_flops(refs["fp32"], x, 1)
+    print(f"forward FLOPs per image: rsslctl {f_ours / 2 / 1e6:.2f} M, reference {f_ref / 2 / 1e6:.2f} M")
+    if abs(f_ours - f_ref) > 1e-3 * f_ref:
+        raise SystemExit("the two models differ in FLOPs; the comparison would not be like for like")
+    augment = ViewAugment(32, AugmentOptions(), memory_format=torch.channels_last)
+
+    configs: dict[str, Callable[[], None]] = {}
+    for p in ("fp32", "bf16"):
+        configs[f"rsslctl {p}"] = (lambda t: lambda: t._step(1, 0, 0, batch, labels))(trainers[p])
+        configs[f"reference {p}"] = (lambda m, o, b: lambda: reference_step(m, o, augment, batch, args.pgd_steps, b))(
+            refs[p], ref_opts[p], p == "bf16")
+    if args.compile:
+        compiled = make_trainer(args, device, "bf16", tmp, compile_=True)
+        configs["rsslctl bf16 compiled"] = lambda: compiled._step(1, 0, 0, batch, labels)
+    print(f"\n1. ACL-DS step: {args.rounds} interleaved rounds × {args.steps} steps per configuration")
+    times = interleaved(configs, args.rounds, args.steps, args.warmup, device)
+    print("\n| configuration | s/step (median) | images/s |\n|---|---|---|")
+    for k, v in times.items():
+        print(f"| {k} | {statistics.median(v):.3f} | {n / statistics.median(v):.1f} |")
+    print("\n| speed-up of rsslctl (reference time / rsslctl time, per round) | median (min–max) |\n|---|---|")
+    print(f"| fp32 vs fp32 | {ratio(times, 'reference fp32', 'rsslctl fp32')} |")
+    print(f"| bf16 vs bf16 | {ratio(times, 'reference bf16', 'rsslctl bf16')} |")
+    print(f"| rsslctl bf16 vs reference fp32 (its published precision) | "
+          f"{ratio(times, 'reference fp32', 'rsslctl bf16')} |")
+    if args.compile:
+        print(f"| rsslctl bf16 compiled vs eager | {ratio(times, 'rsslctl bf16', 'rsslctl bf16 compiled')} |")
+
+    if not args.skip_engine:
+        spe = args.log_every
+        print(f"\n2. engine overhead (bf16): Trainer._epoch of {spe} steps vs a bare loop of the same steps, "
+              f"{args.rounds} interleaved rounds")
+        engine = make_trainer(args, device, "bf16", tmp)
+        bare = make_trainer(args, device, "bf16", tmp)  # same weights; only its method and optimizer are used
+        resident, resident_labels = images.to(device), torch.zeros(len(images), dtype=torch.long, device=device)
+        epoch = [0]
+
+        def run_engine() -> None:
+            epoch[0] += 1
+            engine._epoch(epoch[0], resident, resident_labels, io.StringIO(), lambda k, info: None)
+
+        def run_bare() -> None:
+            idx = torch.randperm(len(resident))[: spe * n].to(device).view(spe, n)
+            losses = []
+            for i in range(spe):
+                with build_mod.autocast(device, "bf16"):
+                    loss, metrics = bare.method.training_step(resident[idx[i]], resident_labels[idx[i]])
+                bare.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                bare.optimizer.step()
+                losses.append(loss.detach())
+            torch.stack(losses).tolist()  # one read-back per epoch
+
+        times = interleaved({"engine": run_engine, "bare loop": run_bare}, args.rounds, 1, 1, device)
+        print(f"\n| per epoch of {spe} steps | s (median) |\n|---|---|")
+        for k, v in times.items():
+            print(f"| {k} | {statistics.median(v):.2f} |")
+        rs = [a / b - 1 for a, b in zip(times["engine"], times["bare loop"])]
+        print(f"| engine overhead, per round | {100 * statistics.median(rs):+.1f} % "
+              f"({100 * min(rs):+.1f} to {100 * max(rs):+.1f} %) |")
+    print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
