@@ -11,9 +11,7 @@ compute nothing, so this is fast, and it needs no GPU: CI keeps the promise.
 """
 from __future__ import annotations
 
-import time
 import traceback
-import types
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +129,9 @@ def test_an_epoch_reads_metrics_back_only_every_log_every_steps(tiny_recipe: Pat
         return [0.0] * len(pending)
 
     monkeypatch.setattr(trainer, "_flush", flush)
-    # what fit() sets up around the epochs: run clock and the logger (a stub: the real one writes TensorBoard files)
-    trainer._t_run, trainer._steps_at_start = time.perf_counter(), 0
-    trainer.logger = types.SimpleNamespace(progress=lambda *a, **k: None, scalars=lambda *a, **k: None)
+    from rsslctl.logs import LoggingOptions, RunLogger
+    trainer._t_run, trainer._steps_at_start = 0.0, 0  # what fit() sets up before its epochs
+    trainer.logger = RunLogger(tmp_path, LoggingOptions(tensorboard=False, csv=False), {}, quiet=True)
     images, labels = trainer.train.images.to(META), trainer.train.labels.to(META)
     with open(tmp_path / "log.jsonl", "w") as log, SyncDetector():
         trainer._epoch(1, images, labels, log, lambda n, info=None: None)
