@@ -15,11 +15,12 @@ from . import registry
 from .augment import ViewAugment
 from .checkpoint import load_latest, refuse_nonfinite
 from .limits import check_allocation
-from .data import ImageData
+from .data import Dataset, HostSource, ImageData
 from .encoder import build_encoder
 from .errors import UserError
 from .method import Method
 from .recipe import PLUGIN_TABLES, Recipe
+from .stream import StreamSplit, device_memory
 from .ui import console
 
 
@@ -70,20 +71,25 @@ def setup_device(recipe: Recipe) -> torch.device:
     return select_device(recipe.engine.device)
 
 
-def load_split(recipe: Recipe, split: str, limit: int = 0) -> ImageData:
-    """Load a split through the dataset plugin (downloading only if the recipe asks), resized to image_size."""
+def _read_split(recipe: Recipe, split: str, read: Callable[[Dataset, str], Any]) -> Any:
+    """``read(dataset, split)`` through the dataset plugin, downloading first only if the recipe asks."""
     cls = recipe.dataset.cls
     if split not in cls.splits:
         raise UserError(f"data: dataset '{cls.name}' has no split '{split}'; available: {', '.join(cls.splits)}")
     dataset = recipe.dataset.build(Path(recipe.data.root))
     try:
-        data = dataset.load(split)
+        return read(dataset, split)
     except UserError:
         if not recipe.data.download:
             raise
         console.print(f"[bold]downloading[/] {cls.name} into {Path(recipe.data.root).resolve()}")
         dataset.download()
-        data = dataset.load(split)
+        return read(dataset, split)
+
+
+def load_split(recipe: Recipe, split: str, limit: int = 0) -> ImageData:
+    """Load a split through the dataset plugin (downloading only if the recipe asks), resized to image_size."""
+    data = _read_split(recipe, split, Dataset.load)
     if limit:  # cut before resizing: only the images used are brought to image_size
         data = data.subset(torch.arange(min(limit, len(data))))
     size = recipe.data.image_size
@@ -95,6 +101,26 @@ def load_split(recipe: Recipe, split: str, limit: int = 0) -> ImageData:
 def load_train_split(recipe: Recipe) -> ImageData:
     """The recipe's training split, cut to its first ``data.limit`` images when a limit is set."""
     return load_split(recipe, recipe.data.train_split, recipe.data.limit)
+
+
+def open_train_split(recipe: Recipe, device: torch.device) -> ImageData | StreamSplit:
+    """The training split for the engine: resident (``load_train_split``) or streamed, as ``data.stream`` says;
+    ``auto`` streams when the split's uint8 images would exceed ``data.resident_fraction`` of the device's memory
+    (known without decoding only for datasets with a per-image reader; the others are small and stay resident)."""
+    d = recipe.data
+    if d.stream == "off":
+        return load_train_split(recipe)
+    source = _read_split(recipe, d.train_split, Dataset.source)
+    if source is None and d.stream == "auto":
+        return load_train_split(recipe)
+    if source is not None and d.stream == "auto":
+        n = min(d.limit, len(source)) if d.limit else len(source)
+        budget = device_memory(device) * d.resident_fraction
+        if not budget or n * source.channels * d.image_size ** 2 <= budget:
+            return load_train_split(recipe)
+    if source is None:  # no per-image reader: loaded whole into host memory, streamed to the device from there
+        source = HostSource(load_train_split(recipe))
+    return StreamSplit(source, d.image_size, d.limit, d.workers)
 
 
 def build_method(recipe: Recipe, device: torch.device) -> Method:

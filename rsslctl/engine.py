@@ -17,7 +17,7 @@ from typing import Any, Callable, TextIO
 import torch
 from torch import Tensor
 
-from .build import (autocast, build_method, compile_step, load_train_split, load_weights, plugin_versions,
+from .build import (autocast, build_method, compile_step, load_weights, open_train_split, plugin_versions,
                     setup_device, uses_bf16)
 from .checkpoint import (CorruptCheckpoint, atomic_write_text, checkpoints, derive_seed, latest_checkpoint,
                          load_checkpoint, optimizer_from_flat, read_meta, refuse_nonfinite, remove_stale_temporaries,
@@ -28,6 +28,7 @@ from .logs import RunLogger, duration
 from .monitor import monitor_accuracies, monitor_splits
 from .optim import StepClock, lr_at, make_optimizer
 from .recipe import Recipe
+from .stream import epoch_batches, on_device
 from .ui import console, err_console, progress_bar, summary_table
 
 #: (optimizer step, lr, loss, metrics) of a step whose values are still on the device
@@ -45,7 +46,7 @@ class Trainer:
         self.on_step = on_step  # test hook: called with the global step after each optimizer step
         self.device = setup_device(recipe)
         torch.manual_seed(recipe.run.seed)
-        self.train = load_train_split(recipe)
+        self.train = open_train_split(recipe, self.device)  # resident ImageData or a StreamSplit
         self.batch_size = recipe.schedule.batch_size
         self.steps_per_epoch = len(self.train) // self.batch_size
         if self.steps_per_epoch == 0:
@@ -189,7 +190,7 @@ class Trainer:
                 return dict(read_meta(latest_checkpoint(self.run_dir)).get("metrics", {}))
             elif not self.quiet:
                 console.print(f"resuming after epoch {self.epoch}")
-        images, labels = self.train.images.to(self.device), self.train.labels.to(self.device)
+        images, labels = on_device(self.train, self.device)
         summary: dict[str, Any] = {}
         self._t_run, self._steps_at_start = time.perf_counter(), self.clock.step(self.epoch + 1, 0)
         self.logger = RunLogger(self.run_dir, r.logging, r.resolved, self.quiet, purge_step=self._steps_at_start)
@@ -235,7 +236,7 @@ class Trainer:
                                   knn, probe, self.recipe.evaluation)
 
     def _epoch_batches(self, epoch: int, images: Tensor, labels: Tensor) -> tuple[Tensor, float]:
-        """(minibatch indices [steps, batch] on the device, seconds spent selecting a coreset)."""
+        """(minibatch indices [steps, batch] on the host, seconds spent selecting a coreset)."""
         t_select = time.perf_counter()
         active = self.coreset.active(epoch, images, labels, self.method) if self.coreset else None
         t_select = time.perf_counter() - t_select
@@ -243,7 +244,7 @@ class Trainer:
         g = torch.Generator().manual_seed(derive_seed(self.recipe.run.seed, epoch))
         perm = torch.randperm(len(images) if active is None else len(active), generator=g)[: spe * bs]
         perm = perm if active is None else active[perm]
-        return perm.to(self.device).view(spe, bs), t_select
+        return perm.view(spe, bs), t_select
 
     def _epoch(self, epoch: int, images: Tensor, labels: Tensor, log: TextIO,
                progress: Callable[..., None]) -> dict[str, Any]:
@@ -255,9 +256,9 @@ class Trainer:
         pending: list[Pending] = []
         losses: list[float] = []
         t0 = time.perf_counter()
-        for i, idx in enumerate(batches):
+        for i, (x, y) in enumerate(epoch_batches(self.train, images, labels, batches, self.device)):
             for rep in range(self.replays):
-                pending.append(self._step(epoch, i, rep, images[idx], labels[idx]))
+                pending.append(self._step(epoch, i, rep, x, y))
             progress(1)  # the bar moves every step; its numbers are the last ones read back
             if (i + 1) % r.engine.log_every == 0 or i == spe - 1:
                 losses += self._flush(pending, epoch, log)

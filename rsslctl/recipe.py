@@ -44,6 +44,13 @@ class DataOptions:
     test_split: str = opt("test", "split used for evaluation")
     image_size: int = opt(32, "images are presented at this square size", min=8, max=MAX_IMAGE_SIZE)
     limit: int = opt(0, "use only the first N training images (0 = all)", min=0)
+    stream: Literal["auto", "on", "off"] = opt(
+        "auto", "training split resident on the device (off) or decoded from disk by DataLoader workers (on); auto "
+                "streams only when its uint8 images exceed resident_fraction of the device's memory")
+    workers: int = opt(4, "DataLoader worker processes of the streamed path (0 = decode in the training process)",
+                       min=0, max=256)
+    resident_fraction: float = opt(0.5, "stream = auto: largest share of the device's memory the resident split may "
+                                        "take", min=0.01, max=1.0)
 
 
 @dataclasses.dataclass
