@@ -89,7 +89,7 @@ def _read_split(recipe: Recipe, split: str, read: Callable[[Dataset, str], Any])
 
 def load_split(recipe: Recipe, split: str, limit: int = 0) -> ImageData:
     """Load a split through the dataset plugin (downloading only if the recipe asks), resized to image_size."""
-    data = _read_split(recipe, split, Dataset.load)
+    data = _read_split(recipe, split, lambda ds, s: ds.load(s))
     if limit:  # cut before resizing: only the images used are brought to image_size
         data = data.subset(torch.arange(min(limit, len(data))))
     size = recipe.data.image_size
@@ -110,7 +110,7 @@ def open_train_split(recipe: Recipe, device: torch.device) -> ImageData | Stream
     d = recipe.data
     if d.stream == "off":
         return load_train_split(recipe)
-    source = _read_split(recipe, d.train_split, Dataset.source)
+    source = _read_split(recipe, d.train_split, lambda ds, s: ds.source(s))
     if source is None and d.stream == "auto":
         return load_train_split(recipe)
     if source is not None and d.stream == "auto":
