@@ -161,3 +161,20 @@ def test_missing_streamed_files_are_one_line(tiny_recipe: Path, tmp_path: Path) 
     err_line = result.stderr.strip()
     assert result.exit_code == 2 and err_line.startswith("error: image_folder: data files not found")
     assert "\n" not in err_line and "Traceback" not in result.output
+
+
+def test_coreset_selection_reads_the_streamed_split(tiny_recipe: Path, tmp_path: Path) -> None:
+    """RCS indexes its pool through ``StreamedImages``: a streamed run selects and trains exactly as a resident one."""
+    coreset = ["coreset.name='rcs'", "coreset.fraction=0.4", "coreset.warmup_epochs=1", "schedule.epochs=2"]
+    out = {}
+    for stream in ("off", "on"):
+        recipe = load(tiny_recipe, coreset + [f"data.stream='{stream}'", "data.workers=0"])
+        run = tmp_path / stream
+        prepare_run_dir(recipe, run, force=False)
+        trainer = Trainer(recipe, run, quiet=True)
+        assert isinstance(trainer.train, StreamSplit) == (stream == "on")
+        trainer.fit()
+        out[stream] = load_checkpoint(latest_checkpoint(run))
+    (a, state_a, _), (b, state_b, _) = out["off"], out["on"]
+    assert torch.equal(state_a["coreset.indices"], state_b["coreset.indices"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
