@@ -105,21 +105,25 @@ def load_train_split(recipe: Recipe) -> ImageData:
 
 def open_train_split(recipe: Recipe, device: torch.device) -> ImageData | StreamSplit:
     """The training split for the engine: resident (``load_train_split``) or streamed, as ``data.stream`` says;
-    ``auto`` streams when the split's uint8 images would exceed ``data.resident_fraction`` of the device's memory
-    (known without decoding only for datasets with a per-image reader; the others are small and stay resident)."""
+    ``auto`` streams when the split's uint8 images would exceed ``data.resident_fraction`` of the device's memory.
+    Datasets with a per-image reader (``Dataset.source``) are sized without decoding; the others are loaded into
+    host memory first and, when streamed, fed to the device from there."""
     d = recipe.data
     if d.stream == "off":
         return load_train_split(recipe)
+    budget = device_memory(device) * d.resident_fraction
+
+    def too_big(n: int, channels: int) -> bool:
+        return d.stream == "on" or bool(budget) and n * channels * d.image_size ** 2 > budget
+
     source = _read_split(recipe, d.train_split, lambda ds, s: ds.source(s))
-    if source is None and d.stream == "auto":
+    if source is None:
+        data = load_train_split(recipe)
+        if not too_big(*data.images.shape[:2]):
+            return data
+        source = HostSource(data)
+    elif not too_big(min(d.limit, len(source)) if d.limit else len(source), source.channels):
         return load_train_split(recipe)
-    if source is not None and d.stream == "auto":
-        n = min(d.limit, len(source)) if d.limit else len(source)
-        budget = device_memory(device) * d.resident_fraction
-        if not budget or n * source.channels * d.image_size ** 2 <= budget:
-            return load_train_split(recipe)
-    if source is None:  # no per-image reader: loaded whole into host memory, streamed to the device from there
-        source = HostSource(load_train_split(recipe))
     return StreamSplit(source, d.image_size, d.limit, d.workers)
 
 

@@ -129,7 +129,11 @@ def test_auto_streams_only_what_exceeds_the_device_budget(tiny_recipe: Path, tmp
     digits = load(tiny_recipe, ["data.stream='on'"])  # no per-image reader: streamed from host memory
     split = open_train_split(digits, CPU)
     assert isinstance(split, StreamSplit) and isinstance(split.source, HostSource) and len(split) == 96
+    digit_bytes = 96 * 3 * 16 * 16  # tiny recipe: 96 digits at 16 px
+    monkeypatch.setattr(rsslctl.build, "device_memory", lambda device: 2 * digit_bytes)
     assert isinstance(open_train_split(load(tiny_recipe), CPU), ImageData)
+    monkeypatch.setattr(rsslctl.build, "device_memory", lambda device: 2 * digit_bytes - 2)
+    assert isinstance(open_train_split(load(tiny_recipe), CPU).source, HostSource)
     with pytest.raises(UserError, match="data.*stream.*'auto'"):
         load(tiny_recipe, ["data.stream='maybe'"])
 
