@@ -63,6 +63,8 @@ class EngineOptions:
                                    "mode reduce-overhead); training batches have static shapes")
     grad_clip: float = opt(0.0, "clip the global gradient norm (0 = off)", min=0)
     checkpoint_every: int = opt(1, "write a checkpoint every N epochs (and always at the end)", min=1, max=MAX_EPOCHS)
+    checkpoint_every_steps: int = opt(0, "also write a checkpoint every N minibatches inside an epoch, for long "
+                                         "(streamed) epochs; resume continues at that position (0 = off)", min=0)
     keep_checkpoints: int = opt(2, "how many checkpoints to keep", min=1, max=1000)
     log_every: int = opt(10, "read metrics back from the device every N steps", min=1)
     threads: int = opt(0, "CPU threads for torch (0 = torch default); fix it for bit-reproducible CPU runs", min=0,

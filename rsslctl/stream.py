@@ -166,13 +166,14 @@ class StreamedImages:
         return self.split.gather(torch.as_tensor(index)).to(self.device)
 
 
-def epoch_batches(train: Any, images: Any, labels: Tensor, rows: Tensor, device: torch.device
+def epoch_batches(train: Any, images: Any, labels: Tensor, rows: Tensor, device: torch.device, start: int = 0
                   ) -> Iterator[tuple[Tensor, Tensor]]:
-    """The engine's minibatches for one epoch: gathered on the device from the resident split, or streamed."""
+    """The engine's minibatches ``rows[start:]`` of one epoch: gathered on the device from the resident split, or
+    streamed."""
     if isinstance(train, StreamSplit):
-        yield from train.batches(rows, device)
+        yield from train.batches(rows, device, start)
         return
-    for idx in rows.to(device):
+    for idx in rows[start:].to(device):
         yield images[idx], labels[idx]
 
 
