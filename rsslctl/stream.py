@@ -9,7 +9,8 @@ it (``start``). The host never waits for the device: workers decode ahead (``pre
 pinned and copied with ``non_blocking=True`` one step ahead of their use, and the loader draws its own seed from a
 private generator, never from torch's global RNG (which the augmentation consumes).
 
-Under torchrun each rank reads only its contiguous share of every global minibatch (``local_rows``).
+Under torchrun each rank reads only its contiguous share of every global minibatch (``local_rows``, applied in
+``epoch_batches`` to both paths).
 """
 from __future__ import annotations
 
@@ -121,9 +122,8 @@ class StreamSplit:
             generator=torch.Generator().manual_seed(0))  # a private generator: torch's global RNG is not touched
 
     def batches(self, rows: Tensor, device: torch.device, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Minibatches ``rows[start:]`` (global indices [steps, B], this rank's share taken here) on ``device``,
-        each copied one step ahead of its use."""
-        rows = local_rows(rows.cpu(), *rank_world())
+        """Minibatches ``rows[start:]`` (indices [steps, b]) on ``device``, each copied one step ahead of its use."""
+        rows = rows.cpu()
         pending: tuple[Tensor, Tensor] | None = None
         for item in self._loader(rows, start, device.type == "cuda"):
             if isinstance(item, str):
@@ -168,8 +168,9 @@ class StreamedImages:
 
 def epoch_batches(train: Any, images: Any, labels: Tensor, rows: Tensor, device: torch.device, start: int = 0
                   ) -> Iterator[tuple[Tensor, Tensor]]:
-    """The engine's minibatches ``rows[start:]`` of one epoch: gathered on the device from the resident split, or
-    streamed."""
+    """This process's share of the engine's minibatches ``rows[start:]`` (global indices [steps, B]) of one epoch:
+    gathered on the device from the resident split, or streamed. The one place where ranks split the global batch."""
+    rows = local_rows(rows, *rank_world())
     if isinstance(train, StreamSplit):
         yield from train.batches(rows, device, start)
         return

@@ -21,7 +21,7 @@ from rsslctl.engine import Trainer
 from rsslctl.errors import UserError
 from rsslctl.recipe import load
 from rsslctl.runs import prepare_run_dir
-from rsslctl.stream import StreamedImages, StreamSplit, local_rows
+from rsslctl.stream import StreamedImages, StreamSplit, epoch_batches, local_rows
 from rsslctl_plugins import imagenet32
 
 CPU = torch.device("cpu")
@@ -115,14 +115,18 @@ def test_killed_inside_an_epoch_resumes_at_its_position(tiny_recipe: Path, tmp_p
 
 def test_ranks_read_their_share_of_each_global_batch(tiny_recipe: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    split = open_train_split(folder_recipe(tiny_recipe, tmp_path, "data.stream='on'", "data.workers=0"), CPU)
+    recipe = folder_recipe(tiny_recipe, tmp_path, "data.stream='on'", "data.workers=0")
+    split, resident = open_train_split(recipe, CPU), load_train_split(recipe)
     rows = torch.arange(48).flip(0).view(3, 16)
-    whole = [x for x, _ in split.batches(rows, CPU)]
+    whole = [x for x, _ in epoch_batches(split, None, split.labels, rows, CPU)]
     shares = []
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        shares.append([x for x, _ in split.batches(rows, CPU)])
+        streamed = [x for x, _ in epoch_batches(split, None, split.labels, rows, CPU)]
+        gathered = [x for x, _ in epoch_batches(resident, resident.images, resident.labels, rows, CPU)]
+        assert all(torch.equal(a, b) for a, b in zip(streamed, gathered, strict=True))  # same share on both paths
+        shares.append(streamed)
     assert all(x.shape[0] == 8 for share in shares for x in share)
     assert all(torch.equal(torch.cat([a, b]), w) for a, b, w in zip(*shares, whole))
     assert torch.equal(local_rows(rows, 1, 4), rows[:, 4:8])
