@@ -28,7 +28,7 @@ from .data import ImageSource, resize_images
 from .errors import UserError
 from .limits import memory_bytes
 
-#: images per worker task when gathering arbitrary indices (coreset selection, monitors)
+#: images per worker task when gathering arbitrary indices (coreset selection)
 GATHER_CHUNK = 256
 
 
@@ -137,7 +137,7 @@ class StreamSplit:
             yield pending
 
     def gather(self, index: Tensor) -> Tensor:
-        """uint8 images [len(index), C, S, S] on the host, decoded by the workers (coreset selection, monitors)."""
+        """uint8 images [len(index), C, S, S] on the host, decoded by the workers (coreset selection)."""
         rows = list(index.cpu().view(-1).split(GATHER_CHUNK))
         if not rows:
             return torch.zeros((0, *self.shape[1:]), dtype=torch.uint8)
