@@ -198,3 +198,48 @@ def test_coreset_selection_reads_the_streamed_split(tiny_recipe: Path, tmp_path:
     (a, state_a, _), (b, state_b, _) = out["off"], out["on"]
     assert torch.equal(state_a["coreset.indices"], state_b["coreset.indices"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains ``text`` (forked DataLoader workers keep their parent's command line)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow  # two CLI runs with worker processes: ~40 s on the 2-core CI machine
+def test_sigkilled_streamed_run_leaves_no_workers_and_resumes_exactly(tiny_recipe: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_folder(tmp_path / "data")
+    sets = [f"data.root='{tmp_path / 'data'}'", "data.name='image_folder'", "data.path='imgs'", "data.limit=0",
+            "schedule.batch_size=16", "schedule.epochs=2", "engine.checkpoint_every_steps=1",
+            "engine.keep_checkpoints=20", "data.workers=2"]
+    cli = [sys.executable, "-m", "rsslctl.cli", "pretrain", str(tiny_recipe), "--quiet"]
+    args = lambda run, stream: [a for s in sets + [f"data.stream='{stream}'"] for a in ("--set", s)] + [  # noqa: E731
+        "--run-dir", str(run)]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(cli + args(full, "off"), check=True)
+    proc = subprocess.Popen(cli + args(killed, "on"))
+    deadline = time.time() + 120
+    while latest_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill landed"
+    assert latest_checkpoint(killed).name != "epoch-0002", "the kill landed after the last checkpoint"
+    deadline = time.time() + 30  # orphaned workers notice their parent is gone (DataLoader's watchdog) and exit
+    while _processes_mentioning(str(killed)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _processes_mentioning(str(killed)), "DataLoader workers outlived the killed run"
+    subprocess.run([sys.executable, "-m", "rsslctl.cli", "pretrain", "--resume", str(killed), "--quiet"], check=True)
+    a, b = load_checkpoint(latest_checkpoint(full))[0], load_checkpoint(latest_checkpoint(killed))[0]
+    assert latest_checkpoint(killed).name == "epoch-0002" and all(torch.equal(a[k], b[k]) for k in a)
