@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .losses import fp32
+
 
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
@@ -57,7 +59,8 @@ class NegativeQueue(nn.Module):
 def softmax_logit_grad(logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
     """∂/∂l of mean_i CE(l_i / t, y_i) for raw logits l [N, C]: (softmax(l/t) − onehot(y)) / (N·t), in fp32."""
     p = torch.softmax(logits.detach().float() / temperature, dim=1)
-    return (p - F.one_hot(labels, p.shape[1]).to(p.dtype)) / (p.shape[0] * temperature)
+    onehot = torch.zeros_like(p).scatter_(1, labels[:, None], 1.0)  # scatter, not F.one_hot: no range check/sync
+    return (p - onehot) / (p.shape[0] * temperature)
 
 
 def normalized_rows_grad(q: Tensor, weight: Tensor, logit_grad: Tensor) -> Tensor:
@@ -67,10 +70,11 @@ def normalized_rows_grad(q: Tensor, weight: Tensor, logit_grad: Tensor) -> Tenso
     projected onto the tangent space of the sphere at n_j and scaled by 1/‖w_j‖. No autograd, so it also runs
     inside a compiled step."""
     q, w, g = q.detach().float(), weight.detach().float(), logit_grad.float()
-    norm = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    n = w / norm
-    logits = q @ n.t()
-    return (g.t() @ q - n * (g * logits).sum(0)[:, None]) / norm
+    with fp32(q):  # under bf16 autocast the matmuls would round the bank's update
+        norm = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        n = w / norm
+        logits = q @ n.t()
+        return (g.t() @ q - n * (g * logits).sum(0)[:, None]) / norm
 
 
 class LearnableBank(nn.Module):
