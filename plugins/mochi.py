@@ -30,7 +30,11 @@ def mochi_negatives(q: Tensor, queue: Tensor, n_hard: int, s1: int, s2: int, bet
     q = q.detach()
     hard = queue[(q @ queue.t()).topk(min(n_hard, queue.shape[0]), dim=1).indices]  # [B, N, D], hardest first
     b, n, _ = hard.shape
-    pick = lambda k: hard.gather(1, torch.randint(0, n, (b, k, 1), device=q.device).expand(-1, -1, hard.shape[2]))  # noqa: E731
+    rows = torch.arange(b, device=q.device)[:, None]
+
+    def pick(k: int) -> Tensor:  # k random hard negatives of each query [B, k, D] (integer indexing: no host sync)
+        return hard[rows, torch.randint(0, n, (b, k), device=q.device)]
+
     alpha = torch.rand(b, s1, 1, device=q.device)
     mixed = alpha * pick(s1) + (1 - alpha) * pick(s1)
     beta = beta_max * torch.rand(b, s2, 1, device=q.device)

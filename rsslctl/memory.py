@@ -146,7 +146,8 @@ class LearnableBank(nn.Module):
 
     def load_run_state(self, state: dict[str, Tensor], prefix: str) -> None:
         """Restore what ``run_state(prefix)`` returned (nothing saved: a fresh optimizer, as before its first step)."""
-        mine = {k[len(prefix) + 1:]: v.to(self.weight.device, copy=True) for k, v in state.items() if k.startswith(prefix + ".")}
+        mine = {k[len(prefix) + 1:]: v.to(self.weight.device, copy=True) for k, v in state.items()
+                if k.startswith(prefix + ".")}
         self._track_weight()
         self.optimizer.state.clear()
         if mine:

@@ -161,7 +161,8 @@ def test_moco_loss_matches_formula() -> None:
     tau, total = 0.2, 0.0
     for i in range(3):
         pos = math.exp(cos(q[i], k[i]) / tau)
-        den = pos + sum(math.exp(cos(q[i], n) / tau) for n in negs) + sum(math.exp(cos(q[i], h) / tau) for h in extra[i])
+        den = (pos + sum(math.exp(cos(q[i], n) / tau) for n in negs)
+               + sum(math.exp(cos(q[i], h) / tau) for h in extra[i]))
         total += -math.log(pos / den)
     assert float(moco_loss(q, k, negs, tau, extra)) == pytest.approx(total / 3, rel=1e-5)
 
