@@ -277,3 +277,9 @@ def test_memory_resumes_bit_identically_after_a_kill(name: str, options: list[st
         assert torch.equal(a[key], b[key]), key
     for key in (k for k in sa if k.startswith("method.")):
         assert torch.equal(sa[key], sb[key]), key
+
+
+def test_mochi_refuses_more_hard_negatives_than_the_queue_holds(tiny_recipe: Path) -> None:
+    from rsslctl.errors import UserError
+    with pytest.raises(UserError, match="n_hard"):
+        load(tiny_recipe, ["method.name='mochi'", "attack.name='none'", "method.queue_size=16", "method.n_hard=32"])
