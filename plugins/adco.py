@@ -52,6 +52,8 @@ class AdCoOptions:
     init_from_keys: bool = opt(True, "fill the bank with the first K keys of training (--ad_init)")
     momentum: float = opt(0.999, "EMA factor m of the key encoder (--moco_m)", min=0, max=1)
     batch_keys: bool = opt(False, "reference quirk: the other images' keys in the batch are extra negatives")
+    symmetric: bool = opt(False, "symmetric loss: both views are queries against the other view's key, losses and "
+                                 "bank updates averaged (--sym 1)")
 
 
 class AdCo(Method):
@@ -72,16 +74,23 @@ class AdCo(Method):
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         o = self.options
         views = multi_view(images, self.augment, 2)
-        q = F.normalize(self.encoder(views[0::2]).float(), dim=1)
+        queries = views if o.symmetric else views[0::2]
+        q = F.normalize(self.encoder(queries).float(), dim=1)
         with torch.no_grad():
-            k = F.normalize(self.key_encoder(views[1::2]).float(), dim=1)
-        logits, targets = adco_logits(q, k, self.bank.vectors(), o.batch_keys)
-        loss = adco_loss(logits, targets, o.temperature)
-        # the bank's ascent direction on L at τ_n, from this step's queries (applied after the encoder's step)
-        g = softmax_logit_grad(logits, targets, o.bank_temperature)[:, logits.shape[1] - self.bank.size:]
-        self.bank.record(normalized_rows_grad(q, self.bank.weight, g))
+            k = F.normalize(self.key_encoder(queries if o.symmetric else views[1::2]).float(), dim=1)
+        # (query, key of the other view) pairs: view 1 against view 2, and with `symmetric` also the reverse
+        pairs = [(q[0::2], k[1::2]), (q[1::2], k[0::2])] if o.symmetric else [(q, k)]
+        bank, losses, direction = self.bank.vectors(), [], 0.0
+        for qi, ki in pairs:
+            logits, targets = adco_logits(qi, ki, bank, o.batch_keys)
+            losses.append(adco_loss(logits, targets, o.temperature))
+            # the bank's ascent direction on L at τ_n, from this step's queries (applied after the encoder's step)
+            g = softmax_logit_grad(logits, targets, o.bank_temperature)[:, logits.shape[1] - self.bank.size:]
+            direction = direction + normalized_rows_grad(qi, self.bank.weight, g) / len(pairs)
+        self.bank.record(direction)
         if o.init_from_keys:
-            self.bank.fill(k)
+            self.bank.fill(pairs[0][1])
+        loss = sum(losses) / len(losses)
         return loss, {"loss_nat": loss.detach()}
 
     def after_optimizer_step(self) -> None:

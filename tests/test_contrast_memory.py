@@ -283,3 +283,12 @@ def test_mochi_refuses_more_hard_negatives_than_the_queue_holds(tiny_recipe: Pat
     from rsslctl.errors import UserError
     with pytest.raises(UserError, match="n_hard"):
         load(tiny_recipe, ["method.name='mochi'", "attack.name='none'", "method.queue_size=16", "method.n_hard=32"])
+
+
+def test_adco_symmetric_variant_trains(tiny_recipe: Path, tmp_path: Path) -> None:
+    overrides = ["method.name='adco'", "attack.name='none'", "schedule.epochs=1", "method.symmetric=true",
+                 "method.bank_size=40"]
+    recipe = load(tiny_recipe, overrides)
+    trainer = Trainer(recipe, tmp_path / "run", quiet=True)
+    prepare_run_dir(recipe, tmp_path / "run", force=False)
+    assert math.isfinite(trainer.fit()["loss"]) and int(trainer.method.bank.filled) == 40
