@@ -1,7 +1,8 @@
-"""Pretrain SimCLR, ACL, DynACL, ACL-AIR, EMP-SSL and CF-AMC-SSL on the bundled digits with one small budget,
+"""Pretrain SimCLR, ACL, DynACL, ACL-AIR, EMP-SSL, CF-AMC-SSL, IFM, HCL, MoCHi, AdCo, CaCo on digits, small budget,
 then evaluate each (linear probe on frozen features, clean and PGD-20 accuracy at ε 8/255).
 
 Usage: python benchmarks/bench_methods_digits.py [--epochs 6] [--image-size 16] [--limit 640] [--eval-limit 200] [--out runs/bench_issue3]
+[--only LABEL ...]
 Each method starts from its paper recipe (recipes/<name>.toml) with the same digits overrides: the quickstart
 model's stage widths (narrow ResNet-18, channels 16-32-64-128; timm's 64-channel stem, as when the README table was
 measured: the quickstart recipes now also set backbone.stem_width = 16), batch 128, 3-step training attack, 50-epoch
@@ -34,6 +35,14 @@ METHODS = {  # label: (recipe, extra overrides)
     "ACL-AIR": ("air", QUICK_OPT + ["attack.steps=3"]),
     "EMP-SSL": ("empssl", EMP_SMALL),
     "CF-AMC-SSL": ("cf_amc_ssl", EMP_SMALL + ["method.replays=3"]),
+    # issue 12, feature-level and memory-based adversaries: quickstart optimiser (cosine, as the SimCLR row); memory
+    # sized to the digits run (640 images × 6 epochs = 3,840 keys) and a faster key encoder for its 30 steps
+    "IFM": ("ifm", QUICK_OPT + ["schedule.kind=cosine"]),
+    "HCL": ("hcl", QUICK_OPT + ["schedule.kind=cosine"]),
+    "MoCHi": ("mochi", QUICK_OPT + ["method.queue_size=512", "method.n_hard=128", "method.s1=128", "method.s2=64",
+                                    "method.momentum=0.99"]),
+    "AdCo": ("adco", QUICK_OPT + ["method.bank_size=512", "method.momentum=0.99"]),
+    "CaCo": ("caco", QUICK_OPT + ["method.bank_size=512", "method.bank_warmup_epochs=1"]),
 }
 
 
