@@ -132,6 +132,8 @@ class MAEOptions:
     adpe_eps: Number = opt(0.5, "AdPE L∞ bound (embedding units, or patches in coordinate mode)", min=0)
     adpe_step_size: Number = opt(0.25, "AdPE ascent step size", min=0)
     adpe_steps: int = opt(1, "AdPE sign-gradient ascent steps per training step", min=1, max=100)
+    adpe_shared: bool = opt(False, "one perturbation for all patches (coordinate mode: a global shift of the grid, as "
+                                   "the authors' code) instead of one per patch")
     adpe_persistent: bool = opt(False, "carry the AdPE perturbation over from step to step (warm start, kept in "
                                        "checkpoints) instead of starting each step from 0")
 
@@ -178,7 +180,8 @@ class MAE(Method):
         channels = int(vit.patch_embed.proj.in_channels)
         self.decoder = MAEDecoder(dim, self.grid, self.patch ** 2 * channels, int(vit.num_prefix_tokens),
                                   options.decoder_width, options.decoder_depth, options.decoder_heads)
-        shape = (self.length, 2) if options.adpe == "coordinate" else (1, self.length, dim)
+        per = 1 if options.adpe_shared else self.length
+        shape = (per, 2) if options.adpe == "coordinate" else (1, per, dim)
         # the AdPE perturbation carried between steps (adpe_persistent): run state, not module state
         self.register_buffer("adpe_delta", torch.zeros(shape), persistent=False)
 
