@@ -197,3 +197,45 @@ def test_adamw_takes_the_recipes_betas_and_decoupled_weight_decay(tiny_recipe: P
     opt = make_optimizer([torch.nn.Parameter(torch.ones(3))], recipe.optimizer)
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["weight_decay"] == 0.05
+
+
+def test_a_vit_encoder_pretrains_evaluates_finetunes_and_exports_like_any_backbone(tiny_recipe: Path,
+                                                                                   tmp_path: Path) -> None:
+    import importlib.util
+    import json
+
+    import timm
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from rsslctl.classify import load_classifier
+    from rsslctl.cli import main
+
+    def run(*args: str):
+        result = CliRunner().invoke(main, list(args))
+        assert result.exit_code == 0, result.output
+        return result
+
+    run_dir = tmp_path / "run"
+    sets = [a for o in VIT + ["schedule.epochs=1", "evaluation.epochs=2", "evaluation.steps=1"] for a in ("--set", o)]
+    run("pretrain", str(tiny_recipe), "--run-dir", str(run_dir), "--quiet", *sets)
+    run("evaluate", str(run_dir), "--set", "evaluation.limit=16")
+    assert 0 <= json.loads((run_dir / "eval.json").read_text())["clean_accuracy"] <= 1
+    common = ["--epochs", "1", "--batch-size", "32", "--train-steps", "1", "--pgd-steps", "1", "--test-limit", "16",
+              "--eps-curve", "", "--set", "data.limit=32", "--quiet"]
+    run("finetune", str(run_dir), "--mode", "ALL", *common)
+    aff = json.loads((run_dir / "finetune" / "AFF" / "config.json").read_text())
+    assert aff["dual_bn_trained"] is False  # no BN, so AFF trains a single route
+    run("export", str(run_dir))
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=16, patch_size=4, embed_dim=32, depth=1,
+                            num_heads=2)
+    vit.load_state_dict(load_file(run_dir / "encoder.safetensors"))  # strict: the exported keys are timm's own
+    run("export", str(run_dir), "--classifier", "AFF")
+    spec = importlib.util.spec_from_file_location("clf_vit", run_dir / "classifier_AFF.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    outside = module.load_model(str(run_dir / "classifier_AFF.safetensors"))
+    inside, _ = load_classifier(run_dir / "finetune" / "AFF", torch.device("cpu"))
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(outside(x), inside(x), atol=1e-5)
