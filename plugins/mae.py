@@ -25,7 +25,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from rsslctl import hookimpl
-from rsslctl.attack import eval_mode
+from rsslctl.attack import eval_mode, loss_and_grad
 from rsslctl.augment import multi_view
 from rsslctl.encoder import Encoder
 from rsslctl.errors import UserError
@@ -86,6 +86,18 @@ def grid_coords(grid: tuple[int, int], device: torch.device | str = "cpu") -> Te
     rows, cols = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device),
                                 indexing="ij")
     return torch.stack([rows.flatten(), cols.flatten()], 1).float()
+
+
+# eager loop around a compiled objective + gradient, as rsslctl.attack's loops: under engine.compile dynamo cannot
+# return a tensor it called requires_grad_() on
+@torch.compiler.disable(recursive=False)
+def box_ascent(objective: Callable[[Tensor], Tensor], start: Tensor, step: float, steps: int, eps: float) -> Tensor:
+    """``steps`` steps δ ← clip(δ + step·sign(∂objective/∂δ), −ε, ε) from ``start``; only δ is differentiated."""
+    delta = start
+    for _ in range(steps):
+        _, grad = loss_and_grad(objective, delta.detach().requires_grad_(True))
+        delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)
+    return delta.detach()
 
 
 class MAEDecoder(nn.Module):
@@ -219,14 +231,11 @@ class MAE(Method):
         """AdPE: sign-gradient ascent on ``objective(δ)`` from 0 (or the carried δ), projected onto ‖δ‖∞ ≤ ε; gradients
         are taken w.r.t. δ only."""
         o = self.options
-        delta = self.adpe_delta if o.adpe_persistent else torch.zeros_like(self.adpe_delta)
-        for _ in range(o.adpe_steps):
-            leaf = delta.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(objective(leaf).float(), leaf)
-            delta = (leaf.detach() + o.adpe_step_size * grad.sign()).clamp(-o.adpe_eps, o.adpe_eps)
+        start = self.adpe_delta if o.adpe_persistent else torch.zeros_like(self.adpe_delta)
+        delta = box_ascent(objective, start, o.adpe_step_size, o.adpe_steps, o.adpe_eps)
         if o.adpe_persistent:
             self.adpe_delta.copy_(delta)
-        return delta.detach()
+        return delta
 
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         o, enc = self.options, self.encoder

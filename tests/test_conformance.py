@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
+from conftest import tiny_backbone
 from rsslctl.cli import main
 from rsslctl.coreset import SelectionContext, run_selector
 from rsslctl.engine import Trainer
@@ -25,11 +26,6 @@ def _names(kind: str) -> list[str]:
     return registry().names(kind)
 
 
-#: tiny backbones for the digits step, by the ``backbone_kind`` a method declares ("any" keeps the recipe's ResNet)
-TINY_BACKBONES = {"vit": ["backbone.model='vit_tiny_patch16_224'", "backbone.cifar_stem=false",
-                          "backbone.model_kwargs={img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2}"]}
-
-
 @pytest.mark.parametrize("name", _names("method"))
 def test_every_method_trains_a_step_on_digits(name: str, tiny_recipe: Path, tmp_path: Path) -> None:
     cls = registry().get("method", name)
@@ -38,7 +34,7 @@ def test_every_method_trains_a_step_on_digits(name: str, tiny_recipe: Path, tmp_
     overrides += [f"method.{k}=2" for k in ("n_views", "eval_views") if k in cls.Options.__dataclass_fields__]
     if not cls.needs_attack:
         overrides.append("attack.name='none'")
-    overrides += TINY_BACKBONES.get(cls.backbone_kind, [])
+    overrides += tiny_backbone(cls)  # a ViT-only method trains a tiny ViT
     recipe = load(tiny_recipe, overrides)
     run = tmp_path / name
     trainer = Trainer(recipe, run, quiet=True)
