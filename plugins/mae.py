@@ -115,6 +115,10 @@ class MAEDecoder(nn.Module):
         self.blocks = nn.Sequential(*[Block(width, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
         self.pred = nn.Linear(width, patch_dim)
+        for m in self.modules():  # the paper's decoder init: Xavier-uniform linear layers, zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         x = self.embed(latent)
@@ -180,6 +184,8 @@ class MAE(Method):
         self.patch = int(vit.patch_embed.patch_size[0])
         self.grid = tuple(int(g) for g in vit.patch_embed.grid_size)
         self.length = self.grid[0] * self.grid[1]
+        if int(self.length * (1 - options.mask_ratio)) < 1:
+            raise UserError(f"method.mask_ratio = {options.mask_ratio} keeps no patch of the {self.length}; lower it")
         self.prefix = 0 if vit.no_embed_class else int(vit.num_prefix_tokens)  # pos-embed rows of prefix tokens
         dim = int(vit.embed_dim)
         if options.sincos_pos_embed:
