@@ -230,6 +230,10 @@ def test_a_vit_encoder_pretrains_evaluates_finetunes_and_exports_like_any_backbo
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=16, patch_size=4, embed_dim=32, depth=1,
                             num_heads=2)
     vit.load_state_dict(load_file(run_dir / "encoder.safetensors"))  # strict: the exported keys are timm's own
+    ext = tmp_path / "ext"  # the exported ViT as an external encoder: its metadata rebuilds the model
+    run("finetune", "--weights", str(run_dir / "encoder.safetensors"), "--out", str(ext), "--mode", "SLF",
+        "--set", "data.image_size=16", *common)
+    assert (ext / "evaluation" / "SLF.json").is_file()
     run("export", str(run_dir), "--classifier", "AFF")
     spec = importlib.util.spec_from_file_location("clf_vit", run_dir / "classifier_AFF.py")
     module = importlib.util.module_from_spec(spec)
