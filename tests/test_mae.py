@@ -243,3 +243,32 @@ def test_a_vit_encoder_pretrains_evaluates_finetunes_and_exports_like_any_backbo
     x = torch.rand(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(outside(x), inside(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_adversarial_mae_with_adpe_steps_like_eager(tiny_recipe: Path, tmp_path: Path) -> None:
+    """engine.compile: the pixel attack, AdPE's ascent loop and the carried δ give what the eager step gives."""
+    from rsslctl.build import compile_step
+    recipe = load(tiny_recipe, VIT + ["attack.name='pgd'", "attack.steps=2", "method.adpe='coordinate'",
+                                      "method.adpe_persistent=true", "data.limit=32", "schedule.batch_size=8",
+                                      "engine.precision='fp32'"])
+    eager, compiled = (Trainer(recipe, tmp_path / tag, quiet=True) for tag in ("eager", "compiled"))
+    compiled.method.load_state_dict(eager.method.state_dict())
+    torch._dynamo.reset()
+    losses = {}
+    for tag, trainer, step in (("eager", eager, eager.method.training_step),
+                               ("compiled", compiled, compile_step(compiled.method, backend="aot_eager"))):
+        images, labels = trainer.train.images[:8], trainer.train.labels[:8]
+        trainer.method.train()
+        torch.manual_seed(0)
+        losses[tag] = []
+        for _ in range(2):
+            loss, _ = step(images, labels)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            trainer.optimizer.step()
+            losses[tag].append(loss.detach())
+    torch._dynamo.reset()
+    torch.testing.assert_close(losses["compiled"], losses["eager"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(compiled.method.adpe_delta, eager.method.adpe_delta)
+    assert eager.method.adpe_delta.abs().max() > 0
