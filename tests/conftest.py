@@ -70,6 +70,18 @@ def tiny_backbone(method_cls: type) -> list[str]:
     return list(TINY_BACKBONES[method_cls.backbone_kind])
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped, with the reason, where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"
