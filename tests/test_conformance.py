@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from conftest import tiny_backbone
 from cli_helpers import TinyLinear
 from rsslctl.cli import main
 from rsslctl.coreset import SelectionContext, run_selector
@@ -33,6 +34,7 @@ def test_every_method_trains_a_step_on_digits(name: str, tiny_recipe: Path, tmp_
     overrides += [f"method.{k}=2" for k in ("n_views", "eval_views") if k in cls.Options.__dataclass_fields__]
     if not cls.needs_attack:
         overrides.append("attack.name='none'")
+    overrides += tiny_backbone(cls)  # a ViT-only method trains a tiny ViT
     recipe = load(tiny_recipe, overrides)
     run = tmp_path / name
     trainer = Trainer(recipe, run, quiet=True)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import tiny_backbone
 from rsslctl.engine import Trainer
 from rsslctl.recipe import load
 from rsslctl.registry import registry
@@ -70,6 +71,7 @@ def _trainer(tiny_recipe: Path, tmp_path: Path, name: str, extra: list[str] = ()
     overrides += [f"method.{k}=2" for k in ("n_views", "eval_views") if k in cls.Options.__dataclass_fields__]
     if not cls.needs_attack:
         overrides.append("attack.name='none'")
+    overrides += tiny_backbone(cls)
     return Trainer(load(tiny_recipe, overrides + list(extra)), tmp_path / name, quiet=True)
 
 
@@ -112,6 +114,9 @@ def test_every_method_steps_without_a_host_sync(name: str, tiny_recipe: Path, tm
     ("simclr_adv", ["method.leak_attack_grads=true"]),
     ("empssl_adv", ["method.training='free'"]),
     ("sat", ["attack.random_start=false", "attack.norm='l2'"]),
+    ("mae", ["attack.name='pgd'", "method.contrastive_weight=0.5", "encoder.head_layers=1"]),
+    ("mae", ["method.adpe='coordinate'", "method.adpe_persistent=true"]),
+    ("mae", ["method.adpe='embedding'", "method.adpe_shared=true"]),
 ])
 def test_method_variants_step_without_a_host_sync(name: str, extra: list[str], tiny_recipe: Path,
                                                   tmp_path: Path) -> None:
