@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import teacher_overrides
+
 from rsslctl.engine import Trainer
 from rsslctl.recipe import load
+from rsslctl.registry import registry
 from rsslctl.runs import prepare_run_dir
 
 # the quickstart recipes already train on digits and are exercised by test_cli/test_engine
@@ -29,14 +32,15 @@ PER_METHOD = {  # shrink the expensive method options
 def tiny_overrides(path: Path) -> list[str]:
     raw = load(path)
     out = list(TINY)
-    if raw.resolved["attack"]["name"] != "none":
+    if raw.resolved["attack"]["name"] != "none" and "steps" in raw.resolved["attack"]:  # FGSM takes no steps
         out.append("attack.steps=1")
     return out + PER_METHOD.get(raw.resolved["method"]["name"], [])
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_trains_on_digits(path: Path, tmp_path: Path) -> None:
-    recipe = load(path, tiny_overrides(path))
+def test_recipe_trains_on_digits(path: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    cls = registry().get("method", load(path).resolved["method"]["name"])
+    recipe = load(path, tiny_overrides(path) + teacher_overrides(cls, request))  # two-stage: the tiny simclr teacher
     steps = []
     trainer = Trainer(recipe, tmp_path / "run", quiet=True, on_step=steps.append)
     prepare_run_dir(recipe, tmp_path / "run", force=False)
