@@ -267,3 +267,21 @@ def test_teacher_problems_are_one_line_user_errors(tiny_recipe: Path, tmp_path: 
     with pytest.raises(UserError, match="dimensions") as info:
         build(f"method.teacher={str(teacher_run)!r}", "backbone.model_kwargs={channels=[8, 16, 16, 32]}")
     assert "\n" not in str(info.value)
+
+
+# -- fine-tuning rows ----------------------------------------------------------------------------------------------
+def test_robustssl_fine_tuning_rows_of_advcl_deacl_and_rocl() -> None:
+    from rsslctl.classify import resolve_config
+    from rsslctl_plugins.advcl import AdvCL
+    from rsslctl_plugins.deacl import DeACL
+    from rsslctl_plugins.rocl import RoCL
+    for cls, row in ((AdvCL, "AdvCL"), (DeACL, "DeACL")):
+        slf = resolve_config("SLF", cls.finetune_rows, row, "CIFAR-10")
+        aff = resolve_config("AFF", cls.finetune_rows, row, "CIFAR-10")
+        assert (slf.batch_size, slf.lr, slf.milestones) == (512, 0.01, (15, 20))
+        assert (aff.batch_size, aff.lr, aff.milestones, aff.dual_bn) == (128, 0.1, (15, 20), False)
+        assert resolve_config("ALF", cls.finetune_rows, row, "CIFAR-100").lr == 0.01
+    for mode in ("SLF", "ALF", "AFF"):
+        cfg = resolve_config(mode, RoCL.finetune_rows, "RoCL", "STL-10 96px")
+        assert (cfg.batch_size, cfg.lr, cfg.milestones, cfg.epochs) == (128, 0.1, (15, 20), 25)
+        assert cfg.hp_source.startswith("hyper-parameter table: RoCL")
