@@ -8,7 +8,6 @@ adversary lives on the unit sphere, whatever the step size.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -18,7 +17,8 @@ from torch import Tensor
 from rsslctl import hookimpl
 from rsslctl.augment import multi_view
 from rsslctl.losses import fp32
-from rsslctl.memory import LearnableBank, ema_update, normalized_rows_grad, softmax_logit_grad
+from rsslctl.momentum import ema_update, momentum_copy
+from rsslctl.memory import LearnableBank, normalized_rows_grad, softmax_logit_grad
 from rsslctl.method import Method
 from rsslctl.options import opt
 
@@ -67,7 +67,7 @@ class AdCo(Method):
 
     def __init__(self, options: AdCoOptions, encoder, attack, augment) -> None:
         super().__init__(options, encoder, attack, augment)
-        self.key_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.key_encoder = momentum_copy(encoder)
         self.bank = LearnableBank(options.bank_size, encoder.out_dim, options.bank_lr, options.bank_momentum,
                                   options.bank_weight_decay)
 

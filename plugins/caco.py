@@ -9,7 +9,6 @@ its own SGD; its vectors are used unit-normalised.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -19,7 +18,8 @@ from torch import Tensor
 from rsslctl import hookimpl
 from rsslctl.augment import multi_view
 from rsslctl.losses import fp32
-from rsslctl.memory import LearnableBank, ema_update, normalized_rows_grad, softmax_logit_grad
+from rsslctl.momentum import ema_update, momentum_copy
+from rsslctl.memory import LearnableBank, normalized_rows_grad, softmax_logit_grad
 from rsslctl.method import Method
 from rsslctl.options import opt
 
@@ -66,7 +66,7 @@ class CaCo(Method):
 
     def __init__(self, options: CaCoOptions, encoder, attack, augment) -> None:
         super().__init__(options, encoder, attack, augment)
-        self.key_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.key_encoder = momentum_copy(encoder)
         self.bank = LearnableBank(options.bank_size, encoder.out_dim, options.bank_lr, options.bank_momentum,
                                   options.bank_weight_decay)
 

@@ -7,7 +7,6 @@ re-implementations use a single encoder (``momentum_encoder = false``).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Literal
 
@@ -21,6 +20,7 @@ from rsslctl.classify import every_column
 from rsslctl.encoder import Encoder
 from rsslctl.losses import nt_xent, pair_rows
 from rsslctl.method import Method
+from rsslctl.momentum import ema_update, momentum_copy
 from rsslctl.options import Number, opt
 from rsslctl_plugins.acl import LINEAR_CELLS
 
@@ -84,7 +84,7 @@ class DynACL(Method):
 
     def __init__(self, options: DynACLOptions, encoder: Encoder, attack, augment) -> None:
         super().__init__(options, encoder, attack, augment)
-        self.key_encoder = copy.deepcopy(encoder).requires_grad_(False) if options.momentum_encoder else None
+        self.key_encoder = momentum_copy(encoder) if options.momentum_encoder else None
         # ω as a tensor: a Python float read in the step would be a compile-time constant, and torch.compile would
         # recompile the step at every change (20 over a 1000-epoch run, past dynamo's recompile limit)
         self.register_buffer("omega_t", torch.zeros(()), persistent=False)
@@ -124,8 +124,7 @@ class DynACL(Method):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         if self.key_encoder is not None:  # θ_k ← m·θ_k + (1−m)·θ_q, parameters only (BN buffers: own forwards)
-            torch._foreach_lerp_(list(self.key_encoder.parameters()), list(self.encoder.parameters()),
-                                 1.0 - self.options.momentum)
+            ema_update(self.key_encoder, self.encoder, self.options.momentum)
 
     def eval_encoder(self) -> Encoder:
         return self.key_encoder if self.key_encoder is not None else self.encoder

@@ -8,7 +8,6 @@ still closer to a negative than to q. Synthetic negatives carry no gradient (q e
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -19,7 +18,8 @@ from rsslctl import hookimpl
 from rsslctl.augment import multi_view
 from rsslctl.errors import UserError
 from rsslctl.losses import fp32
-from rsslctl.memory import NegativeQueue, ema_update
+from rsslctl.momentum import ema_update, momentum_copy
+from rsslctl.memory import NegativeQueue
 from rsslctl.method import Method
 from rsslctl.options import opt
 
@@ -83,7 +83,7 @@ class MoCHi(Method):
 
     def __init__(self, options: MoCHiOptions, encoder, attack, augment) -> None:
         super().__init__(options, encoder, attack, augment)
-        self.key_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.key_encoder = momentum_copy(encoder)
         self.queue = NegativeQueue(options.queue_size, encoder.out_dim)
         self.mixing = options.mix_from_epoch <= 1
 

@@ -16,18 +16,20 @@ def fp32(t: Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
-def nt_xent(z: Tensor, temperature: float = 0.5, n_views: int = 2, reduction: str = "mean") -> Tensor:
+def nt_xent(z: Tensor, temperature: float = 0.5, n_views: int = 2, reduction: str = "mean",
+            one_sided: bool = False) -> Tensor:
     """NT-Xent (SimCLR) over interleaved views: rows k·n … k·n+n−1 are the views of image k.
 
     For each anchor a, ℓ_a = −log( Σ_{p ∈ pos(a)} … ) is computed per positive as in SimCLR:
     ℓ_{a,p} = −log( exp(s_ap/τ) / Σ_{b≠a} exp(s_ab/τ) ), with s = cosine similarity; the loss is the
     mean over all (anchor, positive) pairs. With n_views = 2 this is the SimCLR loss (and ACL's).
     ``reduction="per_image"`` returns each image's share instead (the mean of its anchors' terms, [N]), whose
-    mean is the loss. Computed in fp32 whatever the autocast dtype.
+    mean is the loss. Computed in fp32 whatever the autocast dtype. ``one_sided`` takes s_ab = z_a·sg(z_b) (the
+    columns detached, a reference quirk of RoCL): the same value, gradients through the anchors only.
     """
     with fp32(z):
         z = F.normalize(z.float(), dim=1)
-        logits = z @ z.t() / temperature
+        logits = z @ (z.detach() if one_sided else z).t() / temperature
     m = z.shape[0]
     eye = torch.eye(m, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(eye, float("-inf"))

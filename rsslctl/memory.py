@@ -24,12 +24,6 @@ from .losses import fp32
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
-    """θ_t ← m·θ_t + (1−m)·θ_s over the parameters (a momentum / key encoder; BN buffers follow its own forwards)."""
-    # TODO(merge): use rsslctl.momentum (the shared EMA encoder) once both halves of issue 12 are merged
-    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), 1.0 - momentum)
-
-
 class NegativeQueue(nn.Module):
     """FIFO queue of ``size`` unit vectors of dimension ``dim`` (MoCo's dictionary), initialised to random unit
     vectors (as MoCo) from the global RNG."""

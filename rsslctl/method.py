@@ -46,6 +46,11 @@ class Method(nn.Module, Plugin):
         self.attack = attack
         self.augment = augment
 
+    def prepare(self, images: Tensor, total_steps: int) -> None:
+        """Called once by the trainer before training (and before a resume restores state), with the training split
+        (uint8, on the CPU) and the run's optimizer steps: load a teacher, fit pseudo-label clusters, size a
+        momentum schedule. Parameters live on the method's device."""
+
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         """Called before each epoch (1-based); schedules (augmentation strength, loss weights) go here."""
 

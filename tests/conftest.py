@@ -89,6 +89,29 @@ def tiny_recipe(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny simclr run (one epoch of two steps): the teacher of two-stage methods (DeACL, AdvCL)."""
+    from rsslctl.engine import Trainer
+    from rsslctl.recipe import load
+    from rsslctl.runs import prepare_run_dir
+    root = tmp_path_factory.mktemp("teacher")
+    (root / "tiny.toml").write_text(TINY)
+    recipe = load(root / "tiny.toml", ["method.name='simclr'", "attack.name='none'", "schedule.epochs=1",
+                                       "data.limit=16", "schedule.batch_size=8"])
+    run = root / "simclr"
+    prepare_run_dir(recipe, run, force=False)
+    Trainer(recipe, run, quiet=True).fit()
+    return run
+
+
+def teacher_overrides(cls: type, request: pytest.FixtureRequest) -> list[str]:
+    """``method.teacher=<tiny simclr run>`` for a method with a teacher option, else nothing."""
+    if "teacher" not in cls.Options.__dataclass_fields__:
+        return []
+    return [f"method.teacher={str(request.getfixturevalue('teacher_run'))!r}"]
+
+
 @pytest.fixture
 def register_methods() -> Iterator[Callable[..., None]]:
     """Register method classes in the process-wide registry for one test, and remove them afterwards."""

@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import teacher_overrides
+
 import rsslctl.engine
 from conftest import tiny_backbone
 from rsslctl import hookimpl, registry
@@ -59,12 +61,13 @@ def two_conv() -> Iterator[None]:
     torch._dynamo.reset()
 
 
-def _recipe(tiny_recipe: Path, name: str, extra: list[str] = ()):
+def _recipe(tiny_recipe: Path, name: str, extra: list[str] = (), request: pytest.FixtureRequest | None = None):
     cls = registry.registry().get("method", name)
     overrides = [f"method.name={name!r}", "data.limit=32", "schedule.batch_size=8", "schedule.epochs=1",
                  "attack.steps=2", "engine.precision='fp32'"]
     overrides += tiny_backbone(cls) or ["backbone.name='two_conv'"]  # a ViT-only method keeps its tiny ViT
     overrides += [f"method.{k}=2" for k in ("n_views", "eval_views") if k in cls.Options.__dataclass_fields__]
+    overrides += teacher_overrides(cls, request) if request is not None else []
     if not cls.needs_attack:
         overrides.append("attack.name='none'")
     return load(tiny_recipe, overrides + list(extra))
@@ -95,9 +98,10 @@ FAST = ("acl", "simclr_adv", "sat")
 @pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
                                   for n in registry.registry().names("method")])
 def test_compiled_step_equals_eager_with_only_the_documented_graph_breaks(name: str, tiny_recipe: Path,
-                                                                          tmp_path: Path) -> None:
+                                                                          tmp_path: Path,
+                                                                          request: pytest.FixtureRequest) -> None:
     from torch._dynamo.utils import counters
-    recipe = _recipe(tiny_recipe, name)
+    recipe = _recipe(tiny_recipe, name, request=request)
     eager, compiled = (Trainer(recipe, tmp_path / tag, quiet=True) for tag in ("eager", "compiled"))
     compiled.method.load_state_dict(eager.method.state_dict())
     counters.clear()

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from conftest import tiny_backbone
 from cli_helpers import TinyLinear
+from conftest import teacher_overrides, tiny_backbone
 from rsslctl.cli import main
 from rsslctl.coreset import SelectionContext, run_selector
 from rsslctl.engine import Trainer
@@ -27,11 +27,13 @@ def _names(kind: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", _names("method"))
-def test_every_method_trains_a_step_on_digits(name: str, tiny_recipe: Path, tmp_path: Path) -> None:
+def test_every_method_trains_a_step_on_digits(name: str, tiny_recipe: Path, tmp_path: Path,
+                                             request: pytest.FixtureRequest) -> None:
     cls = registry().get("method", name)
     overrides = [f"method.name={name!r}", "schedule.epochs=1", "data.limit=16", "schedule.batch_size=8",
                  "attack.steps=1"]
     overrides += [f"method.{k}=2" for k in ("n_views", "eval_views") if k in cls.Options.__dataclass_fields__]
+    overrides += teacher_overrides(cls, request)  # two-stage methods: a tiny finished simclr run as the teacher
     if not cls.needs_attack:
         overrides.append("attack.name='none'")
     overrides += tiny_backbone(cls)  # a ViT-only method trains a tiny ViT

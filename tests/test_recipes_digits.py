@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import teacher_overrides
+
 from rsslctl.engine import Trainer
 from rsslctl.recipe import load, resolve
+from rsslctl.registry import registry
 from rsslctl.runs import prepare_run_dir
 
 # the quickstart recipes already train on digits and are exercised by test_cli/test_engine
@@ -36,16 +39,17 @@ TINY_BACKBONE = {"any": ["backbone.model_kwargs={channels=[8,16,16,16]}"],
 def tiny_overrides(path: Path) -> list[str]:
     raw = load(path)
     out = list(TINY) + TINY_BACKBONE[raw.method.cls.backbone_kind]
-    if raw.resolved["attack"]["name"] != "none":
+    if raw.resolved["attack"]["name"] != "none" and "steps" in raw.resolved["attack"]:  # FGSM takes no steps
         out.append("attack.steps=1")
     return out + PER_METHOD.get(raw.resolved["method"]["name"], [])
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_trains_on_digits(path: Path, tmp_path: Path) -> None:
+def test_recipe_trains_on_digits(path: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     raw = tomllib.loads(path.read_text())
     raw["data"] = {"name": "digits"}  # the recipe's dataset-specific keys (an image folder's path) do not apply
-    recipe = resolve(raw, tiny_overrides(path), str(path))
+    cls = registry().get("method", raw["method"]["name"])
+    recipe = resolve(raw, tiny_overrides(path) + teacher_overrides(cls, request), str(path))  # two-stage: tiny teacher
     steps = []
     trainer = Trainer(recipe, tmp_path / "run", quiet=True, on_step=steps.append)
     prepare_run_dir(recipe, tmp_path / "run", force=False)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_backbone
+from conftest import teacher_overrides, tiny_backbone
 from rsslctl.engine import Trainer
 from rsslctl.recipe import load
 from rsslctl.registry import registry
@@ -63,12 +63,14 @@ class SyncDetector(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _trainer(tiny_recipe: Path, tmp_path: Path, name: str, extra: list[str] = ()) -> Trainer:
+def _trainer(tiny_recipe: Path, tmp_path: Path, name: str, extra: list[str] = (),
+             request: pytest.FixtureRequest | None = None) -> Trainer:
     """The conformance test's one-step recipe for method ``name``, on the meta device."""
     cls = registry().get("method", name)
     overrides = [f"method.name={name!r}", "schedule.epochs=1", "data.limit=16", "schedule.batch_size=8",
                  "attack.steps=2", "engine.device='meta'", "engine.precision='fp32'"]
     overrides += [f"method.{k}=2" for k in ("n_views", "eval_views") if k in cls.Options.__dataclass_fields__]
+    overrides += teacher_overrides(cls, request) if request is not None else []
     if not cls.needs_attack:
         overrides.append("attack.name='none'")
     overrides += tiny_backbone(cls)
@@ -100,8 +102,9 @@ def test_the_detector_catches_reads_of_device_memory() -> None:
 
 
 @pytest.mark.parametrize("name", registry().names("method"))
-def test_every_method_steps_without_a_host_sync(name: str, tiny_recipe: Path, tmp_path: Path) -> None:
-    _run_steps(_trainer(tiny_recipe, tmp_path, name))
+def test_every_method_steps_without_a_host_sync(name: str, tiny_recipe: Path, tmp_path: Path,
+                                                request: pytest.FixtureRequest) -> None:
+    _run_steps(_trainer(tiny_recipe, tmp_path, name, request=request))
 
 
 @pytest.mark.parametrize("name, extra", [
