@@ -126,7 +126,8 @@ class ADIOS(Method):
         views = multi_view(images, self.augment, 2).unflatten(0, (-1, 2))
         v1, v2 = views[:, 0], views[:, 1]
         device = v1.device.type
-        self._amp = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        amp = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        self._amp = (device, torch.get_autocast_dtype(device)) if amp else None  # reused by the occluder's step
         if self.options.update == "alternating":
             with torch.no_grad():
                 masks = self.occluder(v2)
