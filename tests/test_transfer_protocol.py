@@ -100,11 +100,12 @@ def test_transfer_alf_with_fgsm_on_a_label_fraction_of_another_dataset(tiny_reci
     (["--mode", "SLF", "--train-attack", "fgsm"], "--train-attack: SLF has no training attack"),
     (["--random-init", "--weights", "w.safetensors", "--out", "x"], "--random-init trains from random weights"),
     (["--random-init", "--timm", "resnet18"], "--random-init --timm MODEL needs --out DIR"),
+    (["--random-init", "--out", "x"], "--random-init needs the architecture: pass RUN_DIR or --timm MODEL"),
 ])
 def test_protocol_flags_are_validated_in_one_line(tiny_recipe: Path, tmp_path: Path, args: list[str],
                                                   message: str) -> None:
     run_dir = tmp_path / "run"  # never read: the flags are checked before the run is loaded
-    target = [] if "--weights" in args or "--timm" in args else [str(run_dir)]
+    target = [] if {"--weights", "--timm", "--out"} & set(args) else [str(run_dir)]
     result = run("finetune", *target, *args, "--no-evaluate", "--quiet")
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -280,7 +280,9 @@ def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, we
     if random_init and weights is not None:
         raise UserError("--random-init trains from random weights; drop --weights (RUN_DIR or --timm MODEL gives the "
                         "architecture)")
-    if random_init and run_dir is None and timm_model:
+    if random_init and run_dir is None and not timm_model:
+        raise UserError("--random-init needs the architecture: pass RUN_DIR or --timm MODEL")
+    if random_init and run_dir is None:
         if out_dir is None:
             raise UserError("--random-init --timm MODEL needs --out DIR for the results")
         source = random_source(timm_model, cifar_stem)
