@@ -37,6 +37,9 @@ METHODS = {  # label: (recipe, extra overrides)
     "CF-AMC-SSL": ("cf_amc_ssl", EMP_SMALL + ["method.replays=3"]),
     # SimCLR + rotation + jigsaw (equal weights) on one encoder; the quickstart optimiser with SimCLR's cosine
     "Multitask": ("mtssl_multitask", QUICK_OPT + ["schedule.kind=cosine", "schedule.min_lr=1e-6"]),
+    # the same with a third of the LR: the loss is a sum of three task losses
+    "Multitask-lr/3": ("mtssl_multitask", QUICK_OPT + ["schedule.kind=cosine", "schedule.min_lr=1e-6",
+                                                       "optimizer.lr=0.1667"]),
     # 3 masks from a 16-wide U-Net occluder, CIFAR stem at 16 px, a 128-d head like the other rows
     "ADIOS": ("adios", QUICK_OPT + ["data.train_split=train", "backbone.cifar_stem=true", "method.num_masks=3",
                                     "method.mask_width=16", "encoder.head_hidden=128", "encoder.head_dim=128"]),
