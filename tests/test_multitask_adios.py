@@ -200,3 +200,16 @@ def test_multitask_with_adios_resumes_exactly_after_a_kill(tiny_recipe: Path, tm
     b = load_checkpoint(latest_checkpoint(tmp_path / "broken"))
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
     assert all(torch.equal(a[1][k], b[1][k]) for k in a[1] if k.startswith("method."))
+
+
+def test_multitask_follows_its_tasks_for_dual_bn_and_their_own_optimizers(tiny_recipe: Path) -> None:
+    torch.manual_seed(0)
+    robust = build_method(load(tiny_recipe, ["method.name='multitask'",
+                                             "method.tasks={acl={weight=1}, rotation={weight=1}}"]), CPU)
+    assert robust.encoder.dual_bn and robust.attack is not None  # ACL asks for dual BN under dual_bn = "auto"
+    method = _method(tiny_recipe, ["method.name='multitask'", "method.tasks={adios={num_masks=2, mask_width=4}, "
+                                   "rotation={weight=1}}"])
+    engine = {id(p) for p in method.optimizer_parameters()}
+    assert engine.isdisjoint(id(p) for p in method.tasks["adios"].occluder.parameters())
+    assert {id(p) for p in method.encoder.parameters()} <= engine
+    assert {id(p) for p in method.tasks["rotation"].classifier.parameters()} <= engine
