@@ -1,11 +1,15 @@
-"""ADIOS (Shi, Siddharth, Torr & Kosiorek, "Adversarial Masking for Self-Supervised Learning", ICML 2022), SimCLR form.
+"""ADIOS (Shi, Siddharth, Torr & Kosiorek, "Adversarial Masking for Self-Supervised Learning", ICML 2022), in the SimCLR
+or the BYOL form.
 
 An occluder — a small U-Net ending in a 1×1 convolution and a softmax over N channels — splits every pixel of a view
 among N masks (m_1 … m_N ≥ 0, Σ_k m_k = 1 per pixel). The encoder minimises, and the occluder maximises,
 
     L = Σ_k NT-Xent( z(v1), z(v2 ⊙ (1 − m_k)) )
 
-(each term one SimCLR loss between a view and the other view with mask k blacked out). The occluder also pays the
+(each term one SimCLR loss between a view and the other view with mask k blacked out). ``form = "byol"`` replaces each
+term by the symmetric BYOL loss b(q(z(v1)), z̄(v2 ⊙ (1 − m_k))) + b(q(z(v2 ⊙ (1 − m_k))), z̄(v1)) with b(p, t) = 2 − 2·cos(p, t)
+averaged over the batch, q a predictor MLP and z̄ an EMA copy of the encoder (weights ← τ·weights + (1 − τ)·online after
+every step; the authors raise τ towards 1 over training, ours stays at ``momentum``). The occluder also pays the
 paper's sparsity penalty, which keeps every mask away from covering nothing or everything:
 
     P = Σ_k mean_b 1 / (sin(π · s_{k,b}) + 1e−10),   s_{k,b} = mean over pixels of m_k for image b,
@@ -24,6 +28,7 @@ learning rate is constant (theirs follows the encoder's cosine schedule); no onl
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 from typing import Literal
@@ -53,6 +58,9 @@ class ADIOSOptions:
     mask_norm: Literal["group", "instance", "none"] = opt("group", "normalisation in the occluder's conv blocks")
     update: Literal["alternating", "simultaneous"] = opt("alternating", "encoder then occluder step (authors' code), "
                                                          "or both from one forward pass with a gradient reversal")
+    form: Literal["simclr", "byol"] = opt("simclr", "the SSL objective the occluder attacks")
+    predictor_hidden: int = opt(512, "BYOL form: hidden width of the predictor MLP", min=1)
+    momentum: float = opt(0.99, "BYOL form: EMA rate τ of the target encoder", min=0, max=1)
 
 
 def sparsity_penalty(masks: Tensor) -> Tensor:
@@ -60,6 +68,11 @@ def sparsity_penalty(masks: Tensor) -> Tensor:
     ``masks`` [B, N, H, W]. Large when a mask covers almost nothing or almost everything."""
     s = masks.float().mean(dim=(2, 3))
     return (1.0 / (torch.sin(math.pi * s) + 1e-10)).mean(0).sum()
+
+
+def byol_loss(p: Tensor, t: Tensor) -> Tensor:
+    """b(p, t) = mean_b (2 − 2·cos(p_b, t_b)); the target ``t`` gets no gradient."""
+    return (2 - 2 * F.cosine_similarity(p.float(), t.detach().float(), dim=-1)).mean()
 
 
 def _block(cin: int, cout: int, norm: str) -> nn.Sequential:
@@ -106,6 +119,12 @@ class ADIOS(Method):
         self.occluder = Occluder(channels, options.num_masks, options.mask_width, levels, options.mask_norm)
         self.mask_optimizer = torch.optim.SGD(self.occluder.parameters(), lr=options.mask_lr,
                                               momentum=options.mask_momentum)
+        if options.form == "byol":
+            dim = encoder.out_dim
+            self.predictor = nn.Sequential(nn.Linear(dim, options.predictor_hidden),
+                                           nn.BatchNorm1d(options.predictor_hidden), nn.ReLU(inplace=True),
+                                           nn.Linear(options.predictor_hidden, dim))
+            self.target = copy.deepcopy(encoder).requires_grad_(False)
         self._pending: tuple[Tensor, Tensor] | None = None
         self._amp: tuple[str, torch.dtype] | None = None
 
@@ -114,10 +133,20 @@ class ADIOS(Method):
         return [p for p in self.parameters() if p.requires_grad and id(p) not in occluder]
 
     def ssl_loss(self, v1: Tensor, v2: Tensor, masks: Tensor) -> Tensor:
-        """L = Σ_k NT-Xent(z(v1), z(v2 ⊙ (1 − m_k))), one SimCLR batch (views interleaved) per mask."""
+        """L = Σ_k NT-Xent(z(v1), z(v2 ⊙ (1 − m_k))), one SimCLR batch (views interleaved) per mask; BYOL form: the
+        symmetric BYOL loss per mask, each view through the online and the target network on its own."""
         total = v1.new_zeros((), dtype=torch.float32)
+        if self.options.form == "byol":
+            with torch.no_grad():
+                t1 = self.target(v1)
         for k in range(masks.shape[1]):
             masked = v2 * (1 - masks[:, k:k + 1].to(v2.dtype))
+            if self.options.form == "byol":
+                with torch.no_grad():
+                    t2 = self.target(masked)
+                p1, p2 = self.predictor(self.encoder(v1)), self.predictor(self.encoder(masked))
+                total = total + byol_loss(p1, t2) + byol_loss(p2, t1)
+                continue
             pair = torch.stack([v1, masked], 1).flatten(0, 1)  # rows 2i, 2i+1: the two views of image i
             total = total + nt_xent(self.encoder(pair), self.options.temperature)
         return total
@@ -169,6 +198,10 @@ class ADIOS(Method):
         else:  # the engine's backward left −∂L + α∂P in the occluder's gradients
             self.mask_optimizer.step()
             self.mask_optimizer.zero_grad(set_to_none=True)
+        if self.options.form == "byol":  # after both steps, as the authors' code
+            with torch.no_grad():
+                target, online = list(self.target.parameters()), list(self.encoder.parameters())
+                torch._foreach_lerp_(target, online, 1 - self.options.momentum)
 
     def run_state(self) -> dict[str, Tensor]:
         return {f"mask_optimizer.{k}": v for k, v in optimizer_tensors(self.mask_optimizer).items()}

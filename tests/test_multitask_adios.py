@@ -127,11 +127,12 @@ def test_adios_masks_are_a_partition_and_the_loss_matches_the_formula(tiny_recip
     assert math.isclose(float(sparsity_penalty(masks.detach())), penalty, rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("update", ["alternating", "simultaneous"])
-def test_adios_occluder_raises_the_loss_it_attacks_and_leaves_the_encoder_alone(tiny_recipe: Path,
-                                                                               update: str) -> None:
+@pytest.mark.parametrize("update, form", [("alternating", "simclr"), ("simultaneous", "simclr"),
+                                          ("alternating", "byol")])
+def test_adios_occluder_raises_the_loss_it_attacks_and_leaves_the_encoder_alone(tiny_recipe: Path, update: str,
+                                                                               form: str) -> None:
     method = _method(tiny_recipe, ADIOS + ["method.sparsity_weight=0", "method.mask_lr=0.5",
-                                           f"method.update='{update}'"]).eval()
+                                           f"method.update='{update}'", f"method.form='{form}'"]).eval()
     torch.manual_seed(3)
     v1, v2 = torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)
     encoder = {k: v.clone() for k, v in method.encoder.state_dict().items()}
@@ -140,7 +141,7 @@ def test_adios_occluder_raises_the_loss_it_attacks_and_leaves_the_encoder_alone(
     for _ in range(5):
         if update == "alternating":
             method._pending = (v1, v2)
-            method.occluder_step()
+            method.occluder_step()  # (not after_optimizer_step: the BYOL target's EMA would move the loss too)
         else:  # what the engine does: backward of the returned loss, then after_optimizer_step
             reversed_masks = 2 * method.occluder(v2).detach() - method.occluder(v2)
             method.ssl_loss(v1, v2, reversed_masks).backward()
@@ -153,22 +154,23 @@ def test_adios_occluder_raises_the_loss_it_attacks_and_leaves_the_encoder_alone(
     assert {id(p) for p in method.occluder.parameters()}.isdisjoint({id(p) for p in method.optimizer_parameters()})
 
 
-def test_adios_occluder_and_its_optimizer_resume_exactly(tiny_recipe: Path) -> None:
+@pytest.mark.parametrize("form", ["simclr", "byol"])
+def test_adios_occluder_and_its_optimizer_resume_exactly(tiny_recipe: Path, form: str) -> None:
     images, labels = _images()
-    a = _method(tiny_recipe, ADIOS)
+    a = _method(tiny_recipe, ADIOS + [f"method.form='{form}'"])
     for _ in range(2):
         a.training_step(images, labels)
         a.after_optimizer_step()
     run_state = {k: v.clone() for k, v in a.run_state().items()}
     assert any(k.endswith("momentum_buffer") for k in run_state)
-    b = _method(tiny_recipe, ADIOS)
+    b = _method(tiny_recipe, ADIOS + [f"method.form='{form}'"])
     b.load_state_dict(a.state_dict())
     b.load_run_state(run_state)
     for m in (a, b):
         torch.manual_seed(9)
         m.training_step(images, labels)
         m.after_optimizer_step()
-    for (k, x), y in zip(a.occluder.state_dict().items(), b.occluder.state_dict().values()):
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):  # occluder, encoder, BYOL target
         assert torch.equal(x, y), k
 
 
@@ -213,3 +215,28 @@ def test_multitask_follows_its_tasks_for_dual_bn_and_their_own_optimizers(tiny_r
     assert engine.isdisjoint(id(p) for p in method.tasks["adios"].occluder.parameters())
     assert {id(p) for p in method.encoder.parameters()} <= engine
     assert {id(p) for p in method.tasks["rotation"].classifier.parameters()} <= engine
+
+
+def test_adios_byol_form_matches_the_formula_and_its_target_follows_by_ema(tiny_recipe: Path) -> None:
+    method = _method(tiny_recipe, ADIOS + ["method.form='byol'", "method.momentum=0.9"]).eval()
+    torch.manual_seed(4)
+    v1, v2 = torch.rand(6, 3, 16, 16), torch.rand(6, 3, 16, 16)
+    with torch.no_grad():
+        masks = method.occluder(v2)
+        expected = 0.0
+        for k in range(3):
+            masked = v2 * (1 - masks[:, k:k + 1])
+            for a, b in ((v1, masked), (masked, v1)):  # online prediction of one view vs the target of the other
+                p, t = method.predictor(method.encoder(a)), method.target(b)
+                cos = torch.stack([p[i] @ t[i] / (p[i].norm() * t[i].norm()) for i in range(6)])
+                expected += (2 - 2 * cos).mean()
+        assert torch.allclose(method.ssl_loss(v1, v2, masks), expected, rtol=1e-4)
+    online = [p.detach().clone() for p in method.encoder.parameters()]
+    before = [p.detach().clone() for p in method.target.parameters()]
+    with torch.no_grad():
+        for p in method.encoder.parameters():
+            p.add_(1.0)
+    method.after_optimizer_step()
+    for t, t0, o in zip(method.target.parameters(), before, online):
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * (o + 1.0), atol=1e-6)
+    assert not any(p.requires_grad for p in method.target.parameters())

@@ -112,6 +112,7 @@ def test_every_method_steps_without_a_host_sync(name: str, tiny_recipe: Path, tm
     ("simclr_adv", ["method.leak_attack_grads=true"]),
     ("empssl_adv", ["method.training='free'"]),
     ("sat", ["attack.random_start=false", "attack.norm='l2'"]),
+    ("adios", ["method.form='byol'", "method.update='simultaneous'"]),
 ])
 def test_method_variants_step_without_a_host_sync(name: str, extra: list[str], tiny_recipe: Path,
                                                   tmp_path: Path) -> None:
