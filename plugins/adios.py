@@ -105,7 +105,7 @@ class Occluder(nn.Module):
 
 
 class ADIOS(Method):
-    """ADIOS (SimCLR form): an occluder network learns N masks adversarially against the contrastive loss."""
+    """ADIOS: an occluder network learns N masks adversarially against the SSL loss (SimCLR or BYOL form)."""
 
     name = "adios"
     citation = ("@inproceedings{shi2022adios, title={Adversarial Masking for Self-Supervised Learning}, author={Shi, "
