@@ -32,6 +32,9 @@ class Method(nn.Module, Plugin):
     #: does the method train the Encoder's projection head (``encoder(x)``)? Methods that put their own heads on
     #: ``encoder.features(x)`` say False, so a combination of methods knows which of them would share that head
     uses_projection_head: ClassVar[bool] = True
+    #: the kind of backbone the method needs: "any", or "vit" (a vision transformer with patch tokens and an absolute
+    #: positional embedding); tests and benchmarks use it to pick a suitable tiny backbone
+    backbone_kind: ClassVar[str] = "any"
     #: the rows of the fine-tuning hyper-parameter table this method's papers define (``finetune_row`` picks one)
     finetune_rows: ClassVar[FinetuneRows] = {}
     #: optimizer steps per minibatch; free adversarial training replays each minibatch m times
