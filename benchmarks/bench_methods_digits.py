@@ -1,6 +1,6 @@
 """Pretrain SimCLR, ACL, DynACL, ACL-AIR, EMP-SSL, CF-AMC-SSL, RoCL, AdvCL, BYORL, CLAE, DeACL, IFM, HCL, MoCHi,
-AdCo, CaCo and, on a tiny ViT, SimCLR, MAE, adversarial MAE and AdPE on the bundled digits with one small budget,
-then evaluate each (linear probe on frozen features, clean and PGD-20 accuracy at ε 8/255).
+AdCo, CaCo, multi-task pretraining, ADIOS and, on a tiny ViT, SimCLR, MAE, adversarial MAE and AdPE on the bundled
+digits with one small budget, then evaluate each (linear probe on frozen features, clean and PGD-20 accuracy at ε 8/255).
 
 Usage: python benchmarks/bench_methods_digits.py [--epochs 6] [--image-size 16] [--limit 640] [--eval-limit 200]
        [--out runs/bench_issue3] [--only LABEL ...] (--methods is the same; e.g. --only RoCL MAE "SimCLR (ViT)")
@@ -61,6 +61,14 @@ METHODS = {  # label: (recipe, extra overrides)
     "MAE": ("mae_cifar", []),
     "Adversarial MAE": ("mae_adv", ["attack.steps=3"]),
     "AdPE": ("mae_adpe", []),
+    # SimCLR + rotation + jigsaw (equal weights) on one encoder; the quickstart optimiser with SimCLR's cosine
+    "Multitask": ("mtssl_multitask", QUICK_OPT + ["schedule.kind=cosine", "schedule.min_lr=1e-6"]),
+    # the same with a third of the LR: the loss is a sum of three task losses
+    "Multitask-lr/3": ("mtssl_multitask", QUICK_OPT + ["schedule.kind=cosine", "schedule.min_lr=1e-6",
+                                                       "optimizer.lr=0.1667"]),
+    # 3 masks from a 16-wide U-Net occluder, CIFAR stem at 16 px, a 128-d head like the other rows
+    "ADIOS": ("adios", QUICK_OPT + ["data.train_split=train", "backbone.cifar_stem=true", "method.num_masks=3",
+                                    "method.mask_width=16", "encoder.head_hidden=128", "encoder.head_dim=128"]),
 }
 #: the tiny ViT of the ViT rows: 16 px digits in 2×2 patches (64 tokens), width 64, 4 blocks of 4 heads
 TINY_VIT = ["backbone.model=vit_tiny_patch16_224", "backbone.cifar_stem=false",

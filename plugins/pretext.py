@@ -3,7 +3,9 @@
 Each trains a classification head owned by the method (checkpointed with it) on the encoder features,
 with labels (SAT) or self-generated labels (rotation: 0/90/180/270°, jigsaw: tile permutation index).
 With an [attack] table the task is trained adversarially (PGD-AT on the task's cross-entropy, attack in
-eval mode); SAT always is. The recipe sets ``encoder.head_layers = 0``.
+eval mode); SAT always is. The heads sit on the backbone features (``encoder.features``), never on the Encoder's
+projection head, so a multi-task recipe can combine them with a method that trains that head; the single-task
+recipes set ``encoder.head_layers = 0``.
 """
 from __future__ import annotations
 
@@ -30,13 +32,14 @@ class ClassificationTask(Method):
     """Base: ``task(views, labels) -> (inputs, targets)``; cross-entropy of a linear head, PGD-AT if an attack is set."""
 
     num_outputs = 0
+    uses_projection_head = False
 
     def __init__(self, options, encoder: Encoder, attack, augment) -> None:
         super().__init__(options, encoder, attack, augment)
-        self.classifier = nn.Linear(encoder.out_dim, self.num_outputs)
+        self.classifier = nn.Linear(encoder.num_features, self.num_outputs)
 
     def logits(self, x: Tensor) -> Tensor:
-        return self.classifier(self.encoder(x))
+        return self.classifier(self.encoder.features(x))
 
     def task(self, views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -107,7 +110,7 @@ class SAT(ClassificationTask):
 
     def coreset_target(self) -> ClassifierTarget:
         """SAT-RCS: gradients of the classifier's last layer, RD on the logits."""
-        return ClassifierTarget(self.encoder, self.classifier, self.attack, [self], self.augment)
+        return ClassifierTarget(self.encoder.features, self.classifier, self.attack, [self], self.augment)
 
 
 class Rotation(ClassificationTask):

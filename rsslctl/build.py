@@ -130,7 +130,8 @@ def open_train_split(recipe: Recipe, device: torch.device) -> ImageData | Stream
 def build_method(recipe: Recipe, device: torch.device) -> Method:
     """Backbone → encoder → attack → augmentation → method, on ``device`` (channels_last if asked)."""
     method_cls = recipe.method.cls
-    encoder = build_encoder(recipe.backbone.build(), recipe.encoder, method_cls.wants_dual_bn)
+    encoder = build_encoder(recipe.backbone.build(), recipe.encoder,
+                            method_cls.dual_bn_wanted(recipe.method.options))
     attack = recipe.attack.build() if recipe.attack.cls else None
     fmt = torch.channels_last if recipe.engine.channels_last else torch.contiguous_format
     augment = ViewAugment(recipe.data.image_size, recipe.augment, memory_format=fmt)

@@ -141,6 +141,27 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """A method's own optimizer state as tensors only (for ``Method.run_state``): per-parameter state, numbers as
+    0-d float64 tensors. Hyper-parameters are not stored: the recipe rebuilds them."""
+    out = {}
+    for idx, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            if value is None:  # e.g. SGD without momentum keeps no buffer
+                continue
+            out[f"{idx}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what ``optimizer_tensors`` returned into ``opt`` (built with the same parameters and options)."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
 def derive_seed(seed: int, index: int) -> int:
     """The seed of part ``index`` (an epoch, a minibatch, a selection round) of a run seeded with ``seed``: distinct
     for every (seed, index) pair a run can meet, so parts never share random streams."""

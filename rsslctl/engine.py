@@ -54,7 +54,7 @@ class Trainer:
                             "lower schedule.batch_size")
         self.method = build_method(recipe, self.device)
         self.training_step = self._training_step()
-        self.params = [p for p in self.method.parameters() if p.requires_grad]
+        self.params = self.method.optimizer_parameters()
         self.optimizer = make_optimizer(self.params, recipe.optimizer)
         self.replays = self.method.replays
         self.coreset = self._make_coreset()

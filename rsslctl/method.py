@@ -29,6 +29,9 @@ class Method(nn.Module, Plugin):
     needs_attack: ClassVar[bool] = False
     #: does the method want a dual-BN encoder when [encoder] dual_bn = "auto"?
     wants_dual_bn: ClassVar[bool] = False
+    #: does the method train the Encoder's projection head (``encoder(x)``)? Methods that put their own heads on
+    #: ``encoder.features(x)`` say False, so a combination of methods knows which of them would share that head
+    uses_projection_head: ClassVar[bool] = True
     #: the kind of backbone the method needs: "any", or "vit" (a vision transformer with patch tokens and an absolute
     #: positional embedding); tests and benchmarks use it to pick a suitable tiny backbone
     backbone_kind: ClassVar[str] = "any"
@@ -38,6 +41,18 @@ class Method(nn.Module, Plugin):
     replays: int = 1
     #: reference free-AT quirk: LR schedule length counted in minibatches, not optimizer steps (see docs/methods.md)
     schedule_in_minibatches: bool = False
+
+    @classmethod
+    def attack_needed(cls, options: Any) -> str:
+        """'' when this configuration trains without an adversary, else what needs the [attack] table (named in the
+        error that refuses a recipe without one). Methods whose answer depends on their options (e.g. a combination
+        of methods) override it."""
+        return f"method '{cls.name}'" if cls.needs_attack else ""
+
+    @classmethod
+    def dual_bn_wanted(cls, options: Any) -> bool:
+        """Does this configuration want a dual-BN encoder under [encoder] dual_bn = "auto"?"""
+        return cls.wants_dual_bn
 
     def __init__(self, options: Any, encoder: Encoder, attack: Attack | None, augment: ViewAugment) -> None:
         super().__init__()
@@ -64,8 +79,15 @@ class Method(nn.Module, Plugin):
     def after_optimizer_step(self) -> None:
         """Called after each optimizer step (e.g. EMA updates of a momentum encoder)."""
 
+    def optimizer_parameters(self) -> list[nn.Parameter]:
+        """The parameters the engine's optimizer updates (default: every trainable one). A method that trains part
+        of itself with its own optimizer (e.g. an adversary that maximises the loss) leaves those parameters out,
+        steps them itself (``after_optimizer_step``) and returns that optimizer's state from ``run_state``."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     def run_state(self) -> dict[str, Tensor]:
-        """Tensors outside the module state that exact resume needs (e.g. free AT's persistent δ)."""
+        """Tensors outside the module state that exact resume needs (e.g. free AT's persistent δ, the state of a
+        method's own optimizer: see ``rsslctl.checkpoint.optimizer_tensors``)."""
         return {}
 
     def load_run_state(self, state: dict[str, Tensor]) -> None:

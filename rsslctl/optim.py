@@ -32,8 +32,10 @@ class ScheduleOptions:
     epochs: int = opt(100, "training epochs", min=1, max=MAX_EPOCHS)
     batch_size: int = opt(512, "images per step", min=2, max=MAX_BATCH)
     warmup_epochs: float = opt(10, "linear warm-up length in epochs", min=0, max=MAX_EPOCHS)
-    kind: Literal["cosine", "constant"] = opt("cosine", "learning-rate schedule after warm-up")
-    min_lr: float = opt(1e-6, "final learning rate of the cosine schedule (absolute)", min=0)
+    kind: Literal["cosine", "constant", "exponential"] = opt(
+        "cosine", "learning-rate schedule after warm-up; exponential: geometric decay lr·(min_lr/lr)^t over the "
+                  "post-warm-up fraction t, i.e. ×(min_lr/lr)^(1/epochs) per epoch")
+    min_lr: float = opt(1e-6, "final learning rate of the cosine or exponential schedule (absolute)", min=0)
     scheduler_step: Literal["before", "after"] = opt(
         "before", "where the reference steps its scheduler: before each iteration (ACL/AIR/RCS LambdaLR: iteration i "
                   "runs at the schedule's value at i+1) or after each optimizer step (EMP-SSL/CF-AMC-SSL "
@@ -86,13 +88,14 @@ def make_optimizer(params: list[Tensor], o: OptimizerOptions) -> torch.optim.Opt
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: ScheduleOptions,
           periodic: bool = False) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up to ``peak``, then cosine to min_lr.
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up to ``peak``, then cosine (or exponential
+    decay, or nothing) to min_lr.
 
     With f(s) = peak·s/W for s < W, else min_lr + (peak − min_lr)·½(1 + cos(π(s − W)/(T − W))), step i runs at
     f(i + 1) when ``schedule.scheduler_step = "before"`` (a LambdaLR created at f(0) and stepped at the start of
     every iteration, as ACL/AIR/RCS). ``"after"`` (a scheduler stepped after the optimizer) runs the cosine at
     f(i) and keeps the warm-up at peak·(i + 1)/W, so no step trains at lr 0. The warm-up values are the same either
-    way. ``periodic`` lets the cosine run on past ``total_steps`` (back up, down again, ...) like an over-stepped
+    way. ``kind = "exponential"`` replaces the cosine factor by (min_lr/peak)^t, t clipped to [0, 1]. ``periodic`` lets the cosine run on past ``total_steps`` (back up, down again, ...) like an over-stepped
     CosineAnnealingLR; only the reference free-AT schedule quirk uses it (see docs/methods.md, "Adversarial training and free AT").
     """
     if warmup_steps > 0 and step < warmup_steps:
@@ -102,6 +105,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule:
     s = step + 1 if schedule.scheduler_step == "before" else step
     t = (s - warmup_steps) / max(1, total_steps - warmup_steps)
     lo = min(schedule.min_lr, peak)
+    if schedule.kind == "exponential":  # recipe validation keeps min_lr > 0 here
+        return peak * (lo / peak) ** min(1.0, max(0.0, t)) if peak > 0 else 0.0
     return lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * (t if periodic else min(1.0, t))))
 
 

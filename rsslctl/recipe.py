@@ -281,6 +281,15 @@ def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "",
         else:
             parts[table] = validate(core_cls, values, f"{where}: {table}")
             resolved[table] = as_dict(parts[table])
+    method = parts.get("method")
+    needs = method.cls.attack_needed(method.options) if method is not None else ""
+    if needs and parts.get("attack") is OFF:
+        raise UserError(f"{where}: attack: {needs} trains adversarially and needs an attack; "
+                        f"set [attack] name = \"{defaults['attack']['name']}\"")
+    sched = parts.get("schedule")
+    if sched is not None and sched.kind == "exponential" and sched.min_lr <= 0:
+        raise UserError(f"{where}: schedule.min_lr = 0 with kind = \"exponential\"; the LR decays geometrically "
+                        "towards min_lr, so set it > 0 (e.g. lr / 100)")
     ev = parts["evaluation"]
     make_attack(ev.attack, f"{where}: evaluation.attack", known_only=True, eps=ev.eps, step_size=ev.step_size,
                 steps=ev.steps, clamp_start=ev.clamp_start)

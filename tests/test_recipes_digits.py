@@ -27,6 +27,7 @@ PER_METHOD = {  # shrink the expensive method options
     "empssl_adv": ["method.n_views=2", "method.pre_dim=32", "method.hidden_dim=32", "method.z_dim=16",
                    "method.eval_views=2", "method.replays=2"],
     "mae": ["method.decoder_width=32", "method.decoder_depth=1", "engine.compile=false"],
+    "adios": ["method.num_masks=2", "method.mask_width=8", "data.train_split=train"],
     "simclr_adv": ["method.replays=2", "method.pre_dim=32", "method.hidden_dim=32", "method.z_dim=16"],
 }
 

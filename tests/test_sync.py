@@ -120,6 +120,7 @@ def test_every_method_steps_without_a_host_sync(name: str, tiny_recipe: Path, tm
     ("mae", ["attack.name='pgd'", "method.contrastive_weight=0.5", "encoder.head_layers=1"]),
     ("mae", ["method.adpe='coordinate'", "method.adpe_persistent=true"]),
     ("mae", ["method.adpe='embedding'", "method.adpe_shared=true"]),
+    ("adios", ["method.form='byol'", "method.update='simultaneous'"]),
 ])
 def test_method_variants_step_without_a_host_sync(name: str, extra: list[str], tiny_recipe: Path,
                                                   tmp_path: Path) -> None:

@@ -54,14 +54,24 @@ class Pretrained:
     pretraining: str
     recipe_raw: dict[str, Any]
     origin: str
+    random_init: bool = False  # the no-pretraining baseline: same architecture, fresh random weights
 
     def net(self, num_classes: int, dual: bool) -> Classifier:
-        """Fresh classifier initialised from the ``pgd`` route (or both routes when ``dual``)."""
+        """Fresh classifier initialised from the ``pgd`` route (or both routes when ``dual``); random weights for the
+        no-pretraining baseline."""
         dual = dual and self.dual_bn
         net = encoder_classifier(build_backbone(self.backbone), self.mean, self.std, num_classes, dual)
-        state = self.state if dual or not self.dual_bn else collapse_bn_state(self.state, "pgd")
-        load_strict(net.body.backbone, state, self.origin)
+        if not self.random_init:
+            state = self.state if dual or not self.dual_bn else collapse_bn_state(self.state, "pgd")
+            load_strict(net.body.backbone, state, self.origin)
         return net
+
+
+def random_source(model: str, cifar_stem: bool | None) -> Pretrained:
+    """The no-pretraining baseline on a timm model of the default backbone plugin (ImageNet mean/std)."""
+    spec = {"name": shipped_defaults()["recipe"]["backbone"]["name"],
+            "options": {"model": model, "cifar_stem": bool(cifar_stem)}}
+    return Pretrained(spec, {}, False, IMAGENET_MEAN, IMAGENET_STD, "other", {}, f"random init ({model})", True)
 
 
 def from_run(run_dir: Path, overrides: list[str] = ()) -> Pretrained:
@@ -196,6 +206,7 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
     results = {}
     for cfg in configs:
         subset = train_data.subset(balanced_subset(train_data.labels, cfg.label_fraction, cfg.seed))
+        torch.manual_seed(cfg.seed)  # the random-init baseline's weights
         net = source.net(num_classes, cfg.dual_bn and cfg.mode == "AFF").to(device)
         final = mode_dir(out_dir, cfg.mode)
         tmp = final.with_name(f".{cfg.mode}.tmp-{os.getpid()}")
@@ -227,7 +238,8 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="External encoder weights (.safetensors).")
 @click.option("--cifar-stem/--no-cifar-stem", default=None, help="External ResNet: 3×3 stem without max-pool (default: from the file's metadata, else off).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Output directory (default RUN_DIR; required with --weights).")
-@click.option("--data", help="Downstream dataset (transfer), e.g. cifar100 or stl10 (default: the run's dataset).")
+@click.option("--data", "--dataset", "data", help="Downstream dataset (transfer), e.g. cifar10 after CIFAR-100 "
+              "pretraining (default: the run's dataset).")
 @click.option("--data-root", help="Data root of the downstream dataset.")
 @click.option("--image-size", type=click.IntRange(8), help="Downstream image size (e.g. 32 for STL-10 cross-task, 96 self-task).")
 @click.option("--pretraining", default="auto", show_default=True,
@@ -242,6 +254,9 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
 @click.option("--train-eps", help="Training attack radius (default 8/255).")
 @click.option("--train-step-size", help="Training attack step (default 2/255).")
 @click.option("--train-steps", type=click.IntRange(1), help="Training attack iterations (default 10).")
+@click.option("--train-attack", help="ALF's training attack plugin, e.g. fgsm (default: the recipe's evaluation.attack).")
+@click.option("--random-init", is_flag=True, help="No-pretraining baseline: the architecture of RUN_DIR (or --timm "
+              "MODEL) with random weights.")
 @click.option("--label-fraction", type=float, help="Class-balanced seeded fraction of training labels, e.g. 0.01, 0.1.")
 @click.option("--single-bn", is_flag=True, help="AFF on a dual-BN checkpoint: single-BN TRADES (reference --dualBN 0).")
 @click.option("--seed", type=click.IntRange(0), help="Seed of the label subset, augmentation and attacks (default 0).")
@@ -256,12 +271,29 @@ def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, we
              out_dir: Path | None, data: str | None, data_root: str | None, image_size: int | None, pretraining: str,
              overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool, then_evaluate: bool, **kw: Any) -> None:
     """Fine-tune a pretrained encoder (SLF / ALF / AFF, see docs/methods.md) and evaluate it."""
-    if (run_dir is None) == (weights is None):
+    random_init, train_attack = kw.pop("random_init"), kw.pop("train_attack")
+    if train_attack is not None:
+        if mode in ("SLF", "AFF"):
+            raise UserError(f"--train-attack: {mode} has no training attack of its own (ALF has; AFF uses TRADES); "
+                            "drop the flag or use --mode ALF")
+        make_attack(train_attack, "--train-attack", known_only=True)
+    if random_init and weights is not None:
+        raise UserError("--random-init trains from random weights; drop --weights (RUN_DIR or --timm MODEL gives the "
+                        "architecture)")
+    if random_init and run_dir is None and not timm_model:
+        raise UserError("--random-init needs the architecture: pass RUN_DIR or --timm MODEL")
+    if random_init and run_dir is None:
+        if out_dir is None:
+            raise UserError("--random-init --timm MODEL needs --out DIR for the results")
+        source = random_source(timm_model, cifar_stem)
+    elif (run_dir is None) == (weights is None):
         raise UserError("pass either RUN_DIR (a pretraining run) or --weights FILE.safetensors [--timm MODEL]")
-    if run_dir is not None:
+    elif run_dir is not None:
         if not Path(run_dir).is_dir():
             raise UserError(f"{run_dir}: run directory not found")
         source = from_run(run_dir)
+        if random_init:
+            source = dataclasses.replace(source, random_init=True, origin=f"random init (architecture of {run_dir})")
     else:
         if out_dir is None:
             raise UserError("--weights needs --out DIR for the results")
@@ -279,7 +311,8 @@ def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, we
     except ValueError:
         raise UserError(f"--milestones: expected epochs separated by commas, e.g. 15,20; got {ms!r}") from None
     user["dual_bn"] = False if kw.pop("single_bn") else None
-    user["attack"], user["clamp_start"] = recipe.evaluation.attack, recipe.evaluation.clamp_start
+    user["attack"] = train_attack or recipe.evaluation.attack
+    user["clamp_start"] = recipe.evaluation.clamp_start
     row = source.pretraining if pretraining == "auto" else pretraining
     column = recipe.dataset.cls.hyperparameter_column(recipe.data.image_size)
     configs = resolve_configs(mode, finetune_rows(), row, column, user)
