@@ -31,7 +31,6 @@ import datetime
 import importlib.metadata
 import importlib.util
 import json
-import os
 import pickle
 import platform
 import re
