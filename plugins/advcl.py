@@ -105,8 +105,8 @@ class AdvCL(Method):
         work = torch.device("cpu") if device.type == "meta" else device
         teacher = self.teacher.load(work)
         self.teacher.check_compatible(self.encoder, images[:1].float().div(255).to(work), same_width=False)
-        feats = torch.cat([self.teacher.features(chunk.to(work).float().div(255)).float().cpu()
-                           for chunk in images.split(512)])
+        feats = torch.cat([self.teacher.features(images[i:i + 512].to(work).float().div(255)).float().cpu()
+                           for i in range(0, len(images), 512)])  # slices: a streamed split decodes each on demand
         self.centroids = [c.to(device) for c in self.fit_centroids(feats)]
         teacher.to(device)
 

@@ -67,7 +67,7 @@ class Trainer:
         # a method may ask for the free-AT reference quirk instead: schedule length in minibatches, but stepped
         # once per optimizer step, so the cosine is over-stepped m times (see docs/methods.md, "Adversarial training and free AT")
         self.minibatch_clock = StepClock(epoch_steps, 1, recipe.schedule.warmup_epochs, recipe.coreset.lr_schedule)
-        self.method.prepare(self.train.images, self.clock.total_steps)
+        self.method.prepare(on_device(self.train, torch.device("cpu"))[0], self.clock.total_steps)
         self.epoch = 0
         self.position = 0  # minibatches of epoch ``epoch + 1`` trained before a mid-epoch checkpoint
         self.partial = (0.0, 0)  # (sum, count) of that epoch's losses so far

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from .losses import fp32
 
 
-@torch.no_grad()
 class NegativeQueue(nn.Module):
     """FIFO queue of ``size`` unit vectors of dimension ``dim`` (MoCo's dictionary), initialised to random unit
     vectors (as MoCo) from the global RNG."""

@@ -63,8 +63,9 @@ class Method(nn.Module, Plugin):
 
     def prepare(self, images: Tensor, total_steps: int) -> None:
         """Called once by the trainer before training (and before a resume restores state), with the training split
-        (uint8, on the CPU) and the run's optimizer steps: load a teacher, fit pseudo-label clusters, size a
-        momentum schedule. Parameters live on the method's device."""
+        (uint8 [N, C, H, W] on the CPU; a streamed split decodes what is indexed, so index it in slices) and the run's
+        optimizer steps: load a teacher, fit pseudo-label clusters, size a momentum schedule. Parameters live on the
+        method's device."""
 
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         """Called before each epoch (1-based); schedules (augmentation strength, loss weights) go here."""
