@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
@@ -164,7 +165,9 @@ def gather_with_grad(x: Tensor) -> Tensor:
     if not collective():
         return x
     from torch.distributed.nn.functional import all_gather  # autograd-aware all_gather, maintained by PyTorch
-    return torch.cat(all_gather(x), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of a private (underscored) module; still supported
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return torch.cat(all_gather(x), dim=0)
 
 
 def all_reduce_with_grad(x: Tensor) -> Tensor:
@@ -240,11 +243,14 @@ def mean_across_ranks(t: Tensor) -> Tensor:
     return out.div_(world_size())
 
 
-def broadcast_buffers(module: nn.Module) -> None:
-    """Copy rank 0's floating-point buffers (BN running statistics) to every rank, in one message (no-op alone)."""
+def broadcast_buffers(module: nn.Module, parameters: bool = False) -> None:
+    """Copy rank 0's floating-point buffers (BN running statistics), and its parameters too if asked, to every rank,
+    in ~25 MB messages (no-op alone)."""
     if world_size() == 1:
         return
     buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if parameters:
+        buffers = [p.data for p in module.parameters()] + buffers
     for bucket in _buckets(buffers):
         flat = torch.cat([b.reshape(-1) for b in bucket])
         dist.broadcast(flat, 0)
