@@ -293,14 +293,14 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     return out
 
 
-def scatter_from_main(objs: list[Any] | None) -> Any:
-    """Rank r receives ``objs[r]`` from rank 0 (``objs`` matters on rank 0 only); ``objs[0]`` when alone."""
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on every rank, in rank order (picklable objects; tensors best on the CPU); ``[obj]``
+    alone. Used to merge work sharded across ranks, e.g. coreset gradients."""
     if world_size() == 1:
-        assert objs is not None
-        return objs[0]
-    out: list[Any] = [None]
-    dist.scatter_object_list(out, objs if is_main() else None, src=0)
-    return out[0]
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # -- synchronised batch norm -----------------------------------------------------------------------------------------
