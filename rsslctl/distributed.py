@@ -69,8 +69,9 @@ def local_rank() -> int:
 
 
 def is_main() -> bool:
-    """True on the rank that prints, logs and writes files (rank 0)."""
-    return rank() == 0
+    """True on the rank that prints, logs and writes files (rank 0); before the process group exists, what torchrun's
+    RANK says (so a command can take the run's lock on rank 0 only before the engine joins the group)."""
+    return rank() == 0 if active() else os.environ.get("RANK", "0") == "0" or not launched()
 
 
 def mute_other_ranks() -> None:
