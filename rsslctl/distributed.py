@@ -82,6 +82,13 @@ def mute_other_ranks() -> None:
         console.quiet = err_console.quiet = True
 
 
+def refuse_many(command: str) -> None:
+    """UserError (on every rank alike, before any collective) for a command that does not run data-parallel yet."""
+    if launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"rsslctl {command} runs in one process; launch it without torchrun (or with "
+                        "--nproc_per_node=1); pretrain and select-coreset are the commands that use many processes")
+
+
 # -- set-up --------------------------------------------------------------------------------------------------------
 def setup(device: str, backend: str = "auto") -> torch.device:
     """The device this process trains on; under torchrun also joins the process group and pins the local device.

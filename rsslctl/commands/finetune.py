@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import registry
+from .. import distributed, registry
 from ..attack import make_attack
 from ..build import load_train_split, load_trained_method, setup_device
 from ..checkpoint import atomic_write_text, nonfinite, pid_alive, refuse_nonfinite, save_tensors
@@ -188,6 +188,7 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
     out_dir = Path(out_dir)
     for c in configs:
         refuse_existing(mode_dir(out_dir, c.mode), "fine-tuning output", force)
+    distributed.refuse_many("finetune")
     device = setup_device(recipe)
     train_data = load_train_split(recipe)
     if (train_data.labels < 0).any():
