@@ -184,7 +184,9 @@ def all_reduce_with_grad(x: Tensor) -> Tensor:
     if not collective():
         return x
     from torch.distributed.nn.functional import all_reduce
-    return all_reduce(x)
+    with warnings.catch_warnings():  # deprecated like all_gather above
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return all_reduce(x)
 
 
 @contextlib.contextmanager
