@@ -19,6 +19,9 @@ from safetensors.torch import load_file
 
 from rsslctl import distributed as dist
 from rsslctl.checkpoint import latest_checkpoint, read_meta
+from rsslctl.engine import Trainer
+from rsslctl.recipe import load
+from rsslctl.runs import prepare_run_dir
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 EXACT = ["engine.threads=1", "engine.precision='fp32'", "engine.channels_last=false"]
@@ -124,6 +127,16 @@ def test_two_ranks_killed_and_resumed_end_bit_identical(tiny_recipe: Path, tmp_p
         for k in ta:
             assert torch.equal(ta[k], tb[k]), f"{name}: {k}"
     assert records(full) == records(killed)  # every step's loss and metrics, every epoch's mean loss
+    # end to end against one process at the same global batch: the views differ (each rank draws its own), but the
+    # schedule — steps per epoch, learning rate of every step — is the global batch's
+    alone = tmp_path / "alone"
+    recipe = load(tiny_recipe, sets)
+    trainer = Trainer(recipe, alone, quiet=True)
+    prepare_run_dir(recipe, alone, False)
+    trainer.fit()
+    keys = ("kind", "epoch", "step", "lr")
+    assert [{k: r.get(k) for k in keys} for r in records(alone)] == [{k: r.get(k) for k in keys} for r in records(full)]
+    assert "world_size" in read_meta(latest_checkpoint(alone)) and read_meta(latest_checkpoint(alone))["world_size"] == 1
 
 
 def records(run: Path) -> list[dict]:
