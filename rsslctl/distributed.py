@@ -167,6 +167,17 @@ def collective() -> bool:
     return _in_step and world_size() > 1
 
 
+def split_batch(*ts: Tensor) -> tuple[list[Tensor], float]:
+    """This rank's part of a minibatch of any size (``tensor_split``: parts differ by at most one row) and the factor
+    W·n_r/n by which its local-mean loss is scaled before the backward, so that the gradients averaged over ranks are
+    the gradient of the minibatch's mean loss. Alone: the tensors and 1.0."""
+    w = world_size()
+    if w == 1:
+        return list(ts), 1.0
+    parts = [t.tensor_split(w)[rank()] for t in ts]
+    return parts, w * parts[0].shape[0] / ts[0].shape[0]
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate every rank's ``x`` (same shape on each) along dim 0 in rank order, keeping the gradient: the
     backward hands each rank the sum of what every rank's loss sends to its rows. Identity outside ``collective``."""
