@@ -180,3 +180,27 @@ def test_cuda_sync_bn_is_torch_syncbatchnorm() -> None:
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), DualBatchNorm(torch.nn.BatchNorm2d(4)))
     dist.convert_sync_bn(m, torch.device("cuda"))
     assert all(isinstance(bn, torch.nn.SyncBatchNorm) for bn in m[1].bn_list)
+
+
+def test_finetune_slf_on_two_ranks_equals_one_process(tiny_recipe: Path, tmp_path: Path) -> None:
+    """SLF (frozen encoder in eval mode, linear head, crop/flip drawn for the whole minibatch on every rank): two ranks
+    train the same head as one process, and only rank 0 writes. Batch 30 over 96 images leaves a last minibatch of 6,
+    split 3 + 3 and weighted by each rank's share."""
+    run = tmp_path / "run"
+    recipe = load(tiny_recipe, [*EXACT, "schedule.epochs=1"])
+    trainer = Trainer(recipe, run, quiet=True)
+    prepare_run_dir(recipe, run, False)
+    trainer.fit()
+    args = ["finetune", str(run), "--mode", "SLF", "--epochs", "2", "--batch-size", "30", "--no-evaluate", "--quiet"]
+    one = subprocess.run(cli(*args, "--out", str(tmp_path / "one")), capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    runs = launch(cli(*args, "--out", str(tmp_path / "two")), 2)
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    a, b = (load_file(tmp_path / d / "finetune" / "SLF" / "model.safetensors") for d in ("one", "two"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5, msg=k)
+    ra, rb = (records(tmp_path / d / "finetune" / "SLF") for d in ("one", "two"))
+    assert [r["train_accuracy"] for r in ra] == [r["train_accuracy"] for r in rb]
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-6 * max(1.0, abs(x["loss"])) for x, y in zip(ra, rb))  # fp32 sums
