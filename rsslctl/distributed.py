@@ -341,6 +341,7 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         n = x.numel() // x.shape[1] * world_size()  # every rank holds an equal share
+        dtype, x = x.dtype, x.float()  # statistics in fp32 under bf16 autocast too
         mean = all_reduce_with_grad(x.sum(dims)) / n
         centred = x - mean.view(shape)
         var = all_reduce_with_grad((centred * centred).sum(dims)) / n
@@ -353,7 +354,7 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
                 self.running_var.mul_(1 - f).add_(var.detach() * (n / max(n - 1, 1)), alpha=f)
-        return y
+        return y.to(dtype)
 
 
 def convert_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:

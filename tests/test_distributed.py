@@ -1,6 +1,6 @@
 """Multi-process training on torch.distributed (gloo, CPU): two ranks at global batch 2B equal one process at 2B,
 a SIGKILLed two-process run resumes bit-identically, coreset selection sharded over two ranks picks what one picks,
-and bad input stops every rank with one line. Each test launches real processes with torchrun's environment
+SLF fine-tuning on two ranks trains the head one process trains, and bad input stops every rank with one line. Each test launches real processes with torchrun's environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), so they take a few seconds each."""
 from __future__ import annotations
 
