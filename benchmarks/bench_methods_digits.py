@@ -1,13 +1,17 @@
-"""Pretrain SimCLR, ACL, DynACL, ACL-AIR, EMP-SSL and CF-AMC-SSL on the bundled digits with one small budget,
+"""Pretrain SimCLR, ACL, DynACL, ACL-AIR, EMP-SSL, CF-AMC-SSL, IFM, HCL, MoCHi, AdCo, CaCo and, on a tiny ViT,
+SimCLR, MAE, adversarial MAE and AdPE on the bundled digits with one small budget,
 then evaluate each (linear probe on frozen features, clean and PGD-20 accuracy at ε 8/255).
 
 Usage: python benchmarks/bench_methods_digits.py [--epochs 6] [--image-size 16] [--limit 640] [--eval-limit 200] [--out runs/bench_issue3]
+[--methods LABEL ...] (e.g. --methods MAE "Adversarial MAE" AdPE "SimCLR (ViT)"; --only is the same)
 Each method starts from its paper recipe (recipes/<name>.toml) with the same digits overrides: the quickstart
 model's stage widths (narrow ResNet-18, channels 16-32-64-128; timm's 64-channel stem, as when the README table was
 measured: the quickstart recipes now also set backbone.stem_width = 16), batch 128, 3-step training attack, 50-epoch
 probe.
 ACL-family methods use the quickstart optimiser (SGD lr 0.5); EMP-SSL methods keep their SGD lr 0.3.
-CF-AMC-SSL runs a third of the epochs with m = 3 replays (the paper's 10 vs 30 epochs). Prints a Markdown
+CF-AMC-SSL runs a third of the epochs with m = 3 replays (the paper's 10 vs 30 epochs).
+The ViT rows replace the ResNet by a tiny ViT (TINY_VIT) and train with AdamW lr 1e-3; the MAE rows use a 64-wide,
+1-block decoder. Prints a Markdown
 table with accuracies and wall times (pretraining, evaluation).
 """
 from __future__ import annotations
@@ -34,7 +38,27 @@ METHODS = {  # label: (recipe, extra overrides)
     "ACL-AIR": ("air", QUICK_OPT + ["attack.steps=3"]),
     "EMP-SSL": ("empssl", EMP_SMALL),
     "CF-AMC-SSL": ("cf_amc_ssl", EMP_SMALL + ["method.replays=3"]),
+    # issue 12, feature-level and memory-based adversaries: quickstart optimiser (cosine, as the SimCLR row); memory
+    # sized to the digits run (640 images × 6 epochs = 3,840 keys) and a faster key encoder for its 30 steps
+    "IFM": ("ifm", QUICK_OPT + ["schedule.kind=cosine"]),
+    "HCL": ("hcl", QUICK_OPT + ["schedule.kind=cosine"]),
+    "MoCHi": ("mochi", QUICK_OPT + ["method.queue_size=512", "method.n_hard=128", "method.s1=128", "method.s2=64",
+                                    "method.momentum=0.99"]),
+    "AdCo": ("adco", QUICK_OPT + ["method.bank_size=512", "method.momentum=0.99"]),
+    "CaCo": ("caco", QUICK_OPT + ["method.bank_size=512", "method.bank_warmup_epochs=1"]),
+    # vision transformers (a tiny ViT instead of the ResNet, see TINY_VIT): MAE and its adversaries, and SimCLR on the
+    # same ViT as their contrastive reference
+    "SimCLR (ViT)": ("simclr", ["optimizer.name=adamw", "optimizer.lr=1e-3", "optimizer.weight_decay=0.05",
+                                "schedule.warmup_epochs=1"]),
+    "MAE": ("mae_cifar", []),
+    "Adversarial MAE": ("mae_adv", ["attack.steps=3"]),
+    "AdPE": ("mae_adpe", []),
 }
+#: the tiny ViT of the ViT rows: 16 px digits in 2×2 patches (64 tokens), width 64, 4 blocks of 4 heads
+TINY_VIT = ["backbone.model=vit_tiny_patch16_224", "backbone.cifar_stem=false",
+            "backbone.model_kwargs={{img_size={size}, patch_size=2, embed_dim=64, depth=4, num_heads=4}}"]
+MAE_SMALL = ["method.decoder_width=64", "method.decoder_depth=1", "method.decoder_heads=4", "optimizer.lr=1e-3",
+             "schedule.warmup_epochs=1"]
 
 
 def main() -> None:
@@ -44,7 +68,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_issue3")
     ap.add_argument("--limit", type=int, default=640, help="training images used for pretraining (0 = all 1,347)")
     ap.add_argument("--eval-limit", type=int, default=200, help="test images for clean/PGD-20 accuracy (0 = all 450)")
-    ap.add_argument("--only", nargs="*", default=list(METHODS))
+    ap.add_argument("--only", "--methods", nargs="*", default=list(METHODS), help="labels of the rows to run")
     args = ap.parse_args()
     rows = []
     for label in args.only:
@@ -55,8 +79,13 @@ def main() -> None:
                   "schedule.batch_size=128", "engine.checkpoint_every=1000", "evaluation.epochs=50",
                   "evaluation.lr=0.1", f"data.limit={args.limit}",
                   f"evaluation.limit={args.eval_limit}", f"run.output_dir={args.out}", f"run.name={name}"]
+        vit = "ViT" in label or name.startswith("mae")
+        if vit:
+            common = [o for o in common if not o.startswith("backbone.model_kwargs")]
+            common += [o.format(size=args.image_size) for o in TINY_VIT]
+            extra = (MAE_SMALL if name.startswith("mae") else []) + extra
         recipe = load(ROOT / "recipes" / f"{name}.toml", common + extra)
-        run_dir = args.out / name
+        run_dir = args.out / (f"{name}_vit" if vit and not name.startswith("mae") else name)
         t0 = time.perf_counter()
         trainer = Trainer(recipe, run_dir, quiet=True)
         prepare_run_dir(recipe, run_dir, force=True)

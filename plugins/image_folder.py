@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rsslctl import hookimpl
-from rsslctl.data import Dataset, ImageData, missing_data
+from rsslctl.data import Dataset, ImageData, ImageSource, missing_data
 from rsslctl.errors import UserError
 from rsslctl.limits import MAX_IMAGE_SIZE, check_allocation
 from rsslctl.options import opt
@@ -31,8 +32,24 @@ class ImageFolder(Dataset):
     splits = ("train", "val", "test")
 
     def load(self, split: str) -> ImageData:
-        from PIL import Image, UnidentifiedImageError
+        files, classes = self._files(split)
+        size = self.options.image_size
+        check_allocation(len(files) * size * size * 3, f"{self.name}: {len(files):,} images at image_size = {size}",
+                         "lower the dataset's image_size, or stream it (data.stream = \"on\")")
+        images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+        for n, (f, _) in enumerate(files):
+            images[n] = _decode(f, size)
+        labels = torch.tensor([i for _, i in files], dtype=torch.int64)
+        return ImageData(images, labels, classes, self.name)
 
+    def source(self, split: str) -> ImageSource:
+        """The split's file list, decoded one image at a time by the streamed path's workers."""
+        files, classes = self._files(split)
+        return _FileSource([f for f, _ in files], torch.tensor([i for _, i in files], dtype=torch.int64), classes,
+                           self.name, self.options.image_size)
+
+    def _files(self, split: str) -> tuple[list[tuple[Path, int]], list[str]]:
+        """((image file, class index) of every image of ``split``, class names); one line when there are none."""
         base = self.root / self.options.path
         folder = base / split
         present = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
@@ -46,21 +63,7 @@ class ImageFolder(Dataset):
             raise missing_data(self.name, [folder],
                                f"put one sub-folder per class holding png/jpg/jpeg/bmp/webp images there "
                                "(or set the dataset's path option)")
-        size = self.options.image_size
-        check_allocation(len(files) * size * size * 3, f"{self.name}: {len(files):,} images at image_size = {size}",
-                         "lower the dataset's image_size")
-        images = np.empty((len(files), size, size, 3), dtype=np.uint8)
-        for n, (f, _) in enumerate(files):
-            try:
-                with Image.open(f) as im:
-                    images[n] = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
-            except Image.DecompressionBombError as exc:
-                raise UserError(f"{f}: refused as a possible decompression bomb ({exc})") from None
-            except (OSError, UnidentifiedImageError, ValueError, MemoryError) as exc:
-                raise UserError(f"{f}: cannot read image ({exc}); fix or remove the file") from None
-        labels = torch.tensor([i for _, i in files], dtype=torch.int64)
-        return ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, classes, self.name)
-
+        return files, classes
 
     def _inside(self, path: Path) -> bool:
         """True unless ``path`` resolves (through symlinks) outside the dataset folder and following is off."""
@@ -69,6 +72,36 @@ class ImageFolder(Dataset):
         root = (self.root / self.options.path).resolve()
         real = path.resolve()
         return real == root or root in real.parents
+
+
+def _decode(f: Path, size: int) -> torch.Tensor:
+    """One image file as RGB uint8 [3, size, size] (bicubic resize); the same pixels on both data paths."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            pixels = np.array(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+    except FileNotFoundError:
+        raise UserError(f"{f}: image file missing (removed after the dataset was listed); restore it or "
+                        "remove it from the split") from None
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"{f}: refused as a possible decompression bomb ({exc})") from None
+    except (OSError, UnidentifiedImageError, ValueError, MemoryError) as exc:
+        raise UserError(f"{f}: cannot read image ({exc}); fix or remove the file") from None
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+class _FileSource(ImageSource):
+    """Image files decoded on demand. The paths are one numpy bytes array, not a list of Python strings: forked
+    workers then share its pages instead of copying them as they touch each string's reference count (a known
+    DataLoader memory growth with million-file lists), and it pickles compactly when workers are spawned."""
+
+    def __init__(self, files: list[Path], labels: torch.Tensor, classes: list[str], name: str, size: int) -> None:
+        super().__init__(labels, classes, name)
+        self.files, self.size = np.array([os.fsencode(f) for f in files], dtype=bytes), size
+
+    def read(self, i: int) -> torch.Tensor:
+        return _decode(Path(os.fsdecode(self.files[i])), self.size)
 
 
 @hookimpl

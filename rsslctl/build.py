@@ -15,11 +15,12 @@ from . import distributed, registry
 from .augment import ViewAugment
 from .checkpoint import load_latest, refuse_nonfinite
 from .limits import check_allocation
-from .data import ImageData
+from .data import Dataset, HostSource, ImageData
 from .encoder import build_encoder
 from .errors import UserError
 from .method import Method
 from .recipe import PLUGIN_TABLES, Recipe
+from .stream import StreamSplit, device_memory
 from .ui import console
 
 
@@ -64,20 +65,25 @@ def setup_device(recipe: Recipe) -> torch.device:
     return select_device(recipe.engine.device, recipe.engine.backend)
 
 
-def load_split(recipe: Recipe, split: str, limit: int = 0) -> ImageData:
-    """Load a split through the dataset plugin (downloading only if the recipe asks), resized to image_size."""
+def _read_split(recipe: Recipe, split: str, read: Callable[[Dataset, str], Any]) -> Any:
+    """``read(dataset, split)`` through the dataset plugin, downloading first only if the recipe asks."""
     cls = recipe.dataset.cls
     if split not in cls.splits:
         raise UserError(f"data: dataset '{cls.name}' has no split '{split}'; available: {', '.join(cls.splits)}")
     dataset = recipe.dataset.build(Path(recipe.data.root))
     try:
-        data = dataset.load(split)
+        return read(dataset, split)
     except UserError:
         if not recipe.data.download:
             raise
         console.print(f"[bold]downloading[/] {cls.name} into {Path(recipe.data.root).resolve()}")
         dataset.download()
-        data = dataset.load(split)
+        return read(dataset, split)
+
+
+def load_split(recipe: Recipe, split: str, limit: int = 0) -> ImageData:
+    """Load a split through the dataset plugin (downloading only if the recipe asks), resized to image_size."""
+    data = _read_split(recipe, split, lambda ds, s: ds.load(s))
     if limit:  # cut before resizing: only the images used are brought to image_size
         data = data.subset(torch.arange(min(limit, len(data))))
     size = recipe.data.image_size
@@ -89,6 +95,30 @@ def load_split(recipe: Recipe, split: str, limit: int = 0) -> ImageData:
 def load_train_split(recipe: Recipe) -> ImageData:
     """The recipe's training split, cut to its first ``data.limit`` images when a limit is set."""
     return load_split(recipe, recipe.data.train_split, recipe.data.limit)
+
+
+def open_train_split(recipe: Recipe, device: torch.device) -> ImageData | StreamSplit:
+    """The training split for the engine: resident (``load_train_split``) or streamed, as ``data.stream`` says;
+    ``auto`` streams when the split's uint8 images would exceed ``data.resident_fraction`` of the device's memory.
+    Datasets with a per-image reader (``Dataset.source``) are sized without decoding; the others are loaded into
+    host memory first and, when streamed, fed to the device from there."""
+    d = recipe.data
+    if d.stream == "off":
+        return load_train_split(recipe)
+    budget = device_memory(device) * d.resident_fraction
+
+    def too_big(n: int, channels: int) -> bool:
+        return d.stream == "on" or bool(budget) and n * channels * d.image_size ** 2 > budget
+
+    source = _read_split(recipe, d.train_split, lambda ds, s: ds.source(s))
+    if source is None:
+        data = load_train_split(recipe)
+        if not too_big(*data.images.shape[:2]):
+            return data
+        source = HostSource(data)
+    elif not too_big(min(d.limit, len(source)) if d.limit else len(source), source.channels):
+        return load_train_split(recipe)
+    return StreamSplit(source, d.image_size, d.limit, d.workers)
 
 
 def build_method(recipe: Recipe, device: torch.device) -> Method:

@@ -3,7 +3,7 @@
 Layout of one checkpoint directory (``<run>/checkpoints/epoch-0003/``):
   model.safetensors  the method's state (encoder, heads, momentum encoders …)
   state.safetensors  optimizer tensors, RNG states and extra run state (e.g. the current coreset indices)
-  meta.json          epoch, step, metrics, resolved recipe, plugin versions, optimizer hyper-parameters,
+  meta.json          epoch, position in the next epoch (mid-epoch checkpoints), metrics, resolved recipe, plugin versions, optimizer hyper-parameters,
                      sha256 of both tensor files; written last, so a directory with it is complete
 The directory is assembled under a temporary name and renamed into place (atomic on POSIX).
 """
@@ -172,13 +172,16 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(run_dir: Path, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict[str, Any], keep: int = 2, extra: dict[str, torch.Tensor] | None = None) -> Path:
+                    meta: dict[str, Any], keep: int = 2, extra: dict[str, torch.Tensor] | None = None,
+                    position: int = 0) -> Path:
     """Write ``<run>/checkpoints/epoch-XXXX`` atomically and prune to the ``keep`` newest; ``extra`` tensors go
-    into state.safetensors next to the optimizer and RNG state."""
+    into state.safetensors next to the optimizer and RNG state. ``position`` > 0: a checkpoint inside epoch
+    ``epoch + 1``, after that many of its minibatches (``epoch-XXXX-step-YYYYYYY``, sorting between the epochs)."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"epoch-{epoch:04d}"
-    tmp = root / f".tmp-epoch-{epoch:04d}-{os.getpid()}"
+    name = f"epoch-{epoch:04d}" + (f"-step-{position:07d}" if position else "")
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model_state = model.state_dict()
     bad = nonfinite(model_state)
@@ -193,7 +196,7 @@ def save_checkpoint(run_dir: Path, epoch: int, model: torch.nn.Module, optimizer
                             metadata={"epoch": str(epoch), "format": "pt"})
         save_file_like_open({k: _plain(v) for k, v in {**opt_tensors, **rng_state(), **(extra or {})}.items()},
                             tmp / "state.safetensors")
-        meta = dict(meta, epoch=epoch, optimizer=opt_rest,
+        meta = dict(meta, epoch=epoch, position=position, optimizer=opt_rest,
                     sha256={f: sha256(tmp / f) for f in ("model.safetensors", "state.safetensors")})
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, default=str))
         if final.exists():  # re-saving the same epoch (after a resume): the new one replaces it

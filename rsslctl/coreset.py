@@ -227,13 +227,14 @@ class CoresetRun:
         return (self.selector is not None and epoch > self.o.warmup_epochs
                 and (epoch - self.o.warmup_epochs - 1) % self.o.every == 0)
 
-    def active(self, epoch: int, images: Tensor, labels: Tensor, method: Any) -> Tensor:
-        """Indices to train on in ``epoch`` (1-based), selecting first when a round is due."""
+    def active(self, epoch: int, images: Tensor, labels: Tensor, method: Any, reselect: bool = True) -> Tensor:
+        """Indices to train on in ``epoch`` (1-based), selecting first when a round is due (and ``reselect``:
+        resumed inside an epoch, the restored coreset stands)."""
         if epoch <= self.o.warmup_epochs:
             return self.pool
         if self.selector is None:
             return self.fixed
-        if self.due(epoch) or self.indices is None:
+        if (self.due(epoch) and reselect) or self.indices is None:
             self.indices = run_selector(self.selector, SelectionContext(
                 images, labels, self.pool, self.validation, self.batch_size, derive_seed(self.seed, epoch), method),
                 self.budget)

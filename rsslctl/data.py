@@ -1,4 +1,5 @@
-"""Datasets as in-memory uint8 tensors, shared helpers for loaders (missing files, safe unpickling)."""
+"""Datasets as in-memory uint8 tensors, per-image sources for the streamed path (see ``stream``), shared helpers for
+loaders (missing files, safe unpickling, resizing)."""
 from __future__ import annotations
 
 import dataclasses
@@ -34,12 +35,48 @@ class ImageData:
         """Images at ``size``×``size`` (antialiased bilinear), kept as uint8."""
         if self.images.shape[-1] == size and self.images.shape[-2] == size:
             return self
-        out = []
-        per_image = self.images.shape[1] * max(size * size, self.images.shape[-1] * self.images.shape[-2]) * 4
-        for chunk in self.images.split(max(1, min(1024, (256 << 20) // max(1, per_image)))):  # ≤ ~256 MB of floats
-            x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            out.append(x.round_().clamp_(0, 255).to(torch.uint8))
-        return ImageData(torch.cat(out), self.labels, self.classes, self.name)
+        return ImageData(resize_images(self.images, size), self.labels, self.classes, self.name)
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [N, C, H, W] → uint8 [N, C, size, size], antialiased bilinear. Each image is resized on its own (the
+    chunking only bounds memory), so the streamed path, which resizes image by image, gets the same pixels."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = []
+    per_image = images.shape[1] * max(size * size, images.shape[-1] * images.shape[-2]) * 4
+    for chunk in images.split(max(1, min(1024, (256 << 20) // max(1, per_image)))):  # ≤ ~256 MB of floats
+        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+class ImageSource:
+    """A split read one image at a time, for the streamed path: labels (and classes) are known up front, pixels
+    are decoded on demand in DataLoader workers. Subclasses must be picklable (workers may be spawned): hold paths,
+    and open files lazily in ``read``."""
+
+    def __init__(self, labels: torch.Tensor, classes: list[str], name: str, channels: int = 3) -> None:
+        self.labels, self.classes, self.name, self.channels = labels, classes, name, channels
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def read(self, i: int) -> torch.Tensor:
+        """Image ``i`` as uint8 [C, H, W] at the size the plugin's ``load`` would give it; raise ``UserError``
+        (one line naming the file) when it cannot be read."""
+        raise NotImplementedError
+
+
+class HostSource(ImageSource):
+    """A split loaded whole into host memory, streamed from there (datasets without a per-image reader)."""
+
+    def __init__(self, data: ImageData) -> None:
+        super().__init__(data.labels, data.classes, data.name, int(data.images.shape[1]))
+        self.images = data.images  # forked workers share its pages copy-on-write (never written)
+
+    def read(self, i: int) -> torch.Tensor:
+        return self.images[i]
 
 
 class Dataset(Plugin):
@@ -56,6 +93,12 @@ class Dataset(Plugin):
     def load(self, split: str) -> ImageData:
         """Return the split; raise ``missing_data(...)`` when its files are absent."""
         raise NotImplementedError
+
+    @classmethod
+    def source(self, split: str) -> ImageSource | None:
+        """The split as a per-image ``ImageSource`` for the streamed path, without decoding it; None (the
+        default) = no per-image reader, so a streamed run loads the split whole into host memory first."""
+        return None
 
     @classmethod
     def hyperparameter_column(cls, image_size: int) -> str:

@@ -204,6 +204,24 @@ def collapse_bn_state(state: dict[str, Tensor], route: str = "pgd") -> dict[str,
     return out
 
 
+def has_batch_norm(module: nn.Module) -> bool:
+    """Does ``module`` contain a BatchNorm layer (what dual BN duplicates)?"""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 def build_encoder(backbone: Backbone, options: EncoderOptions, method_wants_dual_bn: bool) -> Encoder:
+    """The encoder of a recipe. Dual BN needs BatchNorm in the backbone: a backbone without any (a vision transformer
+    normalises with LayerNorm) is refused with ``dual_bn = "on"``, and with ``"auto"`` falls back to a single route
+    with a warning, so a method that prefers dual BN (ACL, ...) still trains on such a backbone."""
     dual = {"auto": method_wants_dual_bn, "on": True, "off": False}[options.dual_bn]
-    return Encoder(backbone.build(), options, dual)
+    model = backbone.build()
+    if dual and not has_batch_norm(model):
+        kind = type(model).__name__
+        if options.dual_bn == "on":
+            raise UserError(f"encoder.dual_bn = \"on\": the backbone ({kind}) has no BatchNorm layer, so dual BN does "
+                            "not apply; set encoder.dual_bn = \"off\"")
+        from .ui import err_console
+        err_console.print(f"warning: the method asks for dual BN, but the backbone ({kind}) has no BatchNorm layer; "
+                          "training with a single route (set encoder.dual_bn = \"off\" to silence this)", highlight=False)
+        dual = False
+    return Encoder(model, options, dual)

@@ -1,6 +1,6 @@
 """The one training engine every method runs on.
 
-Whole training split resident on the device as uint8; batched on-device augmentation inside the
+Whole training split resident on the device as uint8 (or streamed: ``stream``); batched on-device augmentation inside the
 method; bf16 autocast, channels_last, a compiled training step and CUDA graphs as options; per-iteration LR
 schedule; metrics read back from the device every ``log_every`` steps only (no host sync per step, see
 tests/test_sync.py);
@@ -12,7 +12,6 @@ backward, and rank 0 alone logs and writes checkpoints (with every rank's RNG an
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import distributed as dist
-from .build import (autocast, build_method, compile_step, load_train_split, load_weights, plugin_versions,
+from .build import (autocast, build_method, compile_step, load_weights, open_train_split, plugin_versions,
                     setup_device, uses_bf16)
 from .checkpoint import (CorruptCheckpoint, atomic_write_text, checkpoints, derive_seed, latest_checkpoint,
                          load_checkpoint, optimizer_from_flat, read_meta, refuse_nonfinite, remove_stale_temporaries,
@@ -35,6 +34,7 @@ from .logs import RunLogger, duration
 from .monitor import monitor_accuracies, monitor_splits
 from .optim import StepClock, lr_at, make_optimizer
 from .recipe import Recipe
+from .stream import epoch_batches, on_device
 from .ui import console, err_console, progress_bar, summary_table
 
 #: (optimizer step, lr, loss, metrics) of a step whose values are still on the device
@@ -53,9 +53,9 @@ class Trainer:
         self.device = setup_device(recipe)
         self.quiet = quiet or not dist.is_main()
         torch.manual_seed(recipe.run.seed)
-        self.train = load_train_split(recipe)
+        self.train = open_train_split(recipe, self.device)  # resident ImageData or a StreamSplit
         self.batch_size = recipe.schedule.batch_size  # the global batch: each rank trains on its share
-        self.local_batch = dist.local_batch(self.batch_size)
+        dist.local_batch(self.batch_size)  # refuses a batch that does not divide by the number of ranks
         self.steps_per_epoch = len(self.train) // self.batch_size
         if self.steps_per_epoch == 0:
             raise UserError(f"schedule.batch_size = {self.batch_size} exceeds the {len(self.train)} training images; "
@@ -77,6 +77,8 @@ class Trainer:
         # once per optimizer step, so the cosine is over-stepped m times (see docs/methods.md, "Adversarial training and free AT")
         self.minibatch_clock = StepClock(epoch_steps, 1, recipe.schedule.warmup_epochs, recipe.coreset.lr_schedule)
         self.epoch = 0
+        self.position = 0  # minibatches of epoch ``epoch + 1`` trained before a mid-epoch checkpoint
+        self.partial = (0.0, 0)  # (sum, count) of that epoch's losses so far
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.monitor_data: tuple | None = None  # (train features' images/labels, test images/labels) for monitors
 
@@ -135,16 +137,16 @@ class Trainer:
             raise UserError(f"{ckpt}: written by a run of {saved_world} process(es), resumed with "
                             f"{dist.world_size()}; resume with the same number (torchrun --nproc_per_node and "
                             "--nnodes), since each rank's random streams and share of the batch are part of the state")
-        if not dist.is_main():  # ranks > 0 keep their RNG and run state under rank<r>.
-            prefix = f"rank{dist.rank()}."
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = dist.own_state(state)  # ranks > 0 keep their RNG and run state under rank<r>.
         set_rng_state(state)
-        self.epoch = int(meta["epoch"])
+        self.epoch, self.position = int(meta["epoch"]), int(meta.get("position", 0))
+        if self.position:
+            self.partial = (float(meta["metrics"]["loss_sum"]), int(meta["metrics"]["loss_count"]))
         self.method.load_run_state({k[len("method."):]: v.to(self.device) for k, v in state.items()
                                     if k.startswith("method.")})
         if self.coreset and "coreset.indices" in state:
             self.coreset.indices = state["coreset.indices"]
-        dist.rank0_does(lambda: self._truncate_metrics(self.clock.step(self.epoch + 1, 0)))
+        dist.rank0_does(lambda: self._truncate_metrics(self.clock.step(self.epoch + 1, self.position)))
         return True
 
     def _pick_checkpoint(self, chosen: Path | None) -> Path | None:
@@ -187,7 +189,7 @@ class Trainer:
             except ValueError:  # a partial last line of a killed run
                 continue
             if (isinstance(rec, dict) and rec.get("step", -1) < first_lost_step
-                    and rec.get("epoch", 0) <= self.epoch):
+                    and (rec.get("kind") == "step" or rec.get("epoch", 0) <= self.epoch)):
                 keep.append(line)
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
@@ -196,16 +198,13 @@ class Trainer:
                 "device": str(self.device), "bf16": uses_bf16(self.device, self.recipe.engine.precision),
                 "steps_per_epoch": self.steps_per_epoch, "torch": torch.__version__, "world_size": dist.world_size()}
 
-    def _checkpoint(self, epoch: int, summary: dict[str, Any]) -> None:
-        mine = {f"method.{k}": v.cpu() for k, v in self.method.run_state().items()}
-        ranks = dist.gather_to_main(mine if dist.is_main() else {**rng_state(), **mine})
-        extra = dict(mine)
-        for r, state in list(enumerate(ranks or []))[1:]:
-            extra.update({f"rank{r}.{k}": v for k, v in state.items()})
+    def _checkpoint(self, epoch: int, summary: dict[str, Any], position: int = 0) -> None:
+        extra = dist.rank_states({f"method.{k}": v.cpu() for k, v in self.method.run_state().items()}, rng_state)
         if self.coreset and self.coreset.indices is not None:
             extra["coreset.indices"] = self.coreset.indices
         dist.rank0_does(lambda: save_checkpoint(self.run_dir, epoch, self.method, self.optimizer, self._meta(summary),
-                                                keep=self.recipe.engine.keep_checkpoints, extra=extra))
+                                                keep=self.recipe.engine.keep_checkpoints, extra=extra,
+                                                position=position))
 
     # -- loop ----------------------------------------------------------------------------------------
     def fit(self, resume: bool = False, from_checkpoint: Path | None = None) -> dict[str, Any]:
@@ -221,21 +220,20 @@ class Trainer:
                                   "(to train longer, start a new run)", highlight=False)
                 return dict(read_meta(latest_checkpoint(self.run_dir)).get("metrics", {}))
             elif not self.quiet:
-                console.print(f"resuming after epoch {self.epoch}")
-        images, labels = self.train.images.to(self.device), self.train.labels.to(self.device)
+                console.print(f"resuming after epoch {self.epoch}"
+                              + (f", minibatch {self.position} of epoch {self.epoch + 1}" if self.position else ""))
+        images, labels = on_device(self.train, self.device)
         summary: dict[str, Any] = {}
-        self._t_run, self._steps_at_start = time.perf_counter(), self.clock.step(self.epoch + 1, 0)
-        # ranks > 0 log nothing: no writers, and their metrics lines go nowhere
-        logging = r.logging if dist.is_main() else dataclasses.replace(r.logging, tensorboard=False, csv=False,
-                                                                        wandb=False)
-        self.logger = RunLogger(self.run_dir, logging, r.resolved, self.quiet, purge_step=self._steps_at_start)
-        try:
+        self._t_run, self._steps_at_start = time.perf_counter(), self.clock.step(self.epoch + 1, self.position)
+        self.logger = RunLogger(self.run_dir, dist.main_only(r.logging), r.resolved, self.quiet,
+                                purge_step=self._steps_at_start)
+        try:  # ranks > 0 write no logs: no writers, and their metrics lines go nowhere
             with open(self.metrics_path if dist.is_main() else os.devnull, "a") as log, progress_bar(self.quiet or self.logger.plain) as bar:
-                task = bar.add_task("pretrain", total=sum(self.clock.epoch_steps[self.epoch:]), info="")
+                task = bar.add_task("pretrain", total=sum(self.clock.epoch_steps[self.epoch:]) - self.position, info="")
                 for epoch in range(self.epoch + 1, r.schedule.epochs + 1):
                     summary = self._epoch(epoch, images, labels, log,
                                           lambda n, info=None: bar.update(task, advance=n, **({"info": info} if info else {})))
-                    self.epoch = epoch
+                    self.epoch, self.position, self.partial = epoch, 0, (0.0, 0)
                     summary.update(self._monitor(epoch))
                     self.logger.scalars(summary, self.clock.step(epoch + 1, 0) - 1, "epoch")
                     self.logger.progress(f"epoch {epoch}/{r.schedule.epochs} done: " + ", ".join(
@@ -273,15 +271,17 @@ class Trainer:
         return dist.rank0_does(run)
 
     def _epoch_batches(self, epoch: int, images: Tensor, labels: Tensor) -> tuple[Tensor, float]:
-        """(minibatch indices [steps, batch] on the device, seconds spent selecting a coreset)."""
+        """(minibatch indices [steps, batch] on the host, seconds spent selecting a coreset); resumed inside an
+        epoch, its coreset is the one restored from the checkpoint, never selected again."""
         t_select = time.perf_counter()
-        active = self.coreset.active(epoch, images, labels, self.method) if self.coreset else None
+        active = self.coreset.active(epoch, images, labels, self.method, reselect=not self.position) \
+            if self.coreset else None
         t_select = time.perf_counter() - t_select
         spe, bs = self.clock.epoch_steps[epoch - 1], self.batch_size
         g = torch.Generator().manual_seed(derive_seed(self.recipe.run.seed, epoch))
         perm = torch.randperm(len(images) if active is None else len(active), generator=g)[: spe * bs]
         perm = perm if active is None else active[perm]
-        return perm.to(self.device).view(spe, bs), t_select
+        return perm.view(spe, bs), t_select
 
     def _epoch(self, epoch: int, images: Tensor, labels: Tensor, log: TextIO,
                progress: Callable[..., None]) -> dict[str, Any]:
@@ -290,28 +290,34 @@ class Trainer:
         self.method.on_epoch_start(epoch, r.schedule.epochs)
         batches, t_select = self._epoch_batches(epoch, images, labels)
         spe, bs = batches.shape
+        start, every = self.position, r.engine.checkpoint_every_steps
         pending: list[Pending] = []
         losses: list[float] = []
         t0 = time.perf_counter()
-        for i, idx in enumerate(batches):
-            idx = dist.shard(idx)  # this rank's share of the global minibatch
+        for i, (x, y) in enumerate(epoch_batches(self.train, images, labels, batches, self.device, start), start):
             for rep in range(self.replays):
-                pending.append(self._step(epoch, i, rep, images[idx], labels[idx]))
+                pending.append(self._step(epoch, i, rep, x, y))
             progress(1)  # the bar moves every step; its numbers are the last ones read back
-            if (i + 1) % r.engine.log_every == 0 or i == spe - 1:
+            mid_checkpoint = every and (i + 1) % every == 0 and i < spe - 1
+            if (i + 1) % r.engine.log_every == 0 or i == spe - 1 or mid_checkpoint:
                 losses += self._flush(pending, epoch, log)
                 step, lr = pending[-1][0], pending[-1][1]
                 done = step + 1 - self._steps_at_start
                 elapsed = time.perf_counter() - self._t_run
                 eta = elapsed / done * (self.clock.total_steps - step - 1)
                 info = (f"ep {epoch}/{r.schedule.epochs} loss (last read) {losses[-1]:.4f} lr {lr:.3g} "
-                        f"{(i + 1) * bs / (time.perf_counter() - t0):,.0f} img/s")
+                        f"{(i + 1 - start) * bs / (time.perf_counter() - t0):,.0f} img/s")
                 progress(0, info)
                 self.logger.progress(f"epoch {epoch}/{r.schedule.epochs} step {i + 1}/{spe} {info[info.index('loss'):]} "
                                      f"elapsed {duration(elapsed)} eta {duration(eta)}")
                 pending = []
+            if mid_checkpoint:  # the weights after minibatch i, the RNG states for minibatch i + 1
+                log.flush()
+                self._checkpoint(epoch - 1, {"epoch": epoch, "loss_sum": self.partial[0] + sum(losses),
+                                             "loss_count": self.partial[1] + len(losses)}, position=i + 1)
         seconds = time.perf_counter() - t0
-        summary = {"epoch": epoch, "loss": sum(losses) / len(losses), "seconds": seconds, "images_per_s": spe * bs / seconds}
+        summary = {"epoch": epoch, "loss": (self.partial[0] + sum(losses)) / (self.partial[1] + len(losses)),
+                   "seconds": seconds, "images_per_s": (spe - start) * bs / seconds}
         if self.coreset:
             summary.update(images=spe * bs, selected=self.coreset.due(epoch), selection_seconds=t_select)
         log.write(json.dumps({"kind": "epoch", **summary}) + "\n")

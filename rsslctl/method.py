@@ -29,6 +29,9 @@ class Method(nn.Module, Plugin):
     needs_attack: ClassVar[bool] = False
     #: does the method want a dual-BN encoder when [encoder] dual_bn = "auto"?
     wants_dual_bn: ClassVar[bool] = False
+    #: the kind of backbone the method needs: "any", or "vit" (a vision transformer with patch tokens and an absolute
+    #: positional embedding); tests and benchmarks use it to pick a suitable tiny backbone
+    backbone_kind: ClassVar[str] = "any"
     #: the rows of the fine-tuning hyper-parameter table this method's papers define (``finetune_row`` picks one)
     finetune_rows: ClassVar[FinetuneRows] = {}
     #: optimizer steps per minibatch; free adversarial training replays each minibatch m times

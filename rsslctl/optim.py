@@ -1,4 +1,4 @@
-"""Optimisers (SGD, Adam, LARS) and the per-iteration cosine schedule with linear warm-up."""
+"""Optimisers (SGD, Adam, AdamW, LARS) and the per-iteration cosine schedule with linear warm-up."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,13 +16,13 @@ from .options import opt
 class OptimizerOptions:
     """The recipe's [optimizer] section."""
 
-    name: Literal["sgd", "adam", "lars"] = opt("lars", "optimiser")
+    name: Literal["sgd", "adam", "adamw", "lars"] = opt("lars", "optimiser")
     lr: float = opt(5.0, "peak learning rate", min=0)
     momentum: float = opt(0.9, "SGD/LARS momentum", min=0, max=1)
     nesterov: bool = opt(False, "SGD Nesterov momentum")
     weight_decay: float = opt(1e-6, "weight decay (LARS applies it to every tensor, as the reference)", min=0)
     trust_coefficient: float = opt(1e-3, "LARS trust coefficient η", min=0)
-    betas: tuple[float, float] = opt((0.9, 0.999), "Adam betas, each in [0, 1)")
+    betas: tuple[float, float] = opt((0.9, 0.999), "Adam/AdamW betas, each in [0, 1)")
 
 
 @dataclasses.dataclass
@@ -79,6 +79,8 @@ def make_optimizer(params: list[Tensor], o: OptimizerOptions) -> torch.optim.Opt
                                weight_decay=o.weight_decay)
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    if o.name == "adamw":  # decoupled weight decay (Loshchilov & Hutter), the MAE/ViT optimiser
+        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     return LARS(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient)
 
 

@@ -44,6 +44,13 @@ class DataOptions:
     test_split: str = opt("test", "split used for evaluation")
     image_size: int = opt(32, "images are presented at this square size", min=8, max=MAX_IMAGE_SIZE)
     limit: int = opt(0, "use only the first N training images (0 = all)", min=0)
+    stream: Literal["auto", "on", "off"] = opt(
+        "auto", "training split resident on the device (off) or decoded from disk by DataLoader workers (on); auto "
+                "streams only when its uint8 images exceed resident_fraction of the device's memory")
+    workers: int = opt(4, "DataLoader worker processes of the streamed path (0 = decode in the training process)",
+                       min=0, max=256)
+    resident_fraction: float = opt(0.5, "stream = auto: largest share of the device's memory the resident split may "
+                                        "take", min=0.01, max=1.0)
 
 
 @dataclasses.dataclass
@@ -56,6 +63,8 @@ class EngineOptions:
                                    "mode reduce-overhead); training batches have static shapes")
     grad_clip: float = opt(0.0, "clip the global gradient norm (0 = off)", min=0)
     checkpoint_every: int = opt(1, "write a checkpoint every N epochs (and always at the end)", min=1, max=MAX_EPOCHS)
+    checkpoint_every_steps: int = opt(0, "also write a checkpoint every N minibatches inside an epoch, for long "
+                                         "(streamed) epochs; resume continues at that position (0 = off)", min=0)
     keep_checkpoints: int = opt(2, "how many checkpoints to keep", min=1, max=1000)
     log_every: int = opt(10, "read metrics back from the device every N steps", min=1)
     threads: int = opt(0, "CPU threads for torch (0 = torch default); fix it for bit-reproducible CPU runs", min=0,

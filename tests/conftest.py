@@ -59,6 +59,29 @@ limit = 64
 """
 
 
+#: overrides giving TINY a backbone of the kind a method declares (``Method.backbone_kind``); "any" keeps the ResNet
+TINY_BACKBONES = {"any": [],
+                  "vit": ["backbone.model='vit_tiny_patch16_224'", "backbone.cifar_stem=false",
+                          "backbone.model_kwargs={img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2}"]}
+
+
+def tiny_backbone(method_cls: type) -> list[str]:
+    """The TINY overrides for ``method_cls``'s backbone kind."""
+    return list(TINY_BACKBONES[method_cls.backbone_kind])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped, with the reason, where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"

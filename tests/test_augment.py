@@ -202,7 +202,7 @@ def test_strength_schedule_dynacl():
         strength_schedule(0, 1000)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     x = images()
     aug = ViewAugment(32, AugmentOptions())

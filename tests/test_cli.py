@@ -7,22 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from rsslctl.cli import main
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("error:") and "\n" not in err, err
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in err, err
+from cli_helpers import assert_user_error, run
 
 
 @pytest.mark.parametrize("override, fragments", [

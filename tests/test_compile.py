@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import rsslctl.engine
+from conftest import tiny_backbone
 from rsslctl import hookimpl, registry
 from rsslctl.build import compile_step
 from rsslctl.encoder import Backbone
@@ -60,8 +61,9 @@ def two_conv() -> Iterator[None]:
 
 def _recipe(tiny_recipe: Path, name: str, extra: list[str] = ()):
     cls = registry.registry().get("method", name)
-    overrides = [f"method.name={name!r}", "backbone.name='two_conv'", "data.limit=32", "schedule.batch_size=8",
-                 "schedule.epochs=1", "attack.steps=2", "engine.precision='fp32'"]
+    overrides = [f"method.name={name!r}", "data.limit=32", "schedule.batch_size=8", "schedule.epochs=1",
+                 "attack.steps=2", "engine.precision='fp32'"]
+    overrides += tiny_backbone(cls) or ["backbone.name='two_conv'"]  # a ViT-only method keeps its tiny ViT
     overrides += [f"method.{k}=2" for k in ("n_views", "eval_views") if k in cls.Options.__dataclass_fields__]
     if not cls.needs_attack:
         overrides.append("attack.name='none'")

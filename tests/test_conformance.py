@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from torch import nn
 
+from conftest import tiny_backbone
+from cli_helpers import TinyLinear
 from rsslctl.cli import main
 from rsslctl.coreset import SelectionContext, run_selector
 from rsslctl.engine import Trainer
@@ -33,6 +34,7 @@ def test_every_method_trains_a_step_on_digits(name: str, tiny_recipe: Path, tmp_
     overrides += [f"method.{k}=2" for k in ("n_views", "eval_views") if k in cls.Options.__dataclass_fields__]
     if not cls.needs_attack:
         overrides.append("attack.name='none'")
+    overrides += tiny_backbone(cls)  # a ViT-only method trains a tiny ViT
     recipe = load(tiny_recipe, overrides)
     run = tmp_path / name
     trainer = Trainer(recipe, run, quiet=True)
@@ -46,22 +48,12 @@ def test_every_method_trains_a_step_on_digits(name: str, tiny_recipe: Path, tmp_
     assert feats.dim() == 2 and feats.shape[0] == 2
 
 
-class _Linear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(3 * 8 * 8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x.flatten(1))
-
-
 @pytest.mark.parametrize("name", _names("attack"))
 def test_every_attack_stays_in_its_ball_and_raises_its_objective(name: str) -> None:
     cls = registry().get("attack", name)
     options = validate(cls.Options, {}, "attack")
     attack = cls(options)
-    model = _Linear()
+    model = TinyLinear()
     torch.manual_seed(1)
     x = torch.rand(16, 3, 8, 8)
     y = torch.randint(0, 10, (16,))

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from torch import Tensor, nn
 
+from cli_helpers import assert_user_error, run
 from rsslctl import registry
 from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
-from rsslctl.cli import main
 from rsslctl.coreset import CoresetTarget, SelectionContext, budget_for, load_selection, run_selector, split_validation
 from rsslctl.build import build_method, load_split
 from rsslctl.engine import Trainer
@@ -341,31 +340,21 @@ def test_budget_is_floored_to_whole_minibatches_like_the_reference() -> None:
 
 
 # -- CLI and errors ---------------------------------------------------------------------------------------------------
-def _cli(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def _one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("error:") and "\n" not in err and "Traceback" not in result.output, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def test_select_coreset_writes_indices_with_metadata(tiny_recipe: Path, tmp_path: Path) -> None:
     out = tmp_path / "sel.safetensors"
-    result = _cli("select-coreset", str(tiny_recipe), "--fraction", "0.3", "--out", str(out), "--set", "coreset.unit=16")
+    result = run("select-coreset", str(tiny_recipe), "--fraction", "0.3", "--out", str(out), "--set", "coreset.unit=16")
     assert result.exit_code == 0, result.output
     indices, meta = load_selection(out)
     assert meta["selector"] == "rcs" and meta["fraction"] == 0.3 and meta["seed"] == 3 and len(meta["encoder_sha256"]) == 64
     assert meta["train_size"] == 96 and len(indices) == meta["size"] == 32
     js = tmp_path / "sel.json"
-    assert _cli("select-coreset", str(tiny_recipe), "--fraction", "0.3", "--out", str(js),
+    assert run("select-coreset", str(tiny_recipe), "--fraction", "0.3", "--out", str(js),
                 "--set", "coreset.name='random'").exit_code == 0
     data = json.loads(js.read_text())
     assert data["selector"] == "random" and len(data["indices"]) == 32 and data["options"]["fraction"] == 0.3
-    _one_line_error(_cli("select-coreset", str(tiny_recipe), "--fraction", "0.3", "--out", str(js)),
+    assert_user_error(run("select-coreset", str(tiny_recipe), "--fraction", "0.3", "--out", str(js)),
                     "already exists", "--force")
     assert json.loads(js.read_text()) == data  # nothing overwritten
 
@@ -378,15 +367,15 @@ def test_select_coreset_writes_indices_with_metadata(tiny_recipe: Path, tmp_path
      ["method 'simclr' exposes no coreset target", "random"]),
 ])
 def test_select_coreset_errors(tiny_recipe: Path, tmp_path: Path, args: list[str], fragments: list[str]) -> None:
-    _one_line_error(_cli("select-coreset", str(tiny_recipe), "--out", str(tmp_path / "x.json"), *args), *fragments)
+    assert_user_error(run("select-coreset", str(tiny_recipe), "--out", str(tmp_path / "x.json"), *args), *fragments)
     assert not (tmp_path / "x.json").exists()
 
 
 def test_select_coreset_needs_a_trained_encoder_in_a_run_dir(tmp_path: Path, tiny_recipe: Path) -> None:
-    run = tmp_path / "run"
-    prepare_run_dir(load(tiny_recipe), run, force=False)
-    _one_line_error(_cli("select-coreset", "--run-dir", str(run), "--fraction", "0.2", "--out", str(tmp_path / "s.json")),
-                    "no checkpoint yet")
+    run_dir = tmp_path / "run"
+    prepare_run_dir(load(tiny_recipe), run_dir, force=False)
+    assert_user_error(run("select-coreset", "--run-dir", str(run_dir), "--fraction", "0.2",
+                          "--out", str(tmp_path / "s.json")), "no checkpoint yet")
 
 
 @pytest.mark.parametrize("overrides, fragments", [
@@ -401,14 +390,14 @@ def test_bad_coreset_recipes_fail_before_training(tiny_recipe: Path, overrides: 
     args = ["pretrain", str(tiny_recipe), "--quiet"]
     for o in overrides:
         args += ["--set", o]
-    _one_line_error(_cli(*args), *fragments)
+    assert_user_error(run(*args), *fragments)
     assert not (tiny_recipe.parent / "runs").exists()
 
 
 def test_indices_file_from_another_dataset_size_is_refused(tiny_recipe: Path, tmp_path: Path) -> None:
     from rsslctl.coreset import save_selection
     save_selection(tmp_path / "s.json", torch.arange(40), {"train_size": 1347, "dataset": "digits"})
-    _one_line_error(_cli("pretrain", str(tiny_recipe), "--quiet", "--set", "coreset.warmup_epochs=1",
+    assert_user_error(run("pretrain", str(tiny_recipe), "--quiet", "--set", "coreset.warmup_epochs=1",
                          "--set", f"coreset.indices_file={str(tmp_path / 's.json')!r}"), "1347", "96")
 
 
@@ -419,12 +408,9 @@ def test_default_recipe_has_no_coreset(tiny_recipe: Path) -> None:
 
 def test_sat_rcs_selects_through_the_sat_plugin(tiny_recipe: Path, tmp_path: Path) -> None:
     """SAT-RCS end to end: the `sat` method exposes its last linear layer to RCS."""
-    from click.testing import CliRunner
-
-    from rsslctl.cli import main
     out = tmp_path / "sat_rcs.json"
-    result = CliRunner().invoke(main, ["select-coreset", str(tiny_recipe), "--fraction", "0.5", "--out", str(out),
-                                       "--set", "method.name=sat", "--set", "coreset.name=rcs"])
+    result = run("select-coreset", str(tiny_recipe), "--fraction", "0.5", "--out", str(out),
+                 "--set", "method.name=sat", "--set", "coreset.name=rcs")
     assert result.exit_code == 0, result.output
     meta = json.loads(out.read_text())
     assert meta["selector"] == "rcs" and 0 < len(meta["indices"]) < 96

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from torch import nn
 
 from rsslctl import corruptions as C
@@ -18,7 +17,8 @@ from rsslctl.attack import make_attack
 from rsslctl.build import build_method, load_split
 from rsslctl.classify import (MODES, accuracy, balanced_subset, crop_flip, resolve_config, resolve_configs,
                               trades_adversary, trades_loss)
-from rsslctl.cli import main
+from cli_helpers import run
+from cli_helpers import TinyLinear
 from rsslctl.commands import finetune as ft
 from rsslctl.encoder import collapse_bn_state
 from rsslctl.errors import UserError
@@ -26,10 +26,6 @@ from rsslctl.recipe import load, resolve
 from rsslctl.suite import SuiteOptions, autoattack_accuracy, corruption_accuracy
 
 CPU = torch.device("cpu")
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, list(args))
 
 
 def column(dataset: str, size: int) -> str:
@@ -207,18 +203,8 @@ def test_pgd_accuracy_not_above_clean_and_trades_adversary_in_ball(pretrained) -
 # -- AutoAttack and corruptions -----------------------------------------------------------------------------------
 
 
-class _Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(3 * 8 * 8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x.flatten(1))
-
-
 def test_autoattack_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
-    model = _Tiny().eval()
+    model = TinyLinear().eval()
     torch.manual_seed(1)
     x = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
     with torch.no_grad():
@@ -360,7 +346,7 @@ def test_transfer_recipe_swaps_the_dataset_only() -> None:
 def test_report_rows_use_one_set_of_images_and_absent_results_are_absent(tmp_path: Path) -> None:
     from rsslctl.data import ImageData
     from rsslctl.suite import evaluate_model, write_report
-    model = _Tiny().eval()
+    model = TinyLinear().eval()
     torch.manual_seed(2)
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
     with torch.no_grad():

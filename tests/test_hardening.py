@@ -13,27 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from cli_helpers import assert_user_error as one_line, run
 from rsslctl.checkpoint import sha256
-from rsslctl.cli import main
 from rsslctl.runs import LOCK_FILE, MARKER, RunLock
 
 FAST = ["--quiet", "--set", "schedule.epochs=1", "--set", "data.limit=64", "--set", "schedule.batch_size=32"]
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def one_line(result, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("error:") and "\n" not in err and "Traceback" not in result.output, err
-    for f in fragments:
-        assert f in err, err
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -14,30 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from rsslctl.checkpoint import latest_checkpoint, read_meta
-from rsslctl.cli import main
+from cli_helpers import assert_user_error, run
 from rsslctl.build import load_trained_method
 from rsslctl.runs import load_run_recipe
 
 CPU = torch.device("cpu")
 TINY = (8, 16, 16, 16)
 BLOCKS = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True)}
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("error:") and "\n" not in err, err
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 # -- reference layouts, written by the test ---------------------------------------------------------------------
@@ -299,8 +285,10 @@ def test_imported_model_computes_the_reference_forward(tmp_path: Path, depth: in
     with torch.no_grad():
         for route, name in enumerate(("normal", "pgd")):
             feat, z = reference_forward(sd, x, route, depth, 3)
-            assert torch.allclose(encoder.features(x, name), feat, atol=1e-5)
-            assert torch.allclose(encoder(x, name), z, atol=1e-5)
+            ours = encoder.features(x, name)
+            # fp32 through 50 layers: the summation order (thread count) moves the last bits, relative to the scale
+            assert torch.allclose(ours, feat, rtol=0, atol=2e-6 * feat.abs().max()), (ours - feat).abs().max()
+            assert torch.allclose(encoder(x, name), z, rtol=0, atol=2e-6 * z.abs().max())
 
 
 # -- refusals: one line, exit code 2, nothing written ---------------------------------------------------------------

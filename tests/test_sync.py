@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import tiny_backbone
 from rsslctl.engine import Trainer
 from rsslctl.recipe import load
 from rsslctl.registry import registry
@@ -70,6 +71,7 @@ def _trainer(tiny_recipe: Path, tmp_path: Path, name: str, extra: list[str] = ()
     overrides += [f"method.{k}=2" for k in ("n_views", "eval_views") if k in cls.Options.__dataclass_fields__]
     if not cls.needs_attack:
         overrides.append("attack.name='none'")
+    overrides += tiny_backbone(cls)
     return Trainer(load(tiny_recipe, overrides + list(extra)), tmp_path / name, quiet=True)
 
 
@@ -112,6 +114,9 @@ def test_every_method_steps_without_a_host_sync(name: str, tiny_recipe: Path, tm
     ("simclr_adv", ["method.leak_attack_grads=true"]),
     ("empssl_adv", ["method.training='free'"]),
     ("sat", ["attack.random_start=false", "attack.norm='l2'"]),
+    ("mae", ["attack.name='pgd'", "method.contrastive_weight=0.5", "encoder.head_layers=1"]),
+    ("mae", ["method.adpe='coordinate'", "method.adpe_persistent=true"]),
+    ("mae", ["method.adpe='embedding'", "method.adpe_shared=true"]),
 ])
 def test_method_variants_step_without_a_host_sync(name: str, extra: list[str], tiny_recipe: Path,
                                                   tmp_path: Path) -> None:
@@ -136,3 +141,20 @@ def test_an_epoch_reads_metrics_back_only_every_log_every_steps(tiny_recipe: Pat
     with open(tmp_path / "log.jsonl", "w") as log, SyncDetector():
         trainer._epoch(1, images, labels, log, lambda n, info=None: None)
     assert flushed == [2, 2, 2]
+
+
+def test_a_streamed_epoch_reads_nothing_back(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streamed path (host batches copied to the device ahead of use) keeps the epoch free of reads as well."""
+    from rsslctl.stream import StreamSplit, on_device
+    trainer = _trainer(tiny_recipe, tmp_path, "acl", ["data.limit=48", "engine.log_every=3", "data.stream='on'",
+                                                      "data.workers=0"])
+    assert isinstance(trainer.train, StreamSplit)
+    flushed: list[int] = []
+    monkeypatch.setattr(trainer, "_flush", lambda pending, epoch, log: flushed.append(len(pending)) or [0.0] * len(pending))
+    from rsslctl.logs import LoggingOptions, RunLogger
+    trainer._t_run, trainer._steps_at_start = 0.0, 0
+    trainer.logger = RunLogger(tmp_path, LoggingOptions(tensorboard=False, csv=False), {}, quiet=True)
+    images, labels = on_device(trainer.train, META)
+    with open(tmp_path / "log.jsonl", "w") as log, SyncDetector():
+        trainer._epoch(1, images, labels, log, lambda n, info=None: None)
+    assert flushed == [3, 3]
