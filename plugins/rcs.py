@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsslctl import hookimpl
+from rsslctl import distributed, hookimpl
 from rsslctl.attack import Attack, eval_mode, make_attack
 from rsslctl.checkpoint import derive_seed
 from rsslctl.coreset import CoresetSelector, CoresetTarget, SelectionContext
@@ -89,6 +89,10 @@ class GradientShard:
     units: Tensor  # [k] unit ids (positions in the round's unit list)
     sketches: Tensor  # [k, D]
     full: Tensor | None  # [k, P]
+
+    def cpu(self) -> GradientShard:
+        """The shard in host memory (what ranks exchange)."""
+        return GradientShard(self.units.cpu(), self.sketches.cpu(), None if self.full is None else self.full.cpu())
 
 
 def compute_gradients(target: CoresetTarget, images: Tensor, labels: Tensor, pool: Tensor, batch_size: int,
@@ -229,8 +233,9 @@ class RCS(CoresetSelector):
             params = layer_params(target.layers())
             start = [p.detach().clone() for p in params]
             units, shard = compute_gradients(target, context.images, context.labels, context.pool, bs, unit,
-                                             context.seed, keep_full=o.head_lr > 0)
-            bank = gather([shard])  # a multi-GPU engine gathers every rank's shard here
+                                             context.seed, keep_full=o.head_lr > 0,
+                                             shard=(distributed.rank(), distributed.world_size()))
+            bank = gather(distributed.all_gather_objects(shard.cpu()))  # under torchrun: every rank's minibatches
             # what no pick changes is computed once per round: the layers below the target's are frozen, so the
             # validation images' natural features are fixed, and without reattack so are their adversarial features
             with torch.no_grad():

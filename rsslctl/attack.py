@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from .distributed import input_grad_scale
 from .options import Plugin, validate
 
 Objective = Callable[[Tensor], Tensor]
@@ -56,10 +57,15 @@ def input_grad(objective: Objective, x_adv: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def loss_and_grad(objective: Objective, leaf: Tensor) -> tuple[Tensor, Tensor]:
-    """(objective(leaf) in fp32, its gradient w.r.t. the leaf tensor ``leaf``), nothing else differentiated."""
+    """(objective(leaf) in fp32, its gradient w.r.t. the leaf tensor ``leaf``), nothing else differentiated.
+
+    In a data-parallel step the objective may gather across ranks, and autograd then returns the gradient of the sum
+    of the ranks' objectives; ``input_grad_scale`` makes it the gradient of the global objective (their mean) w.r.t.
+    this rank's own inputs, as a single process on the global batch computes it."""
     loss = objective(leaf).float()
     (grad,) = torch.autograd.grad(loss, leaf)
-    return loss.detach(), grad
+    scale = input_grad_scale()
+    return loss.detach(), grad if scale == 1.0 else grad * scale
 
 
 def _norms(t: Tensor) -> Tensor:

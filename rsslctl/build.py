@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import registry
+from . import distributed, registry
 from .augment import ViewAugment
 from .checkpoint import load_latest, refuse_nonfinite
 from .limits import check_allocation
@@ -24,15 +24,9 @@ from .stream import StreamSplit, device_memory
 from .ui import console
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"engine.device = {name!r}, but CUDA is not available here; use \"cpu\" or \"auto\"")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"engine.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+def select_device(name: str, backend: str = "auto") -> torch.device:
+    """The device named by engine.device; under torchrun this rank's device, with the process group joined."""
+    return distributed.setup(name, backend)
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,7 +62,7 @@ def setup_device(recipe: Recipe) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
     torch.use_deterministic_algorithms(recipe.engine.deterministic)  # process-wide: the recipe that runs decides
     torch.backends.cudnn.benchmark = False
-    return select_device(recipe.engine.device)
+    return select_device(recipe.engine.device, recipe.engine.backend)
 
 
 def _read_split(recipe: Recipe, split: str, read: Callable[[Dataset, str], Any]) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_bytes, save_file as _save_file
 
+from .distributed import launched
 from .errors import UserError
 
 CKPT_DIR = "checkpoints"
@@ -169,15 +170,23 @@ def derive_seed(seed: int, index: int) -> int:
 
 
 def rng_state() -> dict[str, torch.Tensor]:
+    """This process's random states: the CPU's and, alone, every CUDA device's; under torchrun (one GPU per rank) only
+    its own device's, as ``rng.cuda`` (querying the others would open a CUDA context on every GPU from every rank)."""
     out = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda{i}"] = s
+        if launched():
+            out["rng.cuda"] = torch.cuda.get_rng_state()
+        else:
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                out[f"rng.cuda{i}"] = s
     return out
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():  # a rank's own device (see rng_state)
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+        return
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)

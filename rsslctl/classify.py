@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import registry
+from . import distributed as dist, registry
 from .attack import eval_mode, projected_ascent
 from .build import autocast
 from .encoder import Encoder, EncoderOptions
@@ -259,8 +259,8 @@ def train_classifier(params: list[Tensor], inputs: Tensor, labels: Tensor, step_
                      title: str = "train", quiet: bool = True) -> dict[str, float]:
     """Train ``params`` with SGD on (``inputs``, ``labels``) on ``device``; ``prepare`` augments a minibatch (with the
     loop's seeded generator). Metrics are read back once per epoch. Returns the last epoch's summary."""
-    torch.manual_seed(s.seed)
-    g = torch.Generator().manual_seed(s.seed)
+    torch.manual_seed(s.seed if dist.rank() == 0 else s.seed * 1_000_003 - dist.rank())  # attacks: a stream per rank
+    g = torch.Generator().manual_seed(s.seed)  # batches and their augmentation: the same on every rank
     opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     n = len(labels)
     per_epoch = n // s.batch_size if s.drop_last else math.ceil(n / s.batch_size)
@@ -281,18 +281,27 @@ def train_classifier(params: list[Tensor], inputs: Tensor, labels: Tensor, step_
                       else s.lr * 0.5 * (1 + math.cos(math.pi * step / total)))  # CosineAnnealingLR, stepped per batch
                 for group in opt.param_groups:
                     group["lr"] = lr
+                if len(idx) < dist.world_size():  # a last partial batch smaller than the number of ranks: skipped
+                    continue
                 x, y = inputs[idx], labels[idx]
                 if prepare is not None:
                     x = prepare(x, g)
-                with autocast(device, precision):
+                (x, y), share = dist.split_batch(x, y)  # under torchrun: this rank's part of the minibatch
+                with autocast(device, precision), dist.data_parallel_step():
                     loss, logits = step_loss(x, y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                with dist.data_parallel_step():
+                    (loss * share if share != 1.0 else loss).backward()
+                dist.all_reduce_gradients(params)
                 opt.step()
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
                 bar.update(task, advance=1)
+            if dist.world_size() > 1:  # the epoch's figures over every rank's images
+                totals = dist.mean_across_ranks(torch.stack([loss_sum, correct.float(), loss_sum.new_tensor(seen)]))
+                loss_sum, correct, seen = totals[0] * dist.world_size(), totals[1] * dist.world_size(), round(
+                    float(totals[2]) * dist.world_size())
             summary = {"epoch": epoch, "lr": lr, "loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen}
             if not math.isfinite(summary["loss"]):
                 raise TrainingDiverged(f"{title}: loss became {summary['loss']} in epoch {epoch}; lower the learning rate")

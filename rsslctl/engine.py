@@ -5,11 +5,16 @@ method; bf16 autocast, channels_last, a compiled training step and CUDA graphs a
 schedule; metrics read back from the device every ``log_every`` steps only (no host sync per step, see
 tests/test_sync.py);
 atomic checkpoints and exact resume (model, optimizer, RNG states, step counter).
+
+Under torchrun (``rsslctl.distributed``) every rank holds the split, takes its contiguous share of each global
+minibatch (``schedule.batch_size`` is the global batch), averages gradients with the other ranks after each
+backward, and rank 0 alone logs and writes checkpoints (with every rank's RNG and run state).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -17,11 +22,12 @@ from typing import Any, Callable, TextIO
 import torch
 from torch import Tensor
 
+from . import distributed as dist
 from .build import (autocast, build_method, compile_step, load_weights, open_train_split, plugin_versions,
                     setup_device, uses_bf16)
 from .checkpoint import (CorruptCheckpoint, atomic_write_text, checkpoints, derive_seed, latest_checkpoint,
                          load_checkpoint, optimizer_from_flat, read_meta, refuse_nonfinite, remove_stale_temporaries,
-                         save_checkpoint, set_rng_state)
+                         rng_state, save_checkpoint, set_rng_state)
 from .coreset import CoresetRun, method_target
 from .errors import TrainingDiverged, UserError
 from .logs import RunLogger, duration
@@ -45,14 +51,17 @@ class Trainer:
         self.quiet = quiet
         self.on_step = on_step  # test hook: called with the global step after each optimizer step
         self.device = setup_device(recipe)
+        self.quiet = quiet or not dist.is_main()
         torch.manual_seed(recipe.run.seed)
         self.train = open_train_split(recipe, self.device)  # resident ImageData or a StreamSplit
-        self.batch_size = recipe.schedule.batch_size
+        self.batch_size = recipe.schedule.batch_size  # the global batch: each rank trains on its share
+        dist.local_batch(self.batch_size)  # refuses a batch that does not divide by the number of ranks
         self.steps_per_epoch = len(self.train) // self.batch_size
         if self.steps_per_epoch == 0:
             raise UserError(f"schedule.batch_size = {self.batch_size} exceeds the {len(self.train)} training images; "
                             "lower schedule.batch_size")
         self.method = build_method(recipe, self.device)
+        self._distribute()
         self.training_step = self._training_step()
         self.params = self.method.optimizer_parameters()
         self.optimizer = make_optimizer(self.params, recipe.optimizer)
@@ -73,6 +82,17 @@ class Trainer:
         self.partial = (0.0, 0)  # (sum, count) of that epoch's losses so far
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.monitor_data: tuple | None = None  # (train features' images/labels, test images/labels) for monitors
+
+    def _distribute(self) -> None:
+        """Under torchrun: synchronised batch norm if asked, rank 0's initial weights everywhere, and a random
+        stream of its own for every rank but 0 (whose stream continues as in a single-process run)."""
+        if dist.world_size() == 1:
+            return
+        if self.recipe.engine.sync_bn:
+            dist.convert_sync_bn(self.method, self.device)
+        dist.broadcast_buffers(self.method, parameters=True)
+        if not dist.is_main():
+            torch.manual_seed(derive_seed(self.recipe.run.seed, -dist.rank()))
 
     @property
     def total_steps(self) -> int:
@@ -98,7 +118,7 @@ class Trainer:
         deleted."""
         ckpt = self._pick_checkpoint(from_checkpoint)
         if ckpt is None:
-            self._truncate_metrics(0)  # a run killed before its first checkpoint keeps no records
+            dist.rank0_does(lambda: self._truncate_metrics(0))  # a run killed before its first checkpoint keeps no records
             return False
         try:
             model, state, meta = load_checkpoint(ckpt)
@@ -113,6 +133,12 @@ class Trainer:
             optimizer_from_flat(self.optimizer, state, meta["optimizer"])
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise UserError(f"{ckpt}: optimizer state does not match the recipe ({str(exc)[:120]})") from None
+        saved_world = int(meta.get("world_size", 1))
+        if saved_world != dist.world_size():
+            raise UserError(f"{ckpt}: written by a run of {saved_world} process(es), resumed with "
+                            f"{dist.world_size()}; resume with the same number (torchrun --nproc_per_node and "
+                            "--nnodes), since each rank's random streams and share of the batch are part of the state")
+        state = dist.own_state(state)  # ranks > 0 keep their RNG and run state under rank<r>.
         set_rng_state(state)
         self.epoch, self.position = int(meta["epoch"]), int(meta.get("position", 0))
         if self.position:
@@ -121,7 +147,7 @@ class Trainer:
                                     if k.startswith("method.")})
         if self.coreset and "coreset.indices" in state:
             self.coreset.indices = state["coreset.indices"]
-        self._truncate_metrics(self.clock.step(self.epoch + 1, self.position))
+        dist.rank0_does(lambda: self._truncate_metrics(self.clock.step(self.epoch + 1, self.position)))
         return True
 
     def _pick_checkpoint(self, chosen: Path | None) -> Path | None:
@@ -171,19 +197,20 @@ class Trainer:
     def _meta(self, summary: dict[str, Any]) -> dict[str, Any]:
         return {"recipe": self.recipe.resolved, "plugins": plugin_versions(self.recipe), "metrics": summary,
                 "device": str(self.device), "bf16": uses_bf16(self.device, self.recipe.engine.precision),
-                "steps_per_epoch": self.steps_per_epoch, "torch": torch.__version__}
+                "steps_per_epoch": self.steps_per_epoch, "torch": torch.__version__, "world_size": dist.world_size()}
 
     def _checkpoint(self, epoch: int, summary: dict[str, Any], position: int = 0) -> None:
-        extra = {f"method.{k}": v for k, v in self.method.run_state().items()}
+        extra = dist.rank_states({f"method.{k}": v.cpu() for k, v in self.method.run_state().items()}, rng_state)
         if self.coreset and self.coreset.indices is not None:
             extra["coreset.indices"] = self.coreset.indices
-        save_checkpoint(self.run_dir, epoch, self.method, self.optimizer, self._meta(summary),
-                        keep=self.recipe.engine.keep_checkpoints, extra=extra, position=position)
+        dist.rank0_does(lambda: save_checkpoint(self.run_dir, epoch, self.method, self.optimizer, self._meta(summary),
+                                                keep=self.recipe.engine.keep_checkpoints, extra=extra,
+                                                position=position))
 
     # -- loop ----------------------------------------------------------------------------------------
     def fit(self, resume: bool = False, from_checkpoint: Path | None = None) -> dict[str, Any]:
         r = self.recipe
-        for stale in remove_stale_temporaries(self.run_dir):
+        for stale in dist.rank0_does(lambda: remove_stale_temporaries(self.run_dir)):
             err_console.print(f"removed {stale}, left behind by an interrupted run", highlight=False)
         if resume:
             if not self.restore(from_checkpoint):
@@ -199,9 +226,10 @@ class Trainer:
         images, labels = on_device(self.train, self.device)
         summary: dict[str, Any] = {}
         self._t_run, self._steps_at_start = time.perf_counter(), self.clock.step(self.epoch + 1, self.position)
-        self.logger = RunLogger(self.run_dir, r.logging, r.resolved, self.quiet, purge_step=self._steps_at_start)
-        try:
-            with open(self.metrics_path, "a") as log, progress_bar(self.quiet or self.logger.plain) as bar:
+        self.logger = RunLogger(self.run_dir, dist.main_only(r.logging), r.resolved, self.quiet,
+                                purge_step=self._steps_at_start)
+        try:  # ranks > 0 write no logs: no writers, and their metrics lines go nowhere
+            with open(self.metrics_path if dist.is_main() else os.devnull, "a") as log, progress_bar(self.quiet or self.logger.plain) as bar:
                 task = bar.add_task("pretrain", total=sum(self.clock.epoch_steps[self.epoch:]) - self.position, info="")
                 for epoch in range(self.epoch + 1, r.schedule.epochs + 1):
                     summary = self._epoch(epoch, images, labels, log,
@@ -220,7 +248,7 @@ class Trainer:
         summary["total_seconds"] = time.perf_counter() - self._t_run
         if not self.quiet:
             console.print(summary_table("pretraining finished", {
-                "method": r.method.name, "device": str(self.device),
+                "method": r.method.name, "device": str(self.device), "processes (world size)": dist.world_size(),
                 "precision": "bf16 autocast" if uses_bf16(self.device, r.engine.precision) else "fp32",
                 "epochs": r.schedule.epochs, "steps/epoch": self.steps_per_epoch,
                 "mean loss of the last epoch": f"{summary['loss']:.4f}",
@@ -236,10 +264,12 @@ class Trainer:
         knn, probe = (every and epoch % every == 0 for every in (o.knn_every, o.probe_every))
         if not (knn or probe):
             return {}
-        if self.monitor_data is None:
-            self.monitor_data = monitor_splits(self.recipe, o.monitor_limit)
-        return monitor_accuracies(self.method, *self.monitor_data, self.device, self.recipe.engine.precision,
-                                  knn, probe, self.recipe.evaluation)
+        def run() -> dict[str, float]:  # on rank 0 only; the others wait for its figures
+            if self.monitor_data is None:
+                self.monitor_data = monitor_splits(self.recipe, o.monitor_limit)
+            return monitor_accuracies(self.method, *self.monitor_data, self.device, self.recipe.engine.precision,
+                                      knn, probe, self.recipe.evaluation)
+        return dist.rank0_does(run)
 
     def _epoch_batches(self, epoch: int, images: Tensor, labels: Tensor) -> tuple[Tensor, float]:
         """(minibatch indices [steps, batch] on the host, seconds spent selecting a coreset); resumed inside an
@@ -305,15 +335,19 @@ class Trainer:
             group["lr"] = lr
         if r.engine.cuda_graphs:  # a new iteration: the graphs' previous outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        with autocast(self.device, r.engine.precision):
+        with autocast(self.device, r.engine.precision), dist.data_parallel_step():
             loss, metrics = self.training_step(images, labels)
         if r.engine.cuda_graphs:  # held until the next flush, so copied out of the graphs' static memory
             metrics = {k: v.clone() for k, v in metrics.items()}
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with dist.data_parallel_step():
+            loss.backward()
+        dist.all_reduce_gradients(self.params)  # the mean over ranks: the gradient of the global batch's loss
         if r.engine.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, r.engine.grad_clip)
         self.optimizer.step()
+        if not r.engine.sync_bn:  # per-device BN statistics, rank 0's running ones kept (as DataParallel does)
+            dist.broadcast_buffers(self.method)
         self.method.after_optimizer_step()
         if self.on_step:
             self.on_step(step)
@@ -328,7 +362,9 @@ class Trainer:
         # still finite cannot slip into a checkpoint
         weights_ok = torch.stack([t.isfinite().all() for t in self.method.state_dict().values()
                                   if t.is_floating_point()]).all()
-        values = torch.cat([table.flatten(), weights_ok.float().view(1)]).tolist()
+        # losses and metrics averaged over ranks (one collective per flush, not per step); the flag is 1 only if
+        # every rank's weights are finite, so all ranks stop together
+        values = dist.mean_across_ranks(torch.cat([table.flatten(), weights_ok.float().view(1)])).tolist()
         width = table.shape[1]
         rows = [values[i * width:(i + 1) * width] for i in range(len(pending))]
         if values[-1] != 1.0 and all(math.isfinite(row[0]) for row in rows):

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .distributed import gather_with_grad, rank
+
 
 def fp32(t: Tensor) -> contextlib.AbstractContextManager:
     """Disable autocast (bf16) for a loss computation on ``t``'s device: losses stay in fp32. Devices without
@@ -26,15 +28,20 @@ def nt_xent(z: Tensor, temperature: float = 0.5, n_views: int = 2, reduction: st
     ``reduction="per_image"`` returns each image's share instead (the mean of its anchors' terms, [N]), whose
     mean is the loss. Computed in fp32 whatever the autocast dtype. ``one_sided`` takes s_ab = z_a·sg(z_b) (the
     columns detached, a reference quirk of RoCL): the same value, gradients through the anchors only.
+
+    In a data-parallel step (``rsslctl.distributed``) the negatives b range over the global batch: the rows of every
+    rank are gathered with gradient, this rank's rows are the anchors, and the result is this rank's share of the
+    global loss (the mean over ranks is the loss above on the global batch).
     """
     with fp32(z):
         z = F.normalize(z.float(), dim=1)
-        logits = z @ (z.detach() if one_sided else z).t() / temperature
-    m = z.shape[0]
-    eye = torch.eye(m, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(eye, float("-inf"))
+        everyone = gather_with_grad(z)
+        logits = z @ (everyone.detach() if one_sided else everyone).t() / temperature
+    m, offset = z.shape[0], rank() * z.shape[0] if everyone is not z else 0
+    own = torch.arange(m, device=z.device)[:, None] + offset
+    logits = logits.masked_fill(own == torch.arange(everyone.shape[0], device=z.device)[None, :], float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    terms = -log_prob.gather(1, positive_columns(m, n_views, z.device))  # [m, n−1]: image k's terms are rows k·n…
+    terms = -log_prob.gather(1, positive_columns(m, n_views, z.device) + offset)  # [m, n−1]: image k's rows k·n…
     return terms.view(m // n_views, -1).mean(1) if reduction == "per_image" else terms.mean()
 
 

@@ -71,6 +71,10 @@ class EngineOptions:
                        max=4096)
     deterministic: bool = opt(False, "deterministic algorithms only (torch.use_deterministic_algorithms); "
                                      "bit-reproducible runs on one machine, usually slower on CUDA")
+    backend: Literal["auto", "nccl", "gloo"] = opt("auto", "torch.distributed backend under torchrun (auto = nccl on "
+                                                           "CUDA, gloo on CPU)", choices=("auto", "nccl", "gloo"))
+    sync_bn: bool = opt(False, "under torchrun: batch-norm statistics of the global batch (SyncBatchNorm, both routes "
+                               "of a dual-BN encoder); false = per-device statistics, as the references' DataParallel")
 
 
 @dataclasses.dataclass

@@ -51,9 +51,13 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     with code 2, an interrupt (SIGINT or SIGTERM) with 128 + the signal, anything unexpected with 1."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .. import distributed
+        distributed.mute_other_ranks()  # under torchrun only rank 0 prints, errors included
         try:
             with interrupts_as_keyboard_interrupt():
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
+            distributed.shutdown()
+            return out
         except UserError as exc:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt as exc:

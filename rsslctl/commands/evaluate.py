@@ -8,6 +8,7 @@ from typing import Any
 import click
 import torch
 
+from .. import distributed
 from ..build import load_split, load_trained_method, setup_device
 from ..checkpoint import atomic_write_text
 from ..classify import Classifier, accuracy, extract_features, train_linear_probe
@@ -29,6 +30,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True, k
     run_dir = Path(run_dir)
     refuse_existing(run_dir / EVAL_FILE, "evaluation", force)
     recipe = load_run_recipe(run_dir, overrides)
+    distributed.refuse_many("evaluate")
     device = setup_device(recipe)
     torch.manual_seed(recipe.run.seed)
     method, ckpt, meta = load_trained_method(run_dir, recipe, device, "evaluate")

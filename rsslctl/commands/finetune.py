@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import registry
+from .. import distributed, registry
 from ..attack import make_attack
 from ..build import load_train_split, load_trained_method, setup_device
 from ..checkpoint import atomic_write_text, nonfinite, pid_alive, refuse_nonfinite, save_tensors
@@ -198,7 +198,7 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
     out_dir = Path(out_dir)
     for c in configs:
         refuse_existing(mode_dir(out_dir, c.mode), "fine-tuning output", force)
-    device = setup_device(recipe)
+    device = setup_device(recipe)  # under torchrun: every rank trains on its part of each minibatch, rank 0 writes
     train_data = load_train_split(recipe)
     if (train_data.labels < 0).any():
         raise UserError(f"data.train_split = '{recipe.data.train_split}' is unlabelled; fine-tuning needs labels")
@@ -208,6 +208,12 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
         subset = train_data.subset(balanced_subset(train_data.labels, cfg.label_fraction, cfg.seed))
         torch.manual_seed(cfg.seed)  # the random-init baseline's weights
         net = source.net(num_classes, cfg.dual_bn and cfg.mode == "AFF").to(device)
+        distributed.broadcast_buffers(net, parameters=True)  # every rank starts from rank 0's classifier
+        if not distributed.is_main():  # the same training, nothing written
+            summary = train(cfg, net, subset.images.to(device), subset.labels.to(device), device,
+                            recipe.engine.precision)
+            results[cfg.mode] = {"final": summary}
+            continue
         final = mode_dir(out_dir, cfg.mode)
         tmp = final.with_name(f".{cfg.mode}.tmp-{os.getpid()}")
         for stale in final.parent.glob(f".{cfg.mode}.tmp-*"):  # left behind by a killed run (its process is gone)
@@ -324,6 +330,8 @@ def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, we
                 raise UserError(f"--weights {weights}: lies inside {target}, which fine-tuning writes; move it or "
                                 "choose another --out")
     run_finetune(source, recipe, configs, out_dir, force, quiet)
+    if not distributed.is_main():  # under torchrun rank 0 alone evaluates (and writes) what the ranks trained
+        return
     if then_evaluate:
         report = evaluate_finetuned(out_dir, [c.mode for c in configs], suite, list(overrides), force)
         show_report(report, out_dir, as_json)

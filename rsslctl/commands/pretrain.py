@@ -1,10 +1,12 @@
 """`rsslctl pretrain`: run a recipe (or continue a run) on the engine."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 
+from .. import distributed
 from ..engine import Trainer
 from ..errors import UserError
 from ..recipe import load
@@ -33,7 +35,7 @@ def pretrain(recipe_file: Path | None, overrides: tuple[str, ...], run_dir: Path
         if not Path(resume_dir).is_dir():
             raise UserError(f"{resume_dir}: run directory not found")
         recipe = load_run_recipe(resume_dir)
-        with RunLock(resume_dir, "resuming pretraining"):
+        with (RunLock(resume_dir, "resuming pretraining") if distributed.is_main() else contextlib.nullcontext()):
             Trainer(recipe, resume_dir, quiet=quiet).fit(resume=True, from_checkpoint=from_checkpoint)
         return
     if from_checkpoint:
@@ -46,8 +48,8 @@ def pretrain(recipe_file: Path | None, overrides: tuple[str, ...], run_dir: Path
     check_replaceable(run_dir, [Path(recipe.run.output_dir)])
     trainer = Trainer(recipe, run_dir, quiet=quiet)  # loads data and builds the model: fails before touching disk
     lock = RunLock(run_dir, "pretraining")
-    try:
-        prepare_run_dir(recipe, run_dir, force, lock)
+    try:  # under torchrun rank 0 prepares (and locks) the run directory; the others wait for it
+        distributed.rank0_does(lambda: prepare_run_dir(recipe, run_dir, force, lock))
         trainer.fit()
     finally:
         lock.release()

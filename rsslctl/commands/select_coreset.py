@@ -8,7 +8,7 @@ from typing import Any
 import click
 import torch
 
-from .. import __version__
+from .. import __version__, distributed
 from ..build import build_method, load_train_split, load_weights, setup_device
 from ..checkpoint import CKPT_DIR, derive_seed, load_latest, refuse_nonfinite
 from ..coreset import CoresetRun, SelectionContext, encoder_sha256, run_selector, save_selection
@@ -70,7 +70,7 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
             "train_split": recipe.data.train_split, "limit": recipe.data.limit, "train_size": len(train),
             "pool_size": len(plan.pool), "validation_size": len(plan.validation), "batch_size": bs,
             "seconds": time.perf_counter() - t0, "rsslctl": __version__}
-    save_selection(out, indices, meta)
+    distributed.rank0_does(lambda: save_selection(out, indices, meta))  # under torchrun every rank selected alike
     return meta
 
 
