@@ -11,12 +11,11 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from rsslctl import hookimpl
 from rsslctl.augment import multi_view
-from rsslctl.losses import fp32, positive_columns
+from rsslctl.losses import global_similarities, positive_columns, self_mask
 from rsslctl.method import Method
 from rsslctl.options import opt
 
@@ -29,13 +28,11 @@ def hcl_loss(z: Tensor, temperature: float = 0.5, beta: float = 1.0, tau_plus: f
     reweighted = N'·Σ_b w_ab·neg_ab / Σ_b w_ab;  Ng_a = (reweighted − τ⁺·N'·pos_a) / (1 − τ⁺),
     clamped to ≥ N'·e^{−1/τ};  loss = mean_a −log( pos_a / (pos_a + Ng_a) ). Computed in fp32.
     """
-    with fp32(z):
-        z = F.normalize(z.float(), dim=1)
-        sim = z @ z.t() / temperature
-    m = z.shape[0]
-    pos_col = positive_columns(m, 2, z.device)
-    excluded = torch.eye(m, dtype=torch.bool, device=z.device).scatter(1, pos_col, True)
-    n_neg = m - 2
+    sim, offset = global_similarities(z)  # the global batch's negatives in a data-parallel step
+    sim = sim / temperature
+    pos_col = positive_columns(z.shape[0], 2, z.device) + offset
+    excluded = self_mask(sim, offset).scatter(1, pos_col, True)
+    n_neg = sim.shape[1] - 2
     neg = sim.exp().masked_fill(excluded, 0.0)
     pos = sim.gather(1, pos_col)[:, 0].exp()
     w = torch.softmax((beta * sim).masked_fill(excluded, float("-inf")), dim=1)  # w_ab / Σ_b w_ab, overflow-free

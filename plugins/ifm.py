@@ -16,7 +16,7 @@ from torch import Tensor
 
 from rsslctl import hookimpl
 from rsslctl.augment import multi_view
-from rsslctl.losses import fp32, positive_columns
+from rsslctl.losses import global_similarities, positive_columns, self_mask
 from rsslctl.method import Method
 from rsslctl.options import opt
 
@@ -27,13 +27,10 @@ def ifm_nt_xent(z: Tensor, temperature: float = 0.5, epsilon: float = 0.1) -> Te
     ℓ_a = −log( e^{(s_ap − ε)/τ} / ( e^{(s_ap − ε)/τ} + Σ_{b ∉ {a, p}} e^{(s_ab + ε)/τ} ) ), s = cosine similarity,
     averaged over the 2N anchors. ``epsilon = 0`` is SimCLR's NT-Xent. Computed in fp32.
     """
-    with fp32(z):
-        z = F.normalize(z.float(), dim=1)
-        sim = z @ z.t()
-    m = z.shape[0]
-    pos = positive_columns(m, 2, z.device)  # [m, 1]
+    sim, offset = global_similarities(z)  # the global batch's negatives in a data-parallel step
+    pos = positive_columns(z.shape[0], 2, z.device) + offset  # [m, 1]
     shift = torch.full_like(sim, epsilon).scatter(1, pos, -epsilon)  # +ε on negatives, −ε on the positive
-    logits = ((sim + shift) / temperature).masked_fill(torch.eye(m, dtype=torch.bool, device=z.device), float("-inf"))
+    logits = ((sim + shift) / temperature).masked_fill(self_mask(sim, offset), float("-inf"))
     return F.cross_entropy(logits, pos[:, 0])
 
 

@@ -33,16 +33,30 @@ def nt_xent(z: Tensor, temperature: float = 0.5, n_views: int = 2, reduction: st
     rank are gathered with gradient, this rank's rows are the anchors, and the result is this rank's share of the
     global loss (the mean over ranks is the loss above on the global batch).
     """
-    with fp32(z):
-        z = F.normalize(z.float(), dim=1)
-        everyone = gather_with_grad(z)
-        logits = z @ (everyone.detach() if one_sided else everyone).t() / temperature
-    m, offset = z.shape[0], rank() * z.shape[0] if everyone is not z else 0
-    own = torch.arange(m, device=z.device)[:, None] + offset
-    logits = logits.masked_fill(own == torch.arange(everyone.shape[0], device=z.device)[None, :], float("-inf"))
+    sim, offset = global_similarities(z, one_sided)
+    m = z.shape[0]
+    logits = (sim / temperature).masked_fill(self_mask(sim, offset), float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     terms = -log_prob.gather(1, positive_columns(m, n_views, z.device) + offset)  # [m, n−1]: image k's rows k·n…
     return terms.view(m // n_views, -1).mean(1) if reduction == "per_image" else terms.mean()
+
+
+def global_similarities(z: Tensor, one_sided: bool = False) -> tuple[Tensor, int]:
+    """(cosine similarities [m, M] of this rank's m rows of ``z`` against all M rows of the global batch, the column
+    of this rank's first row). In a data-parallel step (``rsslctl.distributed``) the rows of every rank are gathered
+    with gradient, so every contrastive loss built on this sees the global batch's negatives; otherwise M = m and the
+    offset is 0. In fp32 whatever the autocast dtype. ``one_sided`` detaches the columns (RoCL's reference quirk)."""
+    with fp32(z):
+        z = F.normalize(z.float(), dim=1)
+        everyone = gather_with_grad(z)
+        sim = z @ (everyone.detach() if one_sided else everyone).t()
+    return sim, (rank() * z.shape[0] if everyone is not z else 0)
+
+
+def self_mask(sim: Tensor, offset: int) -> Tensor:
+    """[m, M] bool, true where a row of ``global_similarities`` meets itself (column row + offset)."""
+    rows = torch.arange(sim.shape[0], device=sim.device)[:, None] + offset
+    return rows == torch.arange(sim.shape[1], device=sim.device)[None, :]
 
 
 def positive_columns(m: int, n_views: int, device: torch.device) -> Tensor:

@@ -4,6 +4,7 @@ set by the test, or alone for the single-process reference).
     python ddp_worker.py step RECIPE OUT [--set k=v ...]       one training step on fixed views; saves what it saw
     python ddp_worker.py train RECIPE RUN_DIR KILL_AT [--set ...]  pretrain; SIGKILL itself after optimizer step KILL_AT
     python ddp_worker.py coreset RECIPE OUT [--set ...]         one RCS selection on the untrained model
+    python ddp_worker.py losses OUT                              contrastive losses of fixed embeddings, and their gradients
 """
 from __future__ import annotations
 
@@ -90,6 +91,27 @@ def coreset(recipe_path: str, out: str, sets: list[str]) -> None:
     dist.shutdown()
 
 
+def losses(out: str) -> None:
+    """Every contrastive loss built on ``losses.global_similarities`` on this rank's rows of fixed global embeddings:
+    the mean over ranks of the losses, and the gradient of that mean with respect to this rank's rows."""
+    from rsslctl_plugins.hcl import hcl_loss
+    from rsslctl_plugins.ifm import ifm_nt_xent
+
+    from rsslctl.losses import nt_xent
+    dist.setup("cpu")
+    z = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))  # 8 images × 2 views, interleaved
+    result = {}
+    for name, fn in (("nt_xent", nt_xent), ("hcl", lambda v: hcl_loss(v, 0.5, 1.0, 0.1)),
+                     ("ifm", lambda v: ifm_nt_xent(v, 0.5, 0.1))):
+        mine = dist.shard(z).clone().requires_grad_(True)
+        with dist.data_parallel_step():
+            loss = fn(mine)
+        (loss / dist.world_size()).backward()  # the engine averages gradients over ranks
+        result[name] = (dist.mean_across_ranks(loss.detach()), mine.grad)
+    torch.save(result, Path(out) / f"losses{dist.rank()}.pt")
+    dist.shutdown()
+
+
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
     sets = [a for a in rest if "=" in a]
@@ -100,3 +122,5 @@ if __name__ == "__main__":
         train(rest[0], rest[1], int(rest[2]), sets)
     elif mode == "coreset":
         coreset(rest[0], rest[1], sets)
+    elif mode == "losses":
+        losses(rest[0])

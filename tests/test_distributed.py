@@ -204,3 +204,18 @@ def test_finetune_slf_on_two_ranks_equals_one_process(tiny_recipe: Path, tmp_pat
     ra, rb = (records(tmp_path / d / "finetune" / "SLF") for d in ("one", "two"))
     assert [r["train_accuracy"] for r in ra] == [r["train_accuracy"] for r in rb]
     assert all(abs(x["loss"] - y["loss"]) <= 1e-6 * max(1.0, abs(x["loss"])) for x, y in zip(ra, rb))  # fp32 sums
+
+
+def test_every_global_contrastive_loss_equals_one_process(tmp_path: Path) -> None:
+    """NT-Xent, HCL and IFM see the global batch's negatives: on two ranks, the mean of the ranks' losses and each
+    rank's gradient (as the engine averages it) equal one process's loss and gradient rows on the whole batch."""
+    alone = tmp_path / "one"
+    alone.mkdir()
+    worker().losses(str(alone))
+    runs = launch([sys.executable, WORKER, "losses", str(tmp_path)], 2)
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    one = torch.load(alone / "losses0.pt")
+    r0, r1 = torch.load(tmp_path / "losses0.pt"), torch.load(tmp_path / "losses1.pt")
+    for name, (loss, grad) in one.items():
+        torch.testing.assert_close(r0[name][0], loss, atol=1e-6, rtol=1e-6, msg=name)
+        torch.testing.assert_close(torch.cat([r0[name][1], r1[name][1]]), grad, atol=1e-7, rtol=1e-5, msg=name)
