@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import all_reduce_with_grad, collective, gather_with_grad, world_size
 from .losses import fp32
 
 
@@ -42,8 +43,9 @@ class NegativeQueue(nn.Module):
 
     @torch.no_grad()
     def push(self, keys: Tensor) -> None:
-        """Enqueue ``keys`` [B, D] over the oldest entries; with B > K only the newest K are kept. No host sync."""
-        keys = keys.detach()[-self.size:].to(self.keys.dtype)
+        """Enqueue ``keys`` [B, D] over the oldest entries; with B > K only the newest K are kept. No host sync.
+        In a data-parallel step every rank enqueues the keys of all ranks (rank order), as MoCo does."""
+        keys = gather_with_grad(keys.detach())[-self.size:].to(self.keys.dtype)
         idx = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % self.size
         self.keys.index_copy_(0, idx, keys)
         self.ptr.copy_((self.ptr + keys.shape[0]) % self.size)
@@ -95,14 +97,15 @@ class LearnableBank(nn.Module):
 
     @torch.no_grad()
     def record(self, direction: Tensor) -> None:
-        """Set this step's ascent direction [K, D] (what ``step`` moves the vectors along)."""
-        self.direction.copy_(direction)
+        """Set this step's ascent direction [K, D] (what ``step`` moves the vectors along). In a data-parallel step
+        the ranks' directions (each from its own queries' mean loss) are averaged: the global batch's direction."""
+        self.direction.copy_(all_reduce_with_grad(direction) / world_size() if collective() else direction)
 
     @torch.no_grad()
     def fill(self, keys: Tensor) -> None:
         """Write ``keys`` [B, D] into the next rows not yet filled (no-op once all K are); their recorded direction
         is dropped. No host sync: the rows are chosen with tensors, past-the-end writes keep the old row."""
-        keys = keys.detach()[: self.size].to(self.weight.dtype)
+        keys = gather_with_grad(keys.detach())[: self.size].to(self.weight.dtype)  # all ranks' keys, as push
         pos = self.filled + torch.arange(keys.shape[0], device=keys.device)
         idx, fresh = pos % self.size, (pos < self.size)[:, None]
         self.weight.index_copy_(0, idx, torch.where(fresh, keys, self.weight[idx]))

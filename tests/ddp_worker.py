@@ -93,7 +93,8 @@ def coreset(recipe_path: str, out: str, sets: list[str]) -> None:
 
 def losses(out: str) -> None:
     """Every contrastive loss built on ``losses.global_similarities`` on this rank's rows of fixed global embeddings:
-    the mean over ranks of the losses, and the gradient of that mean with respect to this rank's rows."""
+    the mean over ranks of the losses, and the gradient of that mean with respect to this rank's rows; then a negative
+    queue after one push of this rank's rows, and a learnable bank's direction after this rank records its own."""
     from rsslctl_plugins.hcl import hcl_loss
     from rsslctl_plugins.ifm import ifm_nt_xent
 
@@ -108,6 +109,14 @@ def losses(out: str) -> None:
             loss = fn(mine)
         (loss / dist.world_size()).backward()  # the engine averages gradients over ranks
         result[name] = (dist.mean_across_ranks(loss.detach()), mine.grad)
+    from rsslctl.memory import LearnableBank, NegativeQueue  # the memory: every rank holds the global batch's
+    torch.manual_seed(1)
+    queue, bank = NegativeQueue(24, 8), LearnableBank(12, 8, lr=1.0)
+    with dist.data_parallel_step():
+        queue.push(dist.shard(z))
+        bank.record(torch.randn(12, 8, generator=torch.Generator().manual_seed(2 + dist.rank())))
+    result["queue"] = (queue.ptr.clone(), queue.keys.clone())
+    result["bank_direction"] = bank.direction.clone()
     torch.save(result, Path(out) / f"losses{dist.rank()}.pt")
     dist.shutdown()
 

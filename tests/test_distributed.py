@@ -208,7 +208,8 @@ def test_finetune_slf_on_two_ranks_equals_one_process(tiny_recipe: Path, tmp_pat
 
 def test_every_global_contrastive_loss_equals_one_process(tmp_path: Path) -> None:
     """NT-Xent, HCL and IFM see the global batch's negatives: on two ranks, the mean of the ranks' losses and each
-    rank's gradient (as the engine averages it) equal one process's loss and gradient rows on the whole batch."""
+    rank's gradient (as the engine averages it) equal one process's loss and gradient rows on the whole batch. The
+    negative queue and the learnable bank stay identical on every rank."""
     alone = tmp_path / "one"
     alone.mkdir()
     worker().losses(str(alone))
@@ -216,6 +217,14 @@ def test_every_global_contrastive_loss_equals_one_process(tmp_path: Path) -> Non
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
     one = torch.load(alone / "losses0.pt")
     r0, r1 = torch.load(tmp_path / "losses0.pt"), torch.load(tmp_path / "losses1.pt")
+    ptr, keys = one.pop("queue")
+    for r in (r0, r1):  # every rank enqueued the whole global batch, in rank order, as one process does
+        assert torch.equal(r["queue"][0], ptr) and torch.equal(r["queue"][1], keys)
+    one.pop("bank_direction")
+    mean = (torch.randn(12, 8, generator=torch.Generator().manual_seed(2))
+            + torch.randn(12, 8, generator=torch.Generator().manual_seed(3))) / 2
+    for r in (r0, r1):  # the bank moves along the mean of the ranks' directions
+        torch.testing.assert_close(r["bank_direction"], mean)
     for name, (loss, grad) in one.items():
         torch.testing.assert_close(r0[name][0], loss, atol=1e-6, rtol=1e-6, msg=name)
         torch.testing.assert_close(torch.cat([r0[name][1], r1[name][1]]), grad, atol=1e-7, rtol=1e-5, msg=name)
