@@ -126,3 +126,13 @@ def register_methods() -> Iterator[Callable[..., None]]:
     yield register
     for plugin in added:
         registry.registry().unregister(plugin)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """A run with ``engine.threads`` sets torch's process-wide thread count; restore it after each test, so a later
+    test's in-process run does not sum floats in another order than its subprocess twin."""
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
