@@ -17,9 +17,7 @@ from torch import Tensor
 from rsslctl import hookimpl
 from rsslctl.augment import multi_view
 from rsslctl.losses import fp32
-from rsslctl.momentum import ema_update, momentum_copy
-from rsslctl.memory import LearnableBank, normalized_rows_grad, softmax_logit_grad
-from rsslctl.method import Method
+from rsslctl.memory import BankMethod, normalized_rows_grad, softmax_logit_grad
 from rsslctl.options import opt
 
 
@@ -56,7 +54,7 @@ class AdCoOptions:
                                  "bank updates averaged (--sym 1)")
 
 
-class AdCo(Method):
+class AdCo(BankMethod):
     """AdCo: MoCo-style encoder against a bank of negatives trained by gradient ascent (own LR and temperature)."""
 
     name = "adco"
@@ -64,12 +62,6 @@ class AdCo(Method):
                 "Representations from Self-Trained Negative Adversaries}, author={Hu, Qianjiang and Wang, Xiao and "
                 "Hu, Wei and Qi, Guo-Jun}, booktitle={CVPR}, year={2021}}")
     Options = AdCoOptions
-
-    def __init__(self, options: AdCoOptions, encoder, attack, augment) -> None:
-        super().__init__(options, encoder, attack, augment)
-        self.key_encoder = momentum_copy(encoder)
-        self.bank = LearnableBank(options.bank_size, encoder.out_dim, options.bank_lr, options.bank_momentum,
-                                  options.bank_weight_decay)
 
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         o = self.options
@@ -92,17 +84,6 @@ class AdCo(Method):
             self.bank.fill(pairs[0][1])
         loss = sum(losses) / len(losses)
         return loss, {"loss_nat": loss.detach()}
-
-    def after_optimizer_step(self) -> None:
-        ema_update(self.key_encoder, self.encoder, self.options.momentum)
-        self.bank.step()
-
-    def run_state(self) -> dict[str, Tensor]:
-        return self.bank.run_state("bank")
-
-    def load_run_state(self, state: dict[str, Tensor]) -> None:
-        self.bank.load_run_state(state, "bank")
-
 
 @hookimpl
 def rsslctl_methods() -> list[type]:

@@ -18,9 +18,7 @@ from torch import Tensor
 from rsslctl import hookimpl
 from rsslctl.augment import multi_view
 from rsslctl.losses import fp32
-from rsslctl.momentum import ema_update, momentum_copy
-from rsslctl.memory import LearnableBank, normalized_rows_grad, softmax_logit_grad
-from rsslctl.method import Method
+from rsslctl.memory import BankMethod, normalized_rows_grad, softmax_logit_grad
 from rsslctl.options import opt
 
 
@@ -55,7 +53,7 @@ class CaCoOptions:
     momentum: float = opt(0.99, "EMA factor m of the key encoder (--moco_m)", min=0, max=1)
 
 
-class CaCo(Method):
+class CaCo(BankMethod):
     """CaCo: learnable positives (cooperative) and negatives (adversarial) in one bank, symmetric MoCo-style loss."""
 
     name = "caco"
@@ -63,12 +61,6 @@ class CaCo(Method):
                 "Cooperative-adversarial Contrastive Learning}, author={Wang, Xiao and Huang, Yuhang and Zeng, Dan "
                 "and Qi, Guo-Jun}, journal={arXiv preprint arXiv:2203.14370}, year={2022}}")
     Options = CaCoOptions
-
-    def __init__(self, options: CaCoOptions, encoder, attack, augment) -> None:
-        super().__init__(options, encoder, attack, augment)
-        self.key_encoder = momentum_copy(encoder)
-        self.bank = LearnableBank(options.bank_size, encoder.out_dim, options.bank_lr, options.bank_momentum,
-                                  options.bank_weight_decay)
 
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         o = self.options
@@ -90,17 +82,6 @@ class CaCo(Method):
             self.bank.fill(k[1::2])
         loss = loss1 + loss2  # summed over the two views, as the reference
         return loss, {"loss_nat": loss.detach()}
-
-    def after_optimizer_step(self) -> None:
-        ema_update(self.key_encoder, self.encoder, self.options.momentum)
-        self.bank.step()
-
-    def run_state(self) -> dict[str, Tensor]:
-        return self.bank.run_state("bank")
-
-    def load_run_state(self, state: dict[str, Tensor]) -> None:
-        self.bank.load_run_state(state, "bank")
-
 
 @hookimpl
 def rsslctl_methods() -> list[type]:

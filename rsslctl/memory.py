@@ -16,12 +16,16 @@ buffer) travels in the method's run state, so a resumed run continues exactly.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed import all_reduce_with_grad, collective, gather_with_grad, world_size
 from .losses import fp32
+from .method import Method
+from .momentum import ema_update, momentum_copy
 
 
 class NegativeQueue(nn.Module):
@@ -148,3 +152,25 @@ class LearnableBank(nn.Module):
         self.optimizer.state.clear()
         if mine:
             self.optimizer.state[self.weight] = mine
+
+
+class BankMethod(Method):
+    """Base of MoCo-style methods with a learnable bank (AdCo, CaCo): a key encoder (EMA of the encoder, factor
+    ``options.momentum``) and a ``LearnableBank`` sized by ``options.bank_size``/``bank_lr``/``bank_momentum``/
+    ``bank_weight_decay``; both step after each optimizer step, and the bank's optimizer state is run state."""
+
+    def __init__(self, options: Any, encoder: nn.Module, attack: Any, augment: Any) -> None:
+        super().__init__(options, encoder, attack, augment)
+        self.key_encoder = momentum_copy(encoder)
+        self.bank = LearnableBank(options.bank_size, encoder.out_dim, options.bank_lr, options.bank_momentum,
+                                  options.bank_weight_decay)
+
+    def after_optimizer_step(self) -> None:
+        ema_update(self.key_encoder, self.encoder, self.options.momentum)
+        self.bank.step()
+
+    def run_state(self) -> dict[str, Tensor]:
+        return self.bank.run_state("bank")
+
+    def load_run_state(self, state: dict[str, Tensor]) -> None:
+        self.bank.load_run_state(state, "bank")
