@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from rsslctl.augment import AugmentOptions, ViewAugment, multi_view
+from rsslctl.data.augment import AugmentOptions, ViewAugment, multi_view
 
 
 def views_per_second(device: str, batch: int, repeats: int, n_views: int = 2) -> float:

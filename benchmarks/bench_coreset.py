@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from rsslctl.engine import Trainer
-from rsslctl.commands.evaluate import evaluate_run
-from rsslctl.recipe import load
-from rsslctl.runs import prepare_run_dir
+from rsslctl.train.engine import Trainer
+from rsslctl.cli.evaluate import evaluate_run
+from rsslctl.run.recipe import load
+from rsslctl.run.directory import prepare_run_dir
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
 

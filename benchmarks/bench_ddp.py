@@ -27,13 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def model_counts(model: str, size: int, cifar_stem: bool, head_layers: int = 3) -> dict[str, int]:
     """(trainable parameters, BN layers and channels of one route, embedding width) of ACL's dual-BN encoder."""
-    from rsslctl.recipe import resolve
+    from rsslctl.run.recipe import resolve
     raw = {"data": {"name": "digits", "image_size": size},
            "backbone": {"name": "timm", "model": model, "cifar_stem": cifar_stem},
            "encoder": {"head_layers": head_layers}, "method": {"name": "acl"}, "attack": {"name": "pgd"}}
-    from rsslctl.build import build_method
+    from rsslctl.run.build import build_method
     method = build_method(resolve(raw, [], "bench"), torch.device("meta"))
-    from rsslctl.encoder import DualBatchNorm
+    from rsslctl.nn.encoder import DualBatchNorm
     bns = [m.bn_list[0] for m in method.modules() if isinstance(m, DualBatchNorm)]
     head_out = [m for m in method.encoder.head.modules() if isinstance(m, nn.Linear)][-1].out_features
     return {"params": sum(p.numel() for p in method.parameters() if p.requires_grad), "bn_layers": len(bns),
@@ -85,9 +85,9 @@ def measure() -> None:
 
 def rank_worker(recipe_path: str) -> None:
     import torch.distributed as tdist
-    from rsslctl import distributed as dist
-    from rsslctl.engine import Trainer
-    from rsslctl.recipe import load
+    from rsslctl.runtime import distributed as dist
+    from rsslctl.train.engine import Trainer
+    from rsslctl.run.recipe import load
     counted = {"bytes": 0}
     for name in ("all_reduce", "all_gather", "all_to_all", "broadcast", "scatter"):  # gloo's all-to-all: W scatters
         original = getattr(tdist, name)
@@ -109,7 +109,7 @@ def rank_worker(recipe_path: str) -> None:
         trainer._step(1, i, 0, dist.shard(images), dist.shard(labels))
         times.append(time.perf_counter() - t0)
     c = {"params": sum(p.numel() for p in trainer.params), "dim": 32}
-    from rsslctl.encoder import DualBatchNorm
+    from rsslctl.nn.encoder import DualBatchNorm
     bns = [m.bn_list[0] for m in trainer.method.modules() if isinstance(m, DualBatchNorm)]
     c.update(bn_layers=len(bns), bn_channels=sum(bn.num_features for bn in bns))
     w, rows, k = dist.world_size(), 32 * 2 // dist.world_size(), 5

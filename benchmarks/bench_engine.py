@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import rsslctl.build as build_mod
-from rsslctl.augment import AugmentOptions, ViewAugment, multi_view
-from rsslctl.build import compile_step
-from rsslctl.data import ImageData
-from rsslctl.engine import Trainer
-from rsslctl.recipe import resolve
+import rsslctl.run.build as build_mod
+from rsslctl.data.augment import AugmentOptions, ViewAugment, multi_view
+from rsslctl.run.build import compile_step
+from rsslctl.data.dataset import ImageData
+from rsslctl.train.engine import Trainer
+from rsslctl.run.recipe import resolve
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

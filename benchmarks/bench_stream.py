@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rsslctl.stream import StreamSplit
-from rsslctl_plugins.image_folder import ImageFolder, ImageFolderOptions
+from rsslctl.data.stream import StreamSplit
+from rsslctl_plugins.datasets.image_folder import ImageFolder, ImageFolderOptions
 
 
 def write_jpegs(root: Path, n: int, seed: int = 0) -> None:

@@ -19,7 +19,7 @@ which ends with a read-back of the last step, so all device work is inside it). 
 one H100/H200-class GPU.
 
 DDP: ``torchrun --standalone --nproc_per_node=N --no-python rsslctl pretrain acl ...`` over all N visible GPUs
-(global batch 512), bf16+channels_last. It needs the torch.distributed engine (``rsslctl.distributed``); without it,
+(global batch 512), bf16+channels_last. It needs the torch.distributed engine (``rsslctl.runtime.distributed``); without it,
 or when the launch fails, the JSON says ``"skipped": "<why>"``.
 
 Without CUDA (and without ``--cpu-smoke``) the script prints one line and exits with code 2.
@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def ddp(tmp_path: Path, base: list[str], n: int, smoke: bool, timeout: float, single: dict[str, Any]) -> dict[str, Any]:
     """The DDP row: torchrun over ``n`` processes (GPUs), or ``skipped`` with the reason."""
-    if importlib.util.find_spec("rsslctl.distributed") is None:
-        return {"skipped": "rsslctl.distributed is not in this build (the torch.distributed engine is not merged)"}
+    if importlib.util.find_spec("rsslctl.runtime.distributed") is None:
+        return {"skipped": "rsslctl.runtime.distributed is not in this build (the torch.distributed engine is not merged)"}
     if n < 1:
         return {"skipped": "no visible GPU"}
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "--no-python"]

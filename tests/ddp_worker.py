@@ -17,10 +17,11 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from rsslctl import attack, distributed as dist
-from rsslctl.engine import Trainer
-from rsslctl.recipe import load
-from rsslctl.runs import prepare_run_dir
+from rsslctl.adversary import attack
+from rsslctl.runtime import distributed as dist
+from rsslctl.train.engine import Trainer
+from rsslctl.run.recipe import load
+from rsslctl.run.directory import prepare_run_dir
 
 
 class FixedViews(nn.Module):
@@ -79,7 +80,7 @@ def train(recipe_path: str, run_dir: str, kill_at: int, sets: list[str]) -> None
 
 
 def coreset(recipe_path: str, out: str, sets: list[str]) -> None:
-    from rsslctl.coreset import SelectionContext, run_selector
+    from rsslctl.method.coreset import SelectionContext, run_selector
     recipe = load(Path(recipe_path), sets)
     trainer = Trainer(recipe, Path(out) / "run", quiet=True)
     run = trainer.coreset
@@ -95,10 +96,10 @@ def losses(out: str) -> None:
     """Every contrastive loss built on ``losses.global_similarities`` on this rank's rows of fixed global embeddings:
     the mean over ranks of the losses, and the gradient of that mean with respect to this rank's rows; then a negative
     queue after one push of this rank's rows, and a learnable bank's direction after this rank records its own."""
-    from rsslctl_plugins.hcl import hcl_loss
-    from rsslctl_plugins.ifm import ifm_nt_xent
+    from rsslctl_plugins.methods.hcl import hcl_loss
+    from rsslctl_plugins.methods.ifm import ifm_nt_xent
 
-    from rsslctl.losses import nt_xent
+    from rsslctl.nn.losses import nt_xent
     dist.setup("cpu")
     z = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))  # 8 images × 2 views, interleaved
     result = {}
@@ -109,7 +110,7 @@ def losses(out: str) -> None:
             loss = fn(mine)
         (loss / dist.world_size()).backward()  # the engine averages gradients over ranks
         result[name] = (dist.mean_across_ranks(loss.detach()), mine.grad)
-    from rsslctl.memory import LearnableBank, NegativeQueue  # the memory: every rank holds the global batch's
+    from rsslctl.method.memory import LearnableBank, NegativeQueue  # the memory: every rank holds the global batch's
     torch.manual_seed(1)
     queue, bank = NegativeQueue(24, 8), LearnableBank(12, 8, lr=1.0)
     with dist.data_parallel_step():

@@ -1,4 +1,4 @@
-"""The shape of the code: no import cycle, small modules, a core that never names a built-in plugin, and a registry
+"""The shape of the code: no import cycle, layers that import only downward, a core that never names a built-in plugin, and a registry
 that reports every kind of broken plugin instead of failing or ignoring it."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from rsslctl import hookimpl
-from rsslctl.errors import UserError
-from rsslctl.registry import Registry, registry
+from rsslctl.base.errors import UserError
+from rsslctl.base.registry import Registry, registry
 
 CORE = Path(__file__).resolve().parents[1] / "rsslctl"
 MODULES = sorted(CORE.rglob("*.py"))
@@ -65,9 +65,43 @@ def test_no_import_cycle_among_core_modules() -> None:
             visit(n)
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(CORE)))
-def test_core_modules_stay_small(path: Path) -> None:
-    assert len(path.read_text().splitlines()) <= 400
+#: The layers of the core, lowest first. A module imports only from its own subpackage or from a lower layer;
+#: ``nn`` and ``data`` share a level and stay independent of each other. The root (``rsslctl``, the public API)
+#: re-exports every layer and is imported by the core only for ``__version__`` and ``hookimpl``.
+LAYERS = {"base": 0, "runtime": 1, "nn": 2, "data": 2, "adversary": 3, "method": 4, "run": 5, "train": 6, "eval": 7,
+          "cli": 8}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_every_core_module_belongs_to_a_layer() -> None:
+    stray = [n for n in map(_module_name, MODULES) if n not in ("rsslctl", "rsslctl.__main__") and _layer(n) not in LAYERS]
+    assert not stray, f"modules outside every layer (add them to a layer subpackage): {stray}"
+
+
+def test_layers_import_only_downward() -> None:
+    wrong = []
+    for path in MODULES:
+        name = _module_name(path)
+        if name in ("rsslctl", "rsslctl.__main__"):
+            continue
+        for target in _imports(path):
+            if target in ("rsslctl.__version__", "rsslctl.hookimpl", "rsslctl"):
+                continue
+            here, there = _layer(name), _layer(target)
+            if here != there and LAYERS[there] >= LAYERS[here]:
+                wrong.append(f"{name} -> {target}")
+    assert not wrong, "imports against the layer order " + str(list(LAYERS)) + ": " + ", ".join(sorted(wrong))
+
+
+def test_the_core_imports_nothing_from_the_public_api_but_the_version_and_hookimpl() -> None:
+    wrong = [f"{_module_name(p)} -> {t}" for p in MODULES if _module_name(p) != "rsslctl" for t in _imports(p)
+             if t.startswith("rsslctl.") and t.count(".") == 1 and _layer(t) not in LAYERS
+             and t not in ("rsslctl.__version__", "rsslctl.hookimpl", "rsslctl.__main__")]
+    assert not wrong, wrong
 
 
 def _builtin_plugin_names() -> set[str]:
@@ -153,7 +187,7 @@ def test_an_entry_point_that_exits_at_import_is_reported(monkeypatch: pytest.Mon
 
 
 def test_recipe_validation_runs_the_plugins_checks(tmp_path: Path) -> None:
-    from rsslctl.recipe import load
+    from rsslctl.run.recipe import load
     path = tmp_path / "r.toml"
     path.write_text('[backbone]\nname = "timm"\nmodel = "resnet19"\n')
     with pytest.raises(UserError, match="unknown timm model 'resnet19'.*did you mean 'resnet18'"):

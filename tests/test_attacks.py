@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsslctl.attack import eval_mode, project, random_start
-from rsslctl.losses import nt_xent
-from rsslctl.options import validate
-from rsslctl_plugins.fgsm import FGSM, FGSMOptions
-from rsslctl_plugins.pgd import PGD, PGDOptions
+from rsslctl.adversary.attack import eval_mode, project, random_start
+from rsslctl.nn.losses import nt_xent
+from rsslctl.base.options import validate
+from rsslctl_plugins.attacks.fgsm import FGSM, FGSMOptions
+from rsslctl_plugins.attacks.pgd import PGD, PGDOptions
 
 N = 8
 

@@ -18,16 +18,17 @@ from torch import nn
 
 from conftest import teacher_overrides
 
-import rsslctl.engine
+import rsslctl.train.engine
 from conftest import tiny_backbone
-from rsslctl import hookimpl, registry
-from rsslctl.build import compile_step
-from rsslctl.encoder import Backbone
-from rsslctl.engine import Trainer
-from rsslctl.errors import UserError
-from rsslctl.options import opt
-from rsslctl.recipe import load
-from rsslctl.runs import prepare_run_dir
+from rsslctl import hookimpl
+from rsslctl.base import registry
+from rsslctl.run.build import compile_step
+from rsslctl.nn.encoder import Backbone
+from rsslctl.train.engine import Trainer
+from rsslctl.base.errors import UserError
+from rsslctl.base.options import opt
+from rsslctl.run.recipe import load
+from rsslctl.run.directory import prepare_run_dir
 
 
 @dataclasses.dataclass
@@ -118,7 +119,7 @@ def test_compiled_step_equals_eager_with_only_the_documented_graph_breaks(name: 
 def test_trainer_with_compile_trains_like_the_eager_trainer(tiny_recipe: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole engine path (LR schedule, compiled step, backward, flushes, checkpoints) over 2 epochs."""
-    monkeypatch.setattr(rsslctl.engine, "compile_step", functools.partial(compile_step, backend="aot_eager"))
+    monkeypatch.setattr(rsslctl.train.engine, "compile_step", functools.partial(compile_step, backend="aot_eager"))
     weights = {}
     for compile_ in (False, True):
         recipe = _recipe(tiny_recipe, "acl", ["schedule.epochs=2", f"engine.compile={str(compile_).lower()}"])

@@ -13,13 +13,13 @@ from click.testing import CliRunner
 from cli_helpers import TinyLinear
 from conftest import teacher_overrides, tiny_backbone
 from rsslctl.cli import main
-from rsslctl.coreset import SelectionContext, run_selector
-from rsslctl.engine import Trainer
-from rsslctl.errors import UserError
-from rsslctl.options import validate
-from rsslctl.recipe import load
-from rsslctl.registry import registry
-from rsslctl.runs import prepare_run_dir
+from rsslctl.method.coreset import SelectionContext, run_selector
+from rsslctl.train.engine import Trainer
+from rsslctl.base.errors import UserError
+from rsslctl.base.options import validate
+from rsslctl.run.recipe import load
+from rsslctl.base.registry import registry
+from rsslctl.run.directory import prepare_run_dir
 
 
 def _names(kind: str) -> list[str]:
@@ -86,7 +86,7 @@ def test_every_dataset_validates_its_defaults_and_reports_missing_files(name: st
 
 @pytest.mark.parametrize("name", _names("coreset"))
 def test_every_selector_returns_its_budget_of_distinct_pool_indices(name: str, tiny_recipe: Path) -> None:
-    from rsslctl.build import build_method, load_train_split
+    from rsslctl.run.build import build_method, load_train_split
     recipe = load(tiny_recipe)
     method = build_method(recipe, torch.device("cpu"))
     train = load_train_split(recipe)

@@ -10,16 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
-from rsslctl.engine import Trainer
-from rsslctl.memory import LearnableBank, NegativeQueue, normalized_rows_grad, softmax_logit_grad
-from rsslctl.recipe import load
-from rsslctl.runs import prepare_run_dir
-from rsslctl_plugins.adco import adco_logits, adco_loss
-from rsslctl_plugins.caco import caco_bank_direction, caco_loss
-from rsslctl_plugins.hcl import hcl_loss
-from rsslctl_plugins.ifm import ifm_nt_xent
-from rsslctl_plugins.mochi import mochi_negatives, moco_loss
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from rsslctl.train.engine import Trainer
+from rsslctl.method.memory import LearnableBank, NegativeQueue, normalized_rows_grad, softmax_logit_grad
+from rsslctl.run.recipe import load
+from rsslctl.run.directory import prepare_run_dir
+from rsslctl_plugins.methods.adco import adco_logits, adco_loss
+from rsslctl_plugins.methods.caco import caco_bank_direction, caco_loss
+from rsslctl_plugins.methods.hcl import hcl_loss
+from rsslctl_plugins.methods.ifm import ifm_nt_xent
+from rsslctl_plugins.methods.mochi import mochi_negatives, moco_loss
 
 
 def unit(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -151,7 +151,7 @@ def test_hcl_hard_weights_raise_the_loss_and_stay_a_distribution() -> None:
     losses = [float(hcl_loss(z, 0.5, beta, 0.0)) for beta in (0.0, 0.5, 1.0, 3.0)]
     assert losses == sorted(losses) and losses[-1] > losses[0]  # harder re-weighting, higher loss
     # β = 0, τ⁺ = 0 without the clamp is the plain contrastive loss over the same negatives (NT-Xent)
-    from rsslctl.losses import nt_xent
+    from rsslctl.nn.losses import nt_xent
     assert float(hcl_loss(z, 0.5, 0.0, 0.0, clamp=False)) == pytest.approx(float(nt_xent(z, 0.5)), rel=1e-5)
 
 
@@ -280,7 +280,7 @@ def test_memory_resumes_bit_identically_after_a_kill(name: str, options: list[st
 
 
 def test_mochi_refuses_more_hard_negatives_than_the_queue_holds(tiny_recipe: Path) -> None:
-    from rsslctl.errors import UserError
+    from rsslctl.base.errors import UserError
     with pytest.raises(UserError, match="n_hard"):
         load(tiny_recipe, ["method.name='mochi'", "attack.name='none'", "method.queue_size=16", "method.n_hard=32"])
 

@@ -12,17 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
-from rsslctl.engine import Trainer
-from rsslctl.errors import UserError
-from rsslctl.momentum import MomentumSchedule, cosine_momentum, ema_update, mlp_head
-from rsslctl.recipe import load
-from rsslctl.runs import prepare_run_dir
-from rsslctl_plugins.advcl import advcl_loss, high_frequency, nearest_centroid
-from rsslctl_plugins.byorl import byol_loss, swap_views
-from rsslctl_plugins.clae import clae_loss
-from rsslctl_plugins.deacl import deacl_loss
-from rsslctl_plugins.rocl import rocl_loss
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from rsslctl.train.engine import Trainer
+from rsslctl.base.errors import UserError
+from rsslctl.nn.momentum import MomentumSchedule, cosine_momentum, ema_update, mlp_head
+from rsslctl.run.recipe import load
+from rsslctl.run.directory import prepare_run_dir
+from rsslctl_plugins.methods.advcl import advcl_loss, high_frequency, nearest_centroid
+from rsslctl_plugins.methods.byorl import byol_loss, swap_views
+from rsslctl_plugins.methods.clae import clae_loss
+from rsslctl_plugins.methods.deacl import deacl_loss
+from rsslctl_plugins.methods.rocl import rocl_loss
 
 SMALL = ["schedule.epochs=1", "data.limit=16", "schedule.batch_size=8", "schedule.warmup_epochs=0"]
 
@@ -141,7 +141,7 @@ def test_cosine_momentum_runs_from_base_to_one() -> None:
 # -- adversaries ------------------------------------------------------------------------------------------------
 def _trainer(tiny_recipe: Path, tmp_path: Path, name: str, request: pytest.FixtureRequest, *extra: str) -> Trainer:
     from conftest import teacher_overrides
-    from rsslctl.registry import registry
+    from rsslctl.base.registry import registry
     cls = registry().get("method", name)
     recipe = load(tiny_recipe, [f"method.name={name!r}", *SMALL, *teacher_overrides(cls, request), *extra])
     return Trainer(recipe, tmp_path / name, quiet=True)
@@ -271,10 +271,10 @@ def test_teacher_problems_are_one_line_user_errors(tiny_recipe: Path, tmp_path: 
 
 # -- fine-tuning rows ----------------------------------------------------------------------------------------------
 def test_robustssl_fine_tuning_rows_of_advcl_deacl_and_rocl() -> None:
-    from rsslctl.classify import resolve_config
-    from rsslctl_plugins.advcl import AdvCL
-    from rsslctl_plugins.deacl import DeACL
-    from rsslctl_plugins.rocl import RoCL
+    from rsslctl.train.classify import resolve_config
+    from rsslctl_plugins.methods.advcl import AdvCL
+    from rsslctl_plugins.methods.deacl import DeACL
+    from rsslctl_plugins.methods.rocl import RoCL
     for cls, row in ((AdvCL, "AdvCL"), (DeACL, "DeACL")):
         slf = resolve_config("SLF", cls.finetune_rows, row, "CIFAR-10")
         aff = resolve_config("AFF", cls.finetune_rows, row, "CIFAR-10")

@@ -12,20 +12,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cli_helpers import assert_user_error, run
-from rsslctl import registry
-from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
-from rsslctl.coreset import CoresetTarget, SelectionContext, budget_for, load_selection, run_selector, split_validation
-from rsslctl.build import build_method, load_split
-from rsslctl.engine import Trainer
-from rsslctl.losses import nt_xent
-from rsslctl.method import Method
-from rsslctl.optim import StepClock, lr_at
-from rsslctl.recipe import load
-from rsslctl.runs import prepare_run_dir
-from rsslctl_plugins.pgd import PGD, PGDOptions
-from rsslctl_plugins.pretext import ClassifierTarget
-from rsslctl_plugins.rcs import (RCS, RCSOptions, compute_gradients, gather, greedy, representational_divergence, sketch,
-                                 split_picks, unit_gradients)
+from rsslctl.base import registry
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from rsslctl.method.coreset import (CoresetTarget, SelectionContext, budget_for, load_selection, run_selector,
+    split_validation)
+from rsslctl.run.build import build_method, load_split
+from rsslctl.train.engine import Trainer
+from rsslctl.nn.losses import nt_xent
+from rsslctl.method.base import Method
+from rsslctl.nn.optim import StepClock, lr_at
+from rsslctl.run.recipe import load
+from rsslctl.run.directory import prepare_run_dir
+from rsslctl_plugins.attacks.pgd import PGD, PGDOptions
+from rsslctl_plugins.methods.pretext import ClassifierTarget
+from rsslctl_plugins.selectors.rcs import (RCS, RCSOptions, compute_gradients, gather, greedy,
+    representational_divergence, sketch, split_picks, unit_gradients)
 
 CORESET = ["coreset.name='rcs'", "coreset.fraction=0.4", "coreset.warmup_epochs=1", "coreset.every=2"]
 
@@ -243,7 +244,7 @@ def test_sat_rcs_uses_last_layer_ce_gradients_and_logit_rd() -> None:
 
 # -- LR clock ----------------------------------------------------------------------------------------------------------
 def test_step_clock_equal_epochs_is_the_plain_schedule_and_epochs_mode_tracks_progress() -> None:
-    from rsslctl.optim import ScheduleOptions
+    from rsslctl.nn.optim import ScheduleOptions
     sched = ScheduleOptions(epochs=6, warmup_epochs=1)
     plain = StepClock([5] * 6, replays=2, warmup_epochs=1)
     assert plain.total_steps == 60 and plain.step(3, 4, 1) == (2 * 5 + 4) * 2 + 1
@@ -318,7 +319,7 @@ class Recorder(Method):
 def test_indices_file_is_trained_on_after_the_warmup(tiny_recipe: Path, tmp_path: Path, register_methods) -> None:
     register_methods(Recorder)
     chosen = torch.arange(0, 96, 3)  # 32 images
-    from rsslctl.coreset import save_selection
+    from rsslctl.method.coreset import save_selection
     save_selection(tmp_path / "sel.json", chosen, {"train_size": 96, "dataset": "digits"})
     Recorder.seen.clear()
     _train(tiny_recipe, tmp_path / "run", ["method.name='recorder'", "attack.name='none'", "coreset.warmup_epochs=1",
@@ -395,7 +396,7 @@ def test_bad_coreset_recipes_fail_before_training(tiny_recipe: Path, overrides: 
 
 
 def test_indices_file_from_another_dataset_size_is_refused(tiny_recipe: Path, tmp_path: Path) -> None:
-    from rsslctl.coreset import save_selection
+    from rsslctl.method.coreset import save_selection
     save_selection(tmp_path / "s.json", torch.arange(40), {"train_size": 1347, "dataset": "digits"})
     assert_user_error(run("pretrain", str(tiny_recipe), "--quiet", "--set", "coreset.warmup_epochs=1",
                          "--set", f"coreset.indices_file={str(tmp_path / 's.json')!r}"), "1347", "96")

@@ -11,11 +11,11 @@ import scipy.io
 import torch
 from PIL import Image
 
-from rsslctl.data import ImageData, safe_unpickle
-from rsslctl.errors import UserError
-from rsslctl.options import validate
-from rsslctl.registry import Registry
-from rsslctl_plugins import cifar, digits, image_folder, imagenet32, stl10, svhn
+from rsslctl.data.dataset import ImageData, safe_unpickle
+from rsslctl.base.errors import UserError
+from rsslctl.base.options import validate
+from rsslctl.base.registry import Registry
+from rsslctl_plugins.datasets import cifar, digits, image_folder, imagenet32, stl10, svhn
 
 RNG = np.random.default_rng(0)
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rsslctl import distributed as dist
-from rsslctl.checkpoint import latest_checkpoint, read_meta
-from rsslctl.engine import Trainer
-from rsslctl.recipe import load
-from rsslctl.runs import prepare_run_dir
+from rsslctl.runtime import distributed as dist
+from rsslctl.runtime.checkpoint import latest_checkpoint, read_meta
+from rsslctl.train.engine import Trainer
+from rsslctl.run.recipe import load
+from rsslctl.run.directory import prepare_run_dir
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 EXACT = ["engine.threads=1", "engine.precision='fp32'", "engine.channels_last=false"]
@@ -176,7 +176,7 @@ def test_rcs_on_two_ranks_selects_what_one_selects(tiny_recipe: Path, tmp_path: 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.cuda
 def test_cuda_sync_bn_is_torch_syncbatchnorm() -> None:
-    from rsslctl.encoder import DualBatchNorm
+    from rsslctl.nn.encoder import DualBatchNorm
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), DualBatchNorm(torch.nn.BatchNorm2d(4)))
     dist.convert_sync_bn(m, torch.device("cuda"))
     assert all(isinstance(bn, torch.nn.SyncBatchNorm) for bn in m[1].bn_list)

@@ -6,11 +6,11 @@ import timm
 import torch
 from torch import nn
 
-from rsslctl.encoder import (IMAGENET_MEAN, IMAGENET_STD, DualBatchNorm, Encoder, EncoderOptions, apply_cifar_stem,
-                             build_encoder, single_bn_state)
-from rsslctl.errors import UserError
-from rsslctl.options import validate
-from rsslctl_plugins.timm_backbone import TimmBackbone, TimmOptions
+from rsslctl.nn.encoder import (IMAGENET_MEAN, IMAGENET_STD, DualBatchNorm, Encoder, EncoderOptions,
+    apply_cifar_stem, build_encoder, single_bn_state)
+from rsslctl.base.errors import UserError
+from rsslctl.base.options import validate
+from rsslctl_plugins.backbones.timm_backbone import TimmBackbone, TimmOptions
 
 KWARGS = {"channels": [8, 16, 32, 64]}
 TIMM_KWARGS = {"channels": (8, 16, 32, 64)}

@@ -13,14 +13,14 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from rsslctl.checkpoint import latest_checkpoint, load_checkpoint, read_meta
-from rsslctl.encoder import apply_cifar_stem
-from rsslctl.engine import Trainer
-from rsslctl.errors import TrainingDiverged, UserError
-from rsslctl.method import Method
-from rsslctl.recipe import load
-from rsslctl.commands.export import export_encoder
-from rsslctl.runs import prepare_run_dir
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+from rsslctl.nn.encoder import apply_cifar_stem
+from rsslctl.train.engine import Trainer
+from rsslctl.base.errors import TrainingDiverged, UserError
+from rsslctl.method.base import Method
+from rsslctl.run.recipe import load
+from rsslctl.cli.export import export_encoder
+from rsslctl.run.directory import prepare_run_dir
 
 CLI = [sys.executable, "-m", "rsslctl.cli"]
 

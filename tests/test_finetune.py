@@ -11,19 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsslctl import corruptions as C
-from rsslctl import registry
-from rsslctl.attack import make_attack
-from rsslctl.build import build_method, load_split
-from rsslctl.classify import (MODES, accuracy, balanced_subset, crop_flip, resolve_config, resolve_configs,
-                              trades_adversary, trades_loss)
+from rsslctl.data import corruptions as C
+from rsslctl.base import registry
+from rsslctl.adversary.attack import make_attack
+from rsslctl.run.build import build_method, load_split
+from rsslctl.train.classify import (MODES, accuracy, balanced_subset, crop_flip, resolve_config, resolve_configs,
+    trades_adversary, trades_loss)
 from cli_helpers import run
 from cli_helpers import TinyLinear
-from rsslctl.commands import finetune as ft
-from rsslctl.encoder import collapse_bn_state
-from rsslctl.errors import UserError
-from rsslctl.recipe import load, resolve
-from rsslctl.suite import SuiteOptions, autoattack_accuracy, corruption_accuracy
+from rsslctl.cli import finetune as ft
+from rsslctl.nn.encoder import collapse_bn_state
+from rsslctl.base.errors import UserError
+from rsslctl.run.recipe import load, resolve
+from rsslctl.eval.suite import SuiteOptions, autoattack_accuracy, corruption_accuracy
 
 CPU = torch.device("cpu")
 
@@ -270,7 +270,7 @@ def test_generated_corruptions_are_labelled_and_grow_with_severity(tmp_path: Pat
         assert dist[0] < dist[-1], name
         out = C.generate(x, name, 3, torch.Generator().manual_seed(0))
         assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
-    from rsslctl.data import ImageData
+    from rsslctl.data.dataset import ImageData
     test = ImageData((x * 255).to(torch.uint8), torch.zeros(4, dtype=torch.long), [str(i) for i in range(10)], "t")
     res = corruption_accuracy(_AlwaysZero(), test, "CIFAR-10-C", tmp_path, SuiteOptions(), CPU)
     assert res["generated"] and "generated" in res["source"] and res["mean"] == 1.0
@@ -315,7 +315,7 @@ def test_finetune_and_evaluate_end_to_end(tiny_recipe: Path, tmp_path: Path) -> 
     exported = run("export", str(run_dir), "--classifier", "AFF")
     assert exported.exit_code == 0, exported.output
     import importlib.util
-    from rsslctl.classify import load_classifier
+    from rsslctl.train.classify import load_classifier
     spec = importlib.util.spec_from_file_location("clf", run_dir / "classifier_AFF.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -344,8 +344,8 @@ def test_transfer_recipe_swaps_the_dataset_only() -> None:
 
 
 def test_report_rows_use_one_set_of_images_and_absent_results_are_absent(tmp_path: Path) -> None:
-    from rsslctl.data import ImageData
-    from rsslctl.suite import evaluate_model, write_report
+    from rsslctl.data.dataset import ImageData
+    from rsslctl.eval.suite import evaluate_model, write_report
     model = TinyLinear().eval()
     torch.manual_seed(2)
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)

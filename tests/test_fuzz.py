@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from rsslctl.cli import main
-from rsslctl.commands import pretrain as pretrain_module
+from rsslctl.cli import pretrain as pretrain_module
 
 #: (table, key) pairs the fuzz test overrides: every core key a careless user could mistype, plus plugin keys
 KEYS = [("run", "name"), ("run", "seed"), ("data", "image_size"), ("data", "limit"), ("data", "train_split"),
@@ -206,8 +206,8 @@ def _image_folder(root: Path, *extra: str) -> list[str]:
 
 
 def test_image_folder_does_not_follow_symlinks_out_of_its_root(tmp_path: Path) -> None:
-    from rsslctl.recipe import resolve
-    from rsslctl.build import load_split
+    from rsslctl.run.recipe import resolve
+    from rsslctl.run.build import load_split
     root = tmp_path / "data"
     for c in ("a", "b"):
         for i in range(2):
@@ -271,7 +271,7 @@ def test_plugins_and_recipe_show_survive_a_broken_plugin(tiny_recipe: Path, regi
     class Opts:
         x: int = 1
 
-    from rsslctl.method import Method
+    from rsslctl.method.base import Method
 
     class Raises(Method):  # a method plugin subclasses Method (hookspecs); this one raises when built
         """Raises when built."""

@@ -32,7 +32,7 @@ def test_unknown_configuration_is_refused(capsys: pytest.CaptureFixture) -> None
 
 
 def test_synthetic_cifar_is_read_by_the_real_loader(tmp_path: Path) -> None:
-    from rsslctl_plugins.cifar import Cifar10
+    from rsslctl_plugins.datasets.cifar import Cifar10
     _script().write_cifar10(tmp_path, 23, 4)
     train, test = Cifar10(None, tmp_path).load("train"), Cifar10(None, tmp_path).load("test")
     assert tuple(train.images.shape) == (23, 3, 32, 32) and len(test) == 4 and train.classes[0] == "c0"

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import assert_user_error as one_line, run
-from rsslctl.checkpoint import sha256
-from rsslctl.runs import LOCK_FILE, MARKER, RunLock
+from rsslctl.runtime.checkpoint import sha256
+from rsslctl.run.directory import LOCK_FILE, MARKER, RunLock
 
 FAST = ["--quiet", "--set", "schedule.epochs=1", "--set", "data.limit=64", "--set", "schedule.batch_size=32"]
 
@@ -92,7 +92,7 @@ def test_select_coreset_out_cannot_be_the_runs_recipe(trained: Path) -> None:
 # -- the lock --------------------------------------------------------------------------------------------------------
 HOLD = """
 import sys, time
-from rsslctl.runs import RunLock
+from rsslctl.run.directory import RunLock
 lock = RunLock(sys.argv[1], "the test's other writer").acquire()
 print("held", flush=True)
 time.sleep(60)
@@ -116,7 +116,7 @@ def test_two_writers_cannot_share_a_run(trained: Path, tiny_recipe: Path) -> Non
 
 
 def test_readers_follow_a_writer_that_prunes(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rsslctl.checkpoint as ckpt_mod
+    import rsslctl.runtime.checkpoint as ckpt_mod
     real = ckpt_mod.load_checkpoint
     calls = []
 
@@ -132,10 +132,10 @@ def test_readers_follow_a_writer_that_prunes(trained: Path, monkeypatch: pytest.
 
 # -- divergence ----------------------------------------------------------------------------------------------------
 def test_weights_that_diverge_after_a_finite_loss_never_become_a_checkpoint(tiny_recipe: Path, tmp_path: Path) -> None:
-    from rsslctl.engine import Trainer
-    from rsslctl.errors import TrainingDiverged
-    from rsslctl.recipe import load
-    from rsslctl.runs import prepare_run_dir
+    from rsslctl.train.engine import Trainer
+    from rsslctl.base.errors import TrainingDiverged
+    from rsslctl.run.recipe import load
+    from rsslctl.run.directory import prepare_run_dir
     recipe = load(tiny_recipe, ["schedule.epochs=2", "data.limit=64", "schedule.batch_size=32", "engine.log_every=1"])
     run_dir = prepare_run_dir(recipe, tmp_path / "div", force=False)
     trainer = Trainer(recipe, run_dir, quiet=True)
@@ -238,7 +238,7 @@ def test_wrong_tensor_shapes_are_one_line(trained: Path) -> None:
 
 def test_disk_full_during_a_checkpoint_is_one_line_and_leaves_nothing(tiny_recipe: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import rsslctl.checkpoint as ckpt_mod
+    import rsslctl.runtime.checkpoint as ckpt_mod
     real = ckpt_mod.save_file
 
     def full(tensors, path, metadata=None):

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from rsslctl.checkpoint import latest_checkpoint, read_meta
+from rsslctl.runtime.checkpoint import latest_checkpoint, read_meta
 from cli_helpers import assert_user_error, run
-from rsslctl.build import load_trained_method
-from rsslctl.runs import load_run_recipe
+from rsslctl.run.build import load_trained_method
+from rsslctl.run.directory import load_run_recipe
 
 CPU = torch.device("cpu")
 TINY = (8, 16, 16, 16)
@@ -218,7 +218,7 @@ def test_single_bn_and_fine_tuned_files(tmp_path: Path) -> None:
 
 
 def test_key_names_of_other_resnet_codebases() -> None:
-    from rsslctl_plugins.reference_checkpoints import map_resnet_key
+    from rsslctl_plugins.commands.reference_checkpoints import map_resnet_key
     assert map_resnet_key("layer2.0.shortcut.1.bn_list.1.weight", 2) == "backbone.layer2.0.downsample.1.bn_list.1.weight"
     assert map_resnet_key("bn1.bn_list.weight", 0) == "backbone.bn1.weight"  # BN built without route names
     assert map_resnet_key("fc.bn3.bn_list.0.bias", 1) == "head.7.bias"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsslctl.losses import nt_xent, pair_rows
+from rsslctl.nn.losses import nt_xent, pair_rows
 
 
 def embeddings(n_images: int = 6, n_views: int = 2, dim: int = 5, seed: int = 0) -> torch.Tensor:

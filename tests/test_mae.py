@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from rsslctl.build import build_method
-from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
-from rsslctl.engine import Trainer
-from rsslctl.errors import UserError
-from rsslctl.optim import make_optimizer
-from rsslctl.recipe import load
-from rsslctl.runs import prepare_run_dir
-from rsslctl_plugins.mae import grid_coords, mae_loss, patchify, random_masking, sincos_2d
+from rsslctl.run.build import build_method
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from rsslctl.train.engine import Trainer
+from rsslctl.base.errors import UserError
+from rsslctl.nn.optim import make_optimizer
+from rsslctl.run.recipe import load
+from rsslctl.run.directory import prepare_run_dir
+from rsslctl_plugins.methods.mae import grid_coords, mae_loss, patchify, random_masking, sincos_2d
 
 VIT = ["method.name='mae'", "backbone.model='vit_tiny_patch16_224'", "backbone.cifar_stem=false",
        "backbone.model_kwargs={img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2}",
@@ -208,7 +208,7 @@ def test_a_vit_encoder_pretrains_evaluates_finetunes_and_exports_like_any_backbo
     from click.testing import CliRunner
     from safetensors.torch import load_file
 
-    from rsslctl.classify import load_classifier
+    from rsslctl.train.classify import load_classifier
     from rsslctl.cli import main
 
     def run(*args: str):
@@ -248,7 +248,7 @@ def test_a_vit_encoder_pretrains_evaluates_finetunes_and_exports_like_any_backbo
 @pytest.mark.slow
 def test_compiled_adversarial_mae_with_adpe_steps_like_eager(tiny_recipe: Path, tmp_path: Path) -> None:
     """engine.compile: the pixel attack, AdPE's ascent loop and the carried δ give what the eager step gives."""
-    from rsslctl.build import compile_step
+    from rsslctl.run.build import compile_step
     recipe = load(tiny_recipe, VIT + ["attack.name='pgd'", "attack.steps=2", "method.adpe='coordinate'",
                                       "method.adpe_persistent=true", "data.limit=32", "schedule.batch_size=8",
                                       "engine.precision='fp32'"])

@@ -6,11 +6,11 @@ import copy
 import timm
 import torch
 
-from rsslctl.attack import Attack
-from rsslctl.encoder import Encoder, EncoderOptions, apply_cifar_stem
-from rsslctl.losses import nt_xent, pair_rows
-from rsslctl_plugins.acl import ACL, ACLOptions
-from rsslctl_plugins.simclr import SimCLR, SimCLROptions
+from rsslctl.adversary.attack import Attack
+from rsslctl.nn.encoder import Encoder, EncoderOptions, apply_cifar_stem
+from rsslctl.nn.losses import nt_xent, pair_rows
+from rsslctl_plugins.methods.acl import ACL, ACLOptions
+from rsslctl_plugins.methods.simclr import SimCLR, SimCLROptions
 
 
 class ShiftAttack(Attack):

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsslctl.build import build_method
-from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
-from rsslctl.engine import Trainer
-from rsslctl.errors import UserError
-from rsslctl.recipe import load
-from rsslctl.runs import prepare_run_dir
+from rsslctl.run.build import build_method
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from rsslctl.train.engine import Trainer
+from rsslctl.base.errors import UserError
+from rsslctl.run.recipe import load
+from rsslctl.run.directory import prepare_run_dir
 
 CPU = torch.device("cpu")
 NO_ATTACK = ["attack.name='none'"]
@@ -107,7 +107,7 @@ def _nt_xent_by_hand(z: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def test_adios_masks_are_a_partition_and_the_loss_matches_the_formula(tiny_recipe: Path) -> None:
-    from rsslctl_plugins.adios import sparsity_penalty
+    from rsslctl_plugins.methods.adios import sparsity_penalty
     method = _method(tiny_recipe, ADIOS).eval()
     torch.manual_seed(2)
     v1, v2 = torch.rand(6, 3, 16, 16), torch.rand(6, 3, 16, 16)

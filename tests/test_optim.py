@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from rsslctl.optim import LARS, OptimizerOptions, ScheduleOptions, lr_at, make_optimizer
+from rsslctl.nn.optim import LARS, OptimizerOptions, ScheduleOptions, lr_at, make_optimizer
 
 
 def naive_lars_step(params, grads, bufs, lr, momentum, wd, eta):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rsslctl.recipe import load
+from rsslctl.run.recipe import load
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 EMP = ["empssl", "empssl_adv", "empssl_adv_patch", "cf_amc_ssl"]

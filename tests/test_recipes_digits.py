@@ -11,10 +11,10 @@ import pytest
 
 from conftest import teacher_overrides
 
-from rsslctl.engine import Trainer
-from rsslctl.recipe import load, resolve
-from rsslctl.registry import registry
-from rsslctl.runs import prepare_run_dir
+from rsslctl.train.engine import Trainer
+from rsslctl.run.recipe import load, resolve
+from rsslctl.base.registry import registry
+from rsslctl.run.directory import prepare_run_dir
 
 # the quickstart recipes already train on digits and are exercised by test_cli/test_engine
 RECIPES = sorted(p for p in Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.toml")

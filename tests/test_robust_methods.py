@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsslctl.adv_training import FreePerturbation
-from rsslctl.build import build_method
-from rsslctl.engine import Trainer
-from rsslctl_plugins.dynacl import dynacl_weight
-from rsslctl.optim import ScheduleOptions, lr_at
-from rsslctl.recipe import load
-from rsslctl_plugins.air import invariance_regularisers
-from rsslctl_plugins.empssl import coding_rate, emp_loss
-from rsslctl_plugins.pretext import permutation_set
+from rsslctl.adversary.training import FreePerturbation
+from rsslctl.run.build import build_method
+from rsslctl.train.engine import Trainer
+from rsslctl_plugins.methods.dynacl import dynacl_weight
+from rsslctl.nn.optim import ScheduleOptions, lr_at
+from rsslctl.run.recipe import load
+from rsslctl_plugins.methods.air import invariance_regularisers
+from rsslctl_plugins.methods.empssl import coding_rate, emp_loss
+from rsslctl_plugins.methods.pretext import permutation_set
 
 CPU = torch.device("cpu")
 
@@ -183,7 +183,7 @@ def test_simclr_adv_recipes_build_the_reference_heads_and_evaluate_the_pre_featu
 
 
 def test_simclr_adv_pre_dim_needs_no_encoder_head(tiny_recipe: Path) -> None:
-    from rsslctl.errors import UserError
+    from rsslctl.base.errors import UserError
     with pytest.raises(UserError, match="head_layers = 0"):
         method_for(tiny_recipe, "simclr_adv", "method.pre_dim=16")
     m, _ = method_for(tiny_recipe, "simclr_adv")  # pre_dim = 0: the encoder head projects, backbone features evaluated
@@ -370,9 +370,9 @@ def test_dynacl_pp_writes_an_evaluable_run(tiny_recipe: Path, tmp_path: Path) ->
     import subprocess
     import sys
 
-    from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
-    from rsslctl.commands.evaluate import evaluate_run
-    from rsslctl.runs import prepare_run_dir
+    from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
+    from rsslctl.cli.evaluate import evaluate_run
+    from rsslctl.run.directory import prepare_run_dir
     recipe = load(tiny_recipe, ["method.name=dynacl", "method.momentum_encoder=true", "schedule.epochs=1",
                                 "data.limit=64"])
     src = tmp_path / "src"

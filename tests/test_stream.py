@@ -11,18 +11,18 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import rsslctl.build
-from rsslctl.augment import AugmentOptions, ViewAugment
-from rsslctl.build import load_train_split, open_train_split
-from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
+import rsslctl.run.build
+from rsslctl.data.augment import AugmentOptions, ViewAugment
+from rsslctl.run.build import load_train_split, open_train_split
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from rsslctl.cli import main
-from rsslctl.data import HostSource, ImageData
-from rsslctl.engine import Trainer
-from rsslctl.errors import UserError
-from rsslctl.recipe import load
-from rsslctl.runs import prepare_run_dir
-from rsslctl.stream import StreamedImages, StreamSplit, epoch_batches, local_rows
-from rsslctl_plugins import imagenet32
+from rsslctl.data.dataset import HostSource, ImageData
+from rsslctl.train.engine import Trainer
+from rsslctl.base.errors import UserError
+from rsslctl.run.recipe import load
+from rsslctl.run.directory import prepare_run_dir
+from rsslctl.data.stream import StreamedImages, StreamSplit, epoch_batches, local_rows
+from rsslctl_plugins.datasets import imagenet32
 
 CPU = torch.device("cpu")
 RNG = np.random.default_rng(1)
@@ -138,17 +138,17 @@ def test_auto_streams_only_what_exceeds_the_device_budget(tiny_recipe: Path, tmp
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = folder_recipe(tiny_recipe, tmp_path, "data.resident_fraction=0.5")  # stream = auto by default
     split_bytes = 48 * 3 * 16 * 16
-    monkeypatch.setattr(rsslctl.build, "device_memory", lambda device: 2 * split_bytes)
+    monkeypatch.setattr(rsslctl.run.build, "device_memory", lambda device: 2 * split_bytes)
     assert isinstance(open_train_split(recipe, CPU), ImageData)  # exactly at the budget: resident
-    monkeypatch.setattr(rsslctl.build, "device_memory", lambda device: 2 * split_bytes - 2)
+    monkeypatch.setattr(rsslctl.run.build, "device_memory", lambda device: 2 * split_bytes - 2)
     assert isinstance(open_train_split(recipe, CPU), StreamSplit)
     digits = load(tiny_recipe, ["data.stream='on'"])  # no per-image reader: streamed from host memory
     split = open_train_split(digits, CPU)
     assert isinstance(split, StreamSplit) and isinstance(split.source, HostSource) and len(split) == 96
     digit_bytes = 96 * 3 * 16 * 16  # tiny recipe: 96 digits at 16 px
-    monkeypatch.setattr(rsslctl.build, "device_memory", lambda device: 2 * digit_bytes)
+    monkeypatch.setattr(rsslctl.run.build, "device_memory", lambda device: 2 * digit_bytes)
     assert isinstance(open_train_split(load(tiny_recipe), CPU), ImageData)
-    monkeypatch.setattr(rsslctl.build, "device_memory", lambda device: 2 * digit_bytes - 2)
+    monkeypatch.setattr(rsslctl.run.build, "device_memory", lambda device: 2 * digit_bytes - 2)
     assert isinstance(open_train_split(load(tiny_recipe), CPU).source, HostSource)
     with pytest.raises(UserError, match="data.*stream.*'auto'"):
         load(tiny_recipe, ["data.stream='maybe'"])

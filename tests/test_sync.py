@@ -20,9 +20,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import teacher_overrides, tiny_backbone
-from rsslctl.engine import Trainer
-from rsslctl.recipe import load
-from rsslctl.registry import registry
+from rsslctl.train.engine import Trainer
+from rsslctl.run.recipe import load
+from rsslctl.base.registry import registry
 
 META = torch.device("meta")
 #: ops that read device data back to the host (or, like nonzero, need its values to size their output)
@@ -138,7 +138,7 @@ def test_an_epoch_reads_metrics_back_only_every_log_every_steps(tiny_recipe: Pat
         return [0.0] * len(pending)
 
     monkeypatch.setattr(trainer, "_flush", flush)
-    from rsslctl.logs import LoggingOptions, RunLogger
+    from rsslctl.run.logs import LoggingOptions, RunLogger
     trainer._t_run, trainer._steps_at_start = 0.0, 0  # what fit() sets up before its epochs
     trainer.logger = RunLogger(tmp_path, LoggingOptions(tensorboard=False, csv=False), {}, quiet=True)
     images, labels = trainer.train.images.to(META), trainer.train.labels.to(META)
@@ -149,13 +149,13 @@ def test_an_epoch_reads_metrics_back_only_every_log_every_steps(tiny_recipe: Pat
 
 def test_a_streamed_epoch_reads_nothing_back(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The streamed path (host batches copied to the device ahead of use) keeps the epoch free of reads as well."""
-    from rsslctl.stream import StreamSplit, on_device
+    from rsslctl.data.stream import StreamSplit, on_device
     trainer = _trainer(tiny_recipe, tmp_path, "acl", ["data.limit=48", "engine.log_every=3", "data.stream='on'",
                                                       "data.workers=0"])
     assert isinstance(trainer.train, StreamSplit)
     flushed: list[int] = []
     monkeypatch.setattr(trainer, "_flush", lambda pending, epoch, log: flushed.append(len(pending)) or [0.0] * len(pending))
-    from rsslctl.logs import LoggingOptions, RunLogger
+    from rsslctl.run.logs import LoggingOptions, RunLogger
     trainer._t_run, trainer._steps_at_start = 0.0, 0
     trainer.logger = RunLogger(tmp_path, LoggingOptions(tensorboard=False, csv=False), {}, quiet=True)
     images, labels = on_device(trainer.train, META)

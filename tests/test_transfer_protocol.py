@@ -12,14 +12,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from rsslctl import hookimpl, registry
-from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
+from rsslctl import hookimpl
+from rsslctl.base import registry
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from rsslctl.cli import main
-from rsslctl.data import ImageData
-from rsslctl.errors import UserError
-from rsslctl.optim import ScheduleOptions, lr_at
-from rsslctl.recipe import load
-from rsslctl_plugins.digits import Digits
+from rsslctl.data.dataset import ImageData
+from rsslctl.base.errors import UserError
+from rsslctl.nn.optim import ScheduleOptions, lr_at
+from rsslctl.run.recipe import load
+from rsslctl_plugins.datasets.digits import Digits
 
 
 def run(*args: str):

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from rsslctl.cli import main
-from rsslctl.monitor import embedding_plot, knn_accuracy
+from rsslctl.train.monitor import embedding_plot, knn_accuracy
 
 
 def _naive_knn(train, train_labels, test, test_labels, k, tau) -> float:
@@ -60,7 +60,7 @@ def test_written_files_follow_the_umask(tmp_path: Path) -> None:
     import stat
     import subprocess
     import sys
-    code = ("import sys, torch; from pathlib import Path; from rsslctl.checkpoint import save_tensors, atomic_write_text;"
+    code = ("import sys, torch; from pathlib import Path; from rsslctl.runtime.checkpoint import save_tensors, atomic_write_text;"
             "d = Path(sys.argv[1]); save_tensors(d / 'w.safetensors', {'x': torch.zeros(2)}); atomic_write_text(d / 't.json', '{}')")
     for umask, mode in ((0o002, 0o664), (0o077, 0o600)):
         out = tmp_path / oct(umask)
@@ -108,7 +108,7 @@ def test_batch_job_logs_tensorboard_csv_and_monitors_leave_training_unchanged(ti
     import subprocess
     import sys
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from rsslctl.checkpoint import latest_checkpoint, load_checkpoint
+    from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
     common = [str(tiny_recipe), "--set", "schedule.epochs=2", "--set", "evaluation.epochs=2"]
     watched, plain = tmp_path / "watched", tmp_path / "plain"
     out = subprocess.run([sys.executable, "-m", "rsslctl.cli", "pretrain", *common, "--run-dir", str(watched), "--set",

@@ -7,10 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl
-from rsslctl.augment import multi_view
-from rsslctl.method import Method
-from rsslctl.options import opt
+from rsslctl import hookimpl, Method, multi_view, opt
 
 
 @dataclasses.dataclass

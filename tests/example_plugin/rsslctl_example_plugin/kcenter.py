@@ -7,9 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl
-from rsslctl.coreset import CoresetSelector, SelectionContext
-from rsslctl.options import opt
+from rsslctl import hookimpl, CoresetSelector, opt, SelectionContext
 
 
 @dataclasses.dataclass

@@ -6,9 +6,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from rsslctl import hookimpl
-from rsslctl.attack import Attack, Objective, input_grad, project
-from rsslctl.options import Number, opt
+from rsslctl import hookimpl, Attack, input_grad, Number, Objective, opt, project
 
 
 @dataclasses.dataclass

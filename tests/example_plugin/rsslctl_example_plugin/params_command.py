@@ -6,10 +6,7 @@ from pathlib import Path
 import click
 import torch
 
-from rsslctl import hookimpl
-from rsslctl.build import load_trained_method
-from rsslctl.commands.common import user_errors
-from rsslctl.runs import load_run_recipe
+from rsslctl import hookimpl, load_run_recipe, load_trained_method, user_errors
 
 
 @click.command("count-params")

@@ -1,0 +1,1 @@
+"""Built-in backbones plugins: ordinary plugins, registered through the rsslctl entry-point group."""

@@ -1,0 +1,86 @@
+"""AdCo (Hu, Wang, Hu, Qi, CVPR 2021, "AdCo: Adversarial Contrast for Efficient Learning of Unsupervised
+Representations from Self-Trained Negative Adversaries"): a bank of K negatives trained against the encoder.
+
+The query encoder minimises InfoNCE of q against its key k (EMA key encoder) and the bank's unit vectors n_j;
+the bank maximises the same loss at its own temperature τ_n by SGD ascent with its own learning rate, so its
+vectors move towards a softmax-weighted mix of the current queries. The bank is used unit-normalised: the
+adversary lives on the unit sphere, whatever the step size.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rsslctl import hookimpl, BankMethod, fp32, multi_view, normalized_rows_grad, opt, softmax_logit_grad
+
+
+def adco_logits(q: Tensor, k: Tensor, bank: Tensor, batch_keys: bool = False) -> tuple[Tensor, Tensor]:
+    """(raw cosine logits, labels) of AdCo for unit q, k [B, D] and unit bank vectors [K, D]:
+    [q_i·k_i | q_i·n_j] with label 0, or with ``batch_keys`` [q_i·k_b for every b | q_i·n_j] with label i
+    (the reference code: the other images' keys are extra negatives)."""
+    with fp32(q):
+        q, k, bank = q.float(), k.float(), bank.float()
+        pos = q @ k.t() if batch_keys else (q * k).sum(1, keepdim=True)
+        logits = torch.cat([pos, q @ bank.t()], dim=1)
+    labels = (torch.arange(q.shape[0], device=q.device) if batch_keys
+              else torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+    return logits, labels
+
+
+def adco_loss(logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """L = mean_i −log softmax(l_i/τ)[y_i]: the encoder minimises it at τ, the bank maximises it at τ_n."""
+    return F.cross_entropy(logits / temperature, labels)
+
+
+@dataclasses.dataclass
+class AdCoOptions:
+    temperature: float = opt(0.12, "τ: the encoder's InfoNCE temperature (--moco_t)", min=1e-3)
+    bank_temperature: float = opt(0.02, "τ_n: temperature of the bank's ascent objective (--mem_t)", min=1e-3)
+    bank_size: int = opt(16384, "K: learnable negatives (--cluster)", min=1)
+    bank_lr: float = opt(3.0, "the bank's own constant SGD learning rate (--memory_lr)", min=0)
+    bank_momentum: float = opt(0.9, "the bank's SGD momentum", min=0, max=1)
+    bank_weight_decay: float = opt(1e-4, "the bank's weight decay (--mem_wd)", min=0)
+    init_from_keys: bool = opt(True, "fill the bank with the first K keys of training (--ad_init)")
+    momentum: float = opt(0.999, "EMA factor m of the key encoder (--moco_m)", min=0, max=1)
+    batch_keys: bool = opt(False, "reference quirk: the other images' keys in the batch are extra negatives")
+    symmetric: bool = opt(False, "symmetric loss: both views are queries against the other view's key, losses and "
+                                 "bank updates averaged (--sym 1)")
+
+
+class AdCo(BankMethod):
+    """AdCo: MoCo-style encoder against a bank of negatives trained by gradient ascent (own LR and temperature)."""
+
+    name = "adco"
+    citation = ("@inproceedings{hu2021adco, title={AdCo: Adversarial Contrast for Efficient Learning of Unsupervised "
+                "Representations from Self-Trained Negative Adversaries}, author={Hu, Qianjiang and Wang, Xiao and "
+                "Hu, Wei and Qi, Guo-Jun}, booktitle={CVPR}, year={2021}}")
+    Options = AdCoOptions
+
+    def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        o = self.options
+        views = multi_view(images, self.augment, 2)
+        queries = views if o.symmetric else views[0::2]
+        q = F.normalize(self.encoder(queries).float(), dim=1)
+        with torch.no_grad():
+            k = F.normalize(self.key_encoder(queries if o.symmetric else views[1::2]).float(), dim=1)
+        # (query, key of the other view) pairs: view 1 against view 2, and with `symmetric` also the reverse
+        pairs = [(q[0::2], k[1::2]), (q[1::2], k[0::2])] if o.symmetric else [(q, k)]
+        bank, losses, direction = self.bank.vectors(), [], 0.0
+        for qi, ki in pairs:
+            logits, targets = adco_logits(qi, ki, bank, o.batch_keys)
+            losses.append(adco_loss(logits, targets, o.temperature))
+            # the bank's ascent direction on L at τ_n, from this step's queries (applied after the encoder's step)
+            g = softmax_logit_grad(logits, targets, o.bank_temperature)[:, logits.shape[1] - self.bank.size:]
+            direction = direction + normalized_rows_grad(qi, self.bank.weight, g) / len(pairs)
+        self.bank.record(direction)
+        if o.init_from_keys:
+            self.bank.fill(pairs[0][1])
+        loss = sum(losses) / len(losses)
+        return loss, {"loss_nat": loss.detach()}
+
+@hookimpl
+def rsslctl_methods() -> list[type]:
+    return [AdCo]

@@ -1,0 +1,84 @@
+"""BYORL (Gowal, Huang, van den Oord, Mann, Kohli, "Self-supervised Adversarial Robustness for the Low-label,
+High-data Regime", ICLR 2021): BYOL whose online inputs are adversarial.
+
+Online network: encoder + projection head (the [encoder] head) + predictor q; target network: an EMA copy of encoder
+and head, momentum from 0.996 to 1 on BYOL's cosine schedule. Each view is attacked (PGD, eval mode) to maximise
+the BYOL loss of its online prediction against the target's projection of the other, clean view; the training loss
+is that symmetrised BYOL loss on the adversarial views. The online encoder is the one evaluated.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rsslctl import hookimpl, ema_update, eval_mode, fp32, Method, mlp_head, momentum_copy, MomentumSchedule, multi_view, opt
+
+
+def byol_loss(p: Tensor, z: Tensor) -> Tensor:
+    """BYOL's regression loss, mean over rows: ‖p̄ − z̄‖² = 2 − 2·⟨p, z⟩/(‖p‖‖z‖) (Grill et al., NeurIPS 2020);
+    ``z`` is the target projection (no gradient through it). Computed in fp32."""
+    with fp32(p):
+        return (2.0 - 2.0 * F.cosine_similarity(p.float(), z.detach().float(), dim=1)).mean()
+
+
+def swap_views(t: Tensor) -> Tensor:
+    """Interleaved rows [a₁, b₁, a₂, b₂, …] → [b₁, a₁, b₂, a₂, …]: each view's partner (the other view)."""
+    return t.view(-1, 2, *t.shape[1:]).flip(1).flatten(0, 1)
+
+
+@dataclasses.dataclass
+class BYORLOptions:
+    momentum: float = opt(0.996, "m₀: EMA momentum of the target network at the start", min=0, max=1)
+    cosine_momentum: bool = opt(True, "raise the momentum from m₀ to 1 on BYOL's cosine schedule (false: constant)")
+    pred_hidden: int = opt(4096, "predictor hidden width (Linear → BN → ReLU → Linear)", min=1)
+    clean_weight: float = opt(0.0, "weight of an extra BYOL loss on the clean views (0 = adversarial only)", min=0)
+
+
+class BYORL(Method):
+    """BYORL: BYOL (online + predictor vs EMA target) trained on PGD views that maximise the BYOL loss."""
+
+    name = "byorl"
+    citation = ("@inproceedings{gowal2021byorl, title={Self-supervised Adversarial Robustness for the Low-label, "
+                "High-data Regime}, author={Gowal, Sven and Huang, Po-Sen and van den Oord, Aaron and Mann, Timothy "
+                "and Kohli, Pushmeet}, booktitle={ICLR}, year={2021}}")
+    Options = BYORLOptions
+    needs_attack = True
+
+    def __init__(self, options: BYORLOptions, encoder, attack, augment) -> None:
+        super().__init__(options, encoder, attack, augment)
+        self.predictor = mlp_head(encoder.out_dim, options.pred_hidden, encoder.out_dim)
+        self.target = momentum_copy(encoder)
+        self.schedule = MomentumSchedule(options.momentum, options.cosine_momentum)
+
+    def prepare(self, images: Tensor, total_steps: int) -> None:
+        self.schedule.set_total_steps(total_steps)
+
+    def online(self, x: Tensor) -> Tensor:
+        return self.predictor(self.encoder(x))
+
+    def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        views = multi_view(images, self.augment, 2)
+        with torch.no_grad():
+            targets = swap_views(self.target(views))  # row i: the target projection of row i's other view
+        with eval_mode(self.encoder, self.predictor):
+            adv = self.attack.perturb(views, lambda xa: byol_loss(self.online(xa), targets))
+        loss_adv = byol_loss(self.online(adv), targets)
+        metrics = {"loss_adv": loss_adv.detach()}
+        if not self.options.clean_weight:
+            return loss_adv, metrics
+        loss_nat = byol_loss(self.online(views), targets)
+        metrics["loss_nat"] = loss_nat.detach()
+        return loss_adv + self.options.clean_weight * loss_nat, metrics
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        ema_update(self.target, self.encoder, self.schedule.current())
+        self.schedule.step()
+
+
+@hookimpl
+def rsslctl_methods() -> list[type]:
+    return [BYORL]

@@ -1,0 +1,84 @@
+"""CaCo (Wang, Huang, Zeng, Qi, 2022, "CaCo: Both Positive and Negative Samples are Directly Learnable via
+Cooperative-adversarial Contrastive Learning"): a learnable bank supplies both the positive and the negatives.
+
+Both views go through the query encoder (q₁, q₂) and the EMA key encoder (k₁, k₂). The positive of q₁ is the
+bank vector closest to the other view's key, y₁ = argmax_j k₂·n_j (symmetrically y₂ from k₁); every other bank
+vector is a negative. The encoder minimises CE(q₁·nᵀ/τ, y₁) + CE(q₂·nᵀ/τ, y₂). The bank is updated with the same
+loss at τ_n: by descent for each query's positive (cooperative) and ascent for its negatives (adversarial), with
+its own SGD; its vectors are used unit-normalised.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rsslctl import hookimpl, BankMethod, fp32, multi_view, normalized_rows_grad, opt, softmax_logit_grad
+
+
+def caco_loss(q: Tensor, key_other: Tensor, bank: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, raw logits q·nᵀ [B, K], positives y) of one view: y_i = argmax_j key_i·n_j and
+    loss = mean_i −log softmax(q_i·nᵀ/τ)[y_i], for unit q, keys [B, D] and unit bank vectors n [K, D]."""
+    with fp32(q):
+        bank = bank.float()
+        y = (key_other.float() @ bank.t()).argmax(1)
+        logits = q.float() @ bank.t()
+    return F.cross_entropy(logits / temperature, y), logits, y
+
+
+def caco_bank_direction(q: Tensor, weight: Tensor, logits: Tensor, y: Tensor, temperature: float) -> Tensor:
+    """Update direction of the bank rows W [K, D] for one view: ∂L/∂W at τ_n with each query's positive column
+    sign-flipped, i.e. ascent for negatives and descent for the positive (the cooperative-adversarial rule)."""
+    g = softmax_logit_grad(logits, y, temperature)
+    g = g.scatter(1, y[:, None], -g.gather(1, y[:, None]))
+    return normalized_rows_grad(q, weight, g)
+
+
+@dataclasses.dataclass
+class CaCoOptions:
+    temperature: float = opt(0.08, "τ: the encoder's temperature (--moco_t)", min=1e-3)
+    bank_temperature: float = opt(0.08, "τ_n: temperature of the bank's update (--mem_t)", min=1e-3)
+    bank_size: int = opt(16384, "K: learnable bank vectors (--cluster)", min=1)
+    bank_lr: float = opt(3.0, "the bank's own SGD learning rate after its warm-up (--memory_lr)", min=0)
+    bank_warmup_epochs: int = opt(10, "linear warm-up of the bank's LR over these epochs (--warmup_epochs)", min=0)
+    bank_momentum: float = opt(0.9, "the bank's SGD momentum (--mem_momentum)", min=0, max=1)
+    bank_weight_decay: float = opt(0.0, "the bank's weight decay (--mem_wd)", min=0)
+    init_from_keys: bool = opt(True, "fill the bank with the first K keys of training (--ad_init)")
+    momentum: float = opt(0.99, "EMA factor m of the key encoder (--moco_m)", min=0, max=1)
+
+
+class CaCo(BankMethod):
+    """CaCo: learnable positives (cooperative) and negatives (adversarial) in one bank, symmetric MoCo-style loss."""
+
+    name = "caco"
+    citation = ("@article{wang2022caco, title={CaCo: Both Positive and Negative Samples are Directly Learnable via "
+                "Cooperative-adversarial Contrastive Learning}, author={Wang, Xiao and Huang, Yuhang and Zeng, Dan "
+                "and Qi, Guo-Jun}, journal={arXiv preprint arXiv:2203.14370}, year={2022}}")
+    Options = CaCoOptions
+
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
+        o = self.options
+        warm = o.bank_warmup_epochs
+        self.bank.set_lr(o.bank_lr * epoch / warm if epoch <= warm else o.bank_lr)
+
+    def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        o = self.options
+        views = multi_view(images, self.augment, 2)
+        q = F.normalize(self.encoder(views).float(), dim=1)
+        with torch.no_grad():
+            k = F.normalize(self.key_encoder(views).float(), dim=1)
+        bank = self.bank.vectors()
+        loss1, logits1, y1 = caco_loss(q[0::2], k[1::2], bank, o.temperature)
+        loss2, logits2, y2 = caco_loss(q[1::2], k[0::2], bank, o.temperature)
+        self.bank.record(caco_bank_direction(q[0::2], self.bank.weight, logits1, y1, o.bank_temperature)
+                         + caco_bank_direction(q[1::2], self.bank.weight, logits2, y2, o.bank_temperature))
+        if o.init_from_keys:
+            self.bank.fill(k[1::2])
+        loss = loss1 + loss2  # summed over the two views, as the reference
+        return loss, {"loss_nat": loss.detach()}
+
+@hookimpl
+def rsslctl_methods() -> list[type]:
+    return [CaCo]

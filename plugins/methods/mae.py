@@ -1,0 +1,279 @@
+"""MAE (He et al., CVPR 2022) on any timm vision transformer, with two optional adversaries.
+
+Per image, a random subset of (1 − r)·L of its L patches is kept (argsort of uniform noise, a different subset per
+image); the ViT encoder sees only the kept patches (with their positional embeddings), a light transformer decoder
+fills the masked positions with a shared mask token plus its own fixed 2-D sin-cos positional embedding, and the loss
+is the mean squared error on the masked patches only, against per-patch normalised pixels (``norm_pix_loss``).
+
+Adversaries (see docs/methods.md, "MAE, adversarial MAE and AdPE"):
+
+* adversarial MIM: with an [attack] table, the attack maximises the reconstruction loss in pixel space (masks fixed,
+  target = the clean patches) and the training loss mixes the clean and adversarial reconstruction losses;
+  ``contrastive_weight`` adds an NT-Xent term on two views' pooled encoder features (adversarial views when attacked);
+* AdPE (Wang et al., 2023): a bounded perturbation of the encoder's positional embeddings ("embedding") or of the
+  patch coordinates fed to the sin-cos embedding ("coordinate"), found by sign-gradient ascent on the MAE loss.
+
+Evaluation uses the full, unmasked ViT with its own pooling (``encoder.features``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Literal
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from rsslctl import hookimpl, Encoder, eval_mode, fp32, loss_and_grad, Method, multi_view, nt_xent, Number, opt, UserError
+
+
+def random_masking(n: int, length: int, ratio: float, device: torch.device | str = "cpu"
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample random masking: (ids_keep [n, K], ids_restore [n, L], mask [n, L] with 1 = masked), K = ⌊L(1 − r)⌋.
+
+    Each row draws uniform noise over its L patches and keeps the K with the smallest noise; ``ids_restore`` undoes
+    the shuffle (row-wise argsort of the argsort), so kept tokens followed by mask tokens, gathered with it, are back
+    in patch order."""
+    keep = int(length * (1 - ratio))
+    shuffle = torch.rand(n, length, device=device).argsort(dim=1)
+    restore = shuffle.argsort(dim=1)
+    mask = torch.ones(n, length, device=device)
+    mask[:, :keep] = 0
+    return shuffle[:, :keep], restore, mask.gather(1, restore)
+
+
+def patchify(images: Tensor, patch: int) -> Tensor:
+    """[N, C, H, W] → [N, L, p·p·C], patches in row-major order (as a ViT's patch embedding flattens them), each
+    patch's pixels ordered (row, column, channel)."""
+    n, c, h, w = images.shape
+    x = images.reshape(n, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // patch) * (w // patch), patch * patch * c)
+
+
+def mae_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True, eps: float = 1e-6) -> Tensor:
+    """MAE reconstruction loss (He et al., 2022): ℓ = Σ_{n,l} m_nl · (1/P) Σ_j (ŷ_nlj − t_nlj)² / Σ_{n,l} m_nl.
+
+    ``pred``/``target`` are [N, L, P] patches, ``mask`` [N, L] is 1 on masked patches (the only ones counted). With
+    ``norm_pix`` the target of each patch is normalised by its own pixels: t ← (t − mean_j t) / √(var_j t + ε), with
+    the unbiased variance (as the authors' code). Computed in fp32.
+    """
+    with fp32(pred):
+        target = target.float()
+        if norm_pix:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + eps).sqrt()
+        per_patch = (pred.float() - target).pow(2).mean(-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+
+def sincos_2d(coords: Tensor, dim: int) -> Tensor:
+    """Fixed 2-D sin-cos positional embedding of real (row, column) coordinates [L, 2] → [L, dim] (MAE's form): half the
+    channels encode the row, half the column, each as [sin(c·ω_k), cos(c·ω_k)] with ω_k = 10000^(−k/(dim/4))."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, device=coords.device, dtype=torch.float32) / quarter)
+    out = coords.float()[:, :, None] * omega  # [L, 2, dim/4]
+    return torch.cat([out.sin(), out.cos()], dim=-1).flatten(1)
+
+
+def grid_coords(grid: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
+    """[H·W, 2] (row, column) of each patch, row-major."""
+    rows, cols = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device),
+                                indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], 1).float()
+
+
+# eager loop around a compiled objective + gradient, as rsslctl.adversary.attack's loops: under engine.compile dynamo cannot
+# return a tensor it called requires_grad_() on
+@torch.compiler.disable(recursive=False)
+def box_ascent(objective: Callable[[Tensor], Tensor], start: Tensor, step: float, steps: int, eps: float) -> Tensor:
+    """``steps`` steps δ ← clip(δ + step·sign(∂objective/∂δ), −ε, ε) from ``start``; only δ is differentiated."""
+    delta = start
+    for _ in range(steps):
+        _, grad = loss_and_grad(objective, delta.detach().requires_grad_(True))
+        delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)
+    return delta.detach()
+
+
+class MAEDecoder(nn.Module):
+    """Linear embed → mask tokens + fixed sin-cos positions → ``depth`` transformer blocks → LayerNorm → pixels."""
+
+    def __init__(self, embed_dim: int, grid: tuple[int, int], patch_dim: int, prefix: int, width: int, depth: int,
+                 heads: int) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.embed = nn.Linear(embed_dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        nn.init.normal_(self.mask_token, std=0.02)
+        pos = torch.cat([torch.zeros(prefix, width), sincos_2d(grid_coords(grid), width)])
+        self.register_buffer("pos", pos[None], persistent=False)  # fixed, rebuilt from the shapes
+        self.blocks = nn.Sequential(*[Block(width, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.pred = nn.Linear(width, patch_dim)
+        for m in self.modules():  # the paper's decoder init: Xavier-uniform linear layers, zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
+        x = self.embed(latent)
+        n, length = ids_restore.shape
+        kept = x[:, self.prefix:]
+        full = torch.cat([kept, self.mask_token.expand(n, length - kept.shape[1], -1).to(kept.dtype)], 1)
+        full = full.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :self.prefix], full], 1) + self.pos
+        return self.pred(self.norm(self.blocks(x)))[:, self.prefix:]
+
+
+@dataclasses.dataclass
+class MAEOptions:
+    mask_ratio: float = opt(0.75, "fraction r of the patches masked per image", min=0.0, max=0.99)
+    norm_pix_loss: bool = opt(True, "target = per-patch normalised pixels (the paper's best setting)")
+    sincos_pos_embed: bool = opt(True, "replace the ViT's learned positional embedding by a fixed 2-D sin-cos one "
+                                       "(as the paper; needed by AdPE's coordinate mode)")
+    decoder_width: int = opt(128, "decoder embedding width (paper: 512)", min=4)
+    decoder_depth: int = opt(2, "decoder transformer blocks (paper: 8)", min=1, max=32)
+    decoder_heads: int = opt(4, "decoder attention heads (paper: 16)", min=1)
+    adversarial_weight: float = opt(0.5, "with an [attack]: a in (1 − a)·L(clean) + a·L(adversarial)", min=0, max=1)
+    contrastive_weight: float = opt(0.0, "λ of an NT-Xent term on two views' pooled encoder features (0 = off)",
+                                    min=0)
+    temperature: float = opt(0.5, "NT-Xent temperature τ of the contrastive term", min=1e-3)
+    adpe: Literal["off", "embedding", "coordinate"] = opt(
+        "off", "AdPE: perturb the positional embeddings (embedding) or the patch coordinates (coordinate)")
+    adpe_eps: Number = opt(0.5, "AdPE L∞ bound (embedding units, or patches in coordinate mode)", min=0)
+    adpe_step_size: Number = opt(0.25, "AdPE ascent step size", min=0)
+    adpe_steps: int = opt(1, "AdPE sign-gradient ascent steps per training step", min=1, max=100)
+    adpe_shared: bool = opt(False, "one perturbation for all patches (coordinate mode: a global shift of the grid, as "
+                                   "the authors' code) instead of one per patch")
+    adpe_persistent: bool = opt(False, "carry the AdPE perturbation over from step to step (warm start, kept in "
+                                       "checkpoints) instead of starting each step from 0")
+
+
+class MAE(Method):
+    """MAE on a timm ViT; optional pixel-space PGD on the reconstruction (adversarial MIM), contrastive term, AdPE."""
+
+    name = "mae"
+    citation = ("@inproceedings{he2022mae, title={Masked Autoencoders Are Scalable Vision Learners}, author={He, "
+                "Kaiming and Chen, Xinlei and Xie, Saining and Li, Yanghao and Doll{\\'a}r, Piotr and Girshick, Ross}, "
+                "booktitle={CVPR}, year={2022}}")
+    Options = MAEOptions
+    backbone_kind = "vit"
+
+    @classmethod
+    def check_options(cls, o: MAEOptions, where: str = "method") -> None:
+        if o.adpe == "coordinate" and not o.sincos_pos_embed:
+            raise UserError(f"{where}.adpe = \"coordinate\" perturbs the coordinates of a sin-cos embedding; set "
+                            f"{where}.sincos_pos_embed = true or {where}.adpe = \"embedding\"")
+        if o.decoder_width % 4 or o.decoder_width % o.decoder_heads:
+            raise UserError(f"{where}.decoder_width = {o.decoder_width} must be a multiple of 4 and of "
+                            f"{where}.decoder_heads = {o.decoder_heads}")
+
+    def __init__(self, options: MAEOptions, encoder: Encoder, attack, augment) -> None:
+        super().__init__(options, encoder, attack, augment)
+        vit = encoder.backbone
+        needed = ("patch_embed", "blocks", "norm", "pos_embed", "forward_head", "num_prefix_tokens")
+        if any(getattr(vit, a, None) is None for a in needed) or getattr(vit, "dynamic_img_size", False):
+            raise UserError(f"method.name = \"mae\" needs a ViT backbone with patch tokens and an absolute positional "
+                            f"embedding (e.g. backbone.model = \"vit_tiny_patch16_224\", cifar_stem = false); "
+                            f"{type(vit).__name__} has none")
+        self.patch = int(vit.patch_embed.patch_size[0])
+        self.grid = tuple(int(g) for g in vit.patch_embed.grid_size)
+        self.length = self.grid[0] * self.grid[1]
+        if int(self.length * (1 - options.mask_ratio)) < 1:
+            raise UserError(f"method.mask_ratio = {options.mask_ratio} keeps no patch of the {self.length}; lower it")
+        self.prefix = 0 if vit.no_embed_class else int(vit.num_prefix_tokens)  # pos-embed rows of prefix tokens
+        dim = int(vit.embed_dim)
+        if options.sincos_pos_embed:
+            if dim % 4:
+                raise UserError(f"method.sincos_pos_embed: the ViT width {dim} must be a multiple of 4")
+            with torch.no_grad():
+                vit.pos_embed[:, self.prefix:] = sincos_2d(grid_coords(self.grid), dim)
+                vit.pos_embed[:, :self.prefix] = 0
+            vit.pos_embed.requires_grad_(False)
+        channels = int(vit.patch_embed.proj.in_channels)
+        self.decoder = MAEDecoder(dim, self.grid, self.patch ** 2 * channels, int(vit.num_prefix_tokens),
+                                  options.decoder_width, options.decoder_depth, options.decoder_heads)
+        per = 1 if options.adpe_shared else self.length
+        shape = (per, 2) if options.adpe == "coordinate" else (1, per, dim)
+        # the AdPE perturbation carried between steps (adpe_persistent): run state, not module state
+        self.register_buffer("adpe_delta", torch.zeros(shape), persistent=False)
+
+    # -- encoder on the visible patches ------------------------------------------------------------
+    def patch_positions(self, delta: Tensor | None) -> Tensor:
+        """[1, L, D] positional embedding of the patches, perturbed by ``delta`` when AdPE is on."""
+        vit = self.encoder.backbone
+        pos = vit.pos_embed[:, self.prefix:]
+        if delta is None:
+            return pos
+        if self.options.adpe == "coordinate":
+            return sincos_2d(grid_coords(self.grid, pos.device) + delta, pos.shape[-1])[None].to(pos.dtype)
+        return pos + delta
+
+    def encode(self, x: Tensor, ids_keep: Tensor, delta: Tensor | None = None) -> Tensor:
+        """Encoder tokens [N, prefix + K, D] of the kept patches of pixels ``x`` in [0, 1]."""
+        vit, enc = self.encoder.backbone, self.encoder
+        tokens = vit.patch_embed((x - enc.mean) / enc.std) + self.patch_positions(delta)
+        tokens = tokens.gather(1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))
+        prefix = [t.expand(len(x), -1, -1) for t in (vit.cls_token, getattr(vit, "reg_token", None)) if t is not None]
+        if prefix:
+            first = torch.cat(prefix, 1)
+            tokens = torch.cat([first + vit.pos_embed[:, :self.prefix] if self.prefix else first, tokens], 1)
+        return vit.norm(vit.blocks(vit.norm_pre(vit.pos_drop(tokens))))
+
+    def reconstruction(self, x: Tensor, target: Tensor, masks: tuple[Tensor, Tensor, Tensor],
+                       delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(MAE loss of input ``x`` against ``target`` patches with fixed ``masks``, encoder tokens)."""
+        ids_keep, ids_restore, mask = masks
+        latent = self.encode(x, ids_keep, delta)
+        return mae_loss(self.decoder(latent, ids_restore), target, mask, self.options.norm_pix_loss), latent
+
+    # -- adversaries ---------------------------------------------------------------------------------
+    def adversarial_positions(self, objective: Callable[[Tensor], Tensor]) -> Tensor:
+        """AdPE: sign-gradient ascent on ``objective(δ)`` from 0 (or the carried δ), projected onto ‖δ‖∞ ≤ ε; gradients
+        are taken w.r.t. δ only."""
+        o = self.options
+        start = self.adpe_delta if o.adpe_persistent else torch.zeros_like(self.adpe_delta)
+        delta = box_ascent(objective, start, o.adpe_step_size, o.adpe_steps, o.adpe_eps)
+        if o.adpe_persistent:
+            self.adpe_delta.copy_(delta)
+        return delta
+
+    def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        o, enc = self.options, self.encoder
+        x = multi_view(images, self.augment, 2) if o.contrastive_weight else self.augment(images)
+        target = patchify(((x - enc.mean) / enc.std).expand(-1, enc.mean.shape[1], -1, -1), self.patch)
+        masks = random_masking(len(x), self.length, o.mask_ratio, x.device)
+        metrics: dict[str, Tensor] = {}
+        delta = None
+        if o.adpe != "off":
+            with eval_mode(self):
+                delta = self.adversarial_positions(lambda d: self.reconstruction(x, target, masks, d)[0])
+            metrics["adpe_delta"] = delta.abs().max().detach()
+        a = o.adversarial_weight if self.attack is not None else 0.0
+        loss = torch.zeros((), device=x.device)
+        if a < 1:
+            loss_rec, latent = self.reconstruction(x, target, masks, delta)
+            loss = loss + (1 - a) * loss_rec
+            metrics["loss_rec"] = loss_rec.detach()
+        if self.attack is not None:
+            with eval_mode(self):  # masks (and AdPE's δ) stay fixed during the attack; target = clean patches
+                x_adv = self.attack.perturb(x, lambda xa: self.reconstruction(xa, target, masks, delta)[0])
+            loss_adv, latent = self.reconstruction(x_adv, target, masks, delta)
+            loss = loss + a * loss_adv
+            metrics["loss_adv"] = loss_adv.detach()
+        if o.contrastive_weight:
+            z = enc.head(enc.backbone.forward_head(latent, pre_logits=True))
+            loss_con = nt_xent(z, o.temperature)
+            loss = loss + o.contrastive_weight * loss_con
+            metrics["loss_con"] = loss_con.detach()
+        return loss, metrics
+
+    def run_state(self) -> dict[str, Tensor]:
+        return {"adpe_delta": self.adpe_delta} if self.options.adpe_persistent else {}
+
+    def load_run_state(self, state: dict[str, Tensor]) -> None:
+        if "adpe_delta" in state:
+            self.adpe_delta.copy_(state["adpe_delta"])
+
+
+@hookimpl
+def rsslctl_methods() -> list[type]:
+    return [MAE]

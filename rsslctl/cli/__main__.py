@@ -1,0 +1,4 @@
+"""``python -m rsslctl.cli``: the same as the ``rsslctl`` command."""
+from rsslctl.cli.app import main
+
+main()

@@ -1,0 +1,77 @@
+"""`rsslctl plugins` and `rsslctl recipe show`: what is installed, and what a recipe resolves to."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from rsslctl.base.options import describe
+from rsslctl.base.errors import UserError
+from rsslctl.run.recipe import dumps_toml, load, shipped_recipes
+from rsslctl.run.directory import refuse_existing
+from rsslctl.base.registry import registry
+from rsslctl.base.console import console
+from rsslctl.cli.common import SET, user_errors
+
+
+@click.command()
+@click.option("--options", "show_options", is_flag=True, help="Also list every plugin's options and defaults.")
+@user_errors
+def plugins(show_options: bool) -> None:
+    """List installed plugins: kind, name, package, version, description (broken ones with their error)."""
+    table = Table(title="rsslctl plugins")
+    for col in ("kind", "name", "package", "version", "description"):
+        table.add_column(col)
+    for info in registry().all():
+        desc = f"[red]{'failed to load: ' if info.kind != 'command' and info.cls is None else ''}{escape(info.error)}[/]" \
+            if info.error else escape(info.doc)
+        table.add_row(info.kind, info.name, info.package, info.version, desc)
+        if show_options and info.cls is not None:
+            for name, tname, default, help_ in describe(info.cls.Options):
+                table.add_row("", f"  .{name}", "", "", f"{tname} = {default!r}  {help_}")
+    console.print(table)
+
+
+@click.group()
+def recipe() -> None:
+    """Inspect recipes."""
+
+
+@recipe.command("show")
+@click.argument("recipe_file", type=click.Path(dir_okay=False, path_type=Path))
+@SET
+@user_errors
+def recipe_show(recipe_file: Path, overrides: tuple[str, ...]) -> None:
+    """Print the fully resolved recipe (all defaults filled in) after validation."""
+    click.echo(dumps_toml(load(recipe_file, list(overrides)).resolved), nl=False)
+
+
+@recipe.command("list")
+def recipe_list() -> None:
+    """List the recipes installed with rsslctl (use a name wherever a recipe file is expected)."""
+    table = Table(title="shipped recipes")
+    table.add_column("name")
+    table.add_column("what it is")
+    for name, file in shipped_recipes().items():
+        first = next((line.lstrip("# ").strip() for line in file.read_text().splitlines() if line.startswith("#")), "")
+        table.add_row(name, escape(first))
+    console.print(table)
+
+
+@recipe.command("copy")
+@click.argument("name")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace an existing DEST file.")
+@user_errors
+def recipe_copy(name: str, dest: Path, force: bool) -> None:
+    """Copy the shipped recipe NAME to DEST (a file, or a directory to copy it into) to edit it."""
+    shipped = shipped_recipes()
+    name = name.removesuffix(".toml")
+    if name not in shipped:
+        raise UserError(f"recipe copy: no shipped recipe '{name}'; available: {', '.join(shipped)}")
+    dest = Path(dest) / f"{name}.toml" if Path(dest).is_dir() else Path(dest)
+    refuse_existing(dest, "file", force)
+    dest.write_text(shipped[name].read_text())
+    click.echo(f"wrote {dest}")

@@ -1,0 +1,55 @@
+"""`rsslctl pretrain`: run a recipe (or continue a run) on the engine."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import click
+
+from rsslctl.runtime import distributed
+from rsslctl.train.engine import Trainer
+from rsslctl.base.errors import UserError
+from rsslctl.run.recipe import load
+from rsslctl.run.directory import RunLock, check_replaceable, load_run_recipe, prepare_run_dir, refuse_existing
+from rsslctl.cli.common import SET, user_errors
+
+
+@click.command()
+@click.argument("recipe_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@SET
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default <output_dir>/<name>).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Continue the run in this directory from its last checkpoint.")
+@click.option("--from-checkpoint", "from_checkpoint", type=click.Path(file_okay=False, path_type=Path),
+              help="With --resume: continue from this checkpoint of the run (e.g. when the newest one is corrupt).")
+@click.option("--force", is_flag=True, help="Replace an existing run directory (only ever an rsslctl run).")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@user_errors
+def pretrain(recipe_file: Path | None, overrides: tuple[str, ...], run_dir: Path | None, resume_dir: Path | None,
+             from_checkpoint: Path | None, force: bool, quiet: bool) -> None:
+    """Pretrain an encoder with RECIPE_FILE (TOML)."""
+    if resume_dir:
+        if recipe_file or overrides or force or run_dir:
+            raise UserError("--resume continues a run with its saved recipe; do not pass a recipe, --set, --run-dir "
+                            "or --force with it")
+        if not Path(resume_dir).is_dir():
+            raise UserError(f"{resume_dir}: run directory not found")
+        recipe = load_run_recipe(resume_dir)
+        with (RunLock(resume_dir, "resuming pretraining") if distributed.is_main() else contextlib.nullcontext()):
+            Trainer(recipe, resume_dir, quiet=quiet).fit(resume=True, from_checkpoint=from_checkpoint)
+        return
+    if from_checkpoint:
+        raise UserError("--from-checkpoint goes with --resume RUN_DIR")
+    if recipe_file is None:
+        raise UserError("missing RECIPE_FILE; e.g. `rsslctl pretrain recipes/quickstart.toml` (or --resume RUN_DIR)")
+    recipe = load(recipe_file, list(overrides))
+    run_dir = Path(run_dir) if run_dir else Path(recipe.run.output_dir) / recipe.run.name
+    refuse_existing(run_dir, "run directory", force, f", --resume {run_dir} to continue it, or --set run.name=NEW")
+    check_replaceable(run_dir, [Path(recipe.run.output_dir)])
+    trainer = Trainer(recipe, run_dir, quiet=quiet)  # loads data and builds the model: fails before touching disk
+    lock = RunLock(run_dir, "pretraining")
+    try:  # under torchrun rank 0 prepares (and locks) the run directory; the others wait for it
+        distributed.rank0_does(lambda: prepare_run_dir(recipe, run_dir, force, lock))
+        trainer.fit()
+    finally:
+        lock.release()

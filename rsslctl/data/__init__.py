@@ -1,0 +1,1 @@
+"""Layer 2, images: datasets as uint8 tensors, batched augmentation, the streamed path, common corruptions."""

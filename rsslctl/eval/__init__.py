@@ -1,0 +1,1 @@
+"""Layer 7, evaluation: the robustness suite of a trained classifier."""

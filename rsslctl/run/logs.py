@@ -1,0 +1,132 @@
+"""Experiment logs of a run: TensorBoard event files (default), a CSV beside ``metrics.jsonl``, optionally Weights &
+Biases (also offline), and plain progress lines when the output is not a terminal (batch jobs, redirected logs).
+
+The engine hands over values it has already read back from the device (every ``log_every`` steps), so logging
+never adds a host sync to a step.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from rsslctl.base.options import opt
+from rsslctl.base.console import console
+
+
+@dataclasses.dataclass
+class LoggingOptions:
+    """The recipe's [logging] table."""
+
+    tensorboard: bool = opt(True, "write TensorBoard event files into <run>/tensorboard")
+    csv: bool = opt(True, "write <run>/metrics.csv (one row per logged step) next to metrics.jsonl")
+    wandb: bool = opt(False, "log to Weights & Biases (needs the `wandb` package: pip install rsslctl[wandb])")
+    wandb_project: str = opt("rsslctl", "W&B project")
+    wandb_mode: Literal["offline", "online"] = opt("offline", "offline: write <run>/wandb to sync later")
+    knn_every: int = opt(0, "kNN accuracy on frozen features every N epochs (0 = off)", min=0)
+    probe_every: int = opt(0, "linear-probe accuracy on frozen features every N epochs (0 = off)", min=0)
+    monitor_limit: int = opt(2000, "images of each split used by the kNN / probe monitors (0 = all)", min=0)
+    plain_every_minutes: float = opt(5.0, "without a terminal: a progress line at least this often inside an epoch",
+                                     min=0.1, max=1e6)
+
+
+def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class CsvLog:
+    """One CSV file whose header grows when a row brings a new column (rare: a monitor's first value)."""
+
+    def __init__(self, path: Path, purge_step: int) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if path.exists():  # a resumed run: drop what was written after the checkpoint it resumes from
+            with open(path, newline="") as fh:
+                self.rows = [r for r in csv.DictReader(fh) if r.get("step", "").isdigit() and int(r["step"]) < purge_step]
+        self.fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        with open(self.path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, self.fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if set(row) - set(self.fields):
+            self.fields += [k for k in row if k not in self.fields]
+            self._rewrite()
+        else:
+            with open(self.path, "a", newline="") as fh:
+                csv.DictWriter(fh, self.fields).writerow(row)
+
+
+class RunLogger:
+    """Writers of one run; ``scalars`` for every logged step or epoch value, ``progress`` for humans. On resume,
+    ``purge_step`` (the first step not covered by the checkpoint) drops later records, as in metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, options: LoggingOptions, resolved: dict[str, Any], quiet: bool,
+                 purge_step: int = 0) -> None:
+        self.o, self.quiet = options, quiet
+        self.plain = not sys.stdout.isatty() and not quiet  # a batch job: plain lines instead of a live bar
+        self._last_plain = time.perf_counter()
+        self.tb = self.wandb = None
+        self.csv: dict[str, CsvLog] = {}
+        run_dir = Path(run_dir)
+        if options.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step or None)
+            self.tb.add_text("recipe", "```\n" + "\n".join(f"{k} = {v}" for k, v in _flat("", resolved, {}).items())
+                             + "\n```")
+        if options.csv:
+            self.csv = {group: CsvLog(run_dir / name, purge_step) for group, name in (("train", "metrics.csv"),
+                                                                                     ("epoch", "epochs.csv"))}
+        if options.wandb:
+            try:
+                import wandb
+            except ImportError:
+                from rsslctl.base.errors import UserError
+                raise UserError("logging.wandb = true, but the `wandb` package is not installed; "
+                                "pip install wandb, or set logging.wandb = false") from None
+            self.wandb = wandb.init(project=options.wandb_project, mode=options.wandb_mode, dir=str(run_dir),
+                                    config=_flat("", resolved, {}), name=run_dir.name, resume="allow")
+
+    def scalars(self, values: dict[str, float], step: int, group: str) -> None:
+        """Log finite numbers under ``group/name`` (TensorBoard, W&B) and as one CSV row of ``group``."""
+        values = {k: v for k, v in values.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{group}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{group}/{k}": v for k, v in values.items()}, step=step)
+        if group in self.csv:
+            self.csv[group].write({"step": step, **values})
+
+    def progress(self, text: str, force: bool = False) -> None:
+        """A plain line for non-terminal output: at every epoch end (``force``) and every few minutes within one."""
+        now = time.perf_counter()
+        if self.plain and (force or now - self._last_plain >= 60 * self.o.plain_every_minutes):
+            console.print(text, highlight=False, soft_wrap=True)
+            self._last_plain = now
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,1 @@
+"""Layer 1, the process: torch.distributed membership and collectives, atomic checkpoint files."""
