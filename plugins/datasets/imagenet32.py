@@ -11,8 +11,36 @@ import torch
 from rsslctl import hookimpl, Dataset, ImageData, ImageSource, missing_data, npz_memmap, safe_unpickle, UserError
 
 
+def _check_images(path: Path, dtype: Any, shape: tuple) -> None:
+    """The release stores uint8 pixels, 3072 per image: anything else would be cast silently into other pixels."""
+    if np.dtype(dtype) != np.uint8:
+        raise UserError(f"{path}: images stored as {np.dtype(dtype)}, ImageNet-32 stores uint8 pixels; re-extract "
+                        "the archive, or convert the images to uint8 (0-255) yourself")
+    if len(shape) != 2 or shape[1] != 3072:
+        raise UserError(f"{path}: images of shape {tuple(shape)}, expected [N, 3072] (32x32x3); re-extract the "
+                        "archive")
+
+
+def _check_labels(path: Path, labels: Any) -> np.ndarray:
+    """Labels as int64 0..999; the files hold integers 1..1000."""
+    y = np.asarray(labels).reshape(-1)
+    if not (np.issubdtype(y.dtype, np.integer) and y.dtype != np.bool_):
+        raise UserError(f"{path}: labels stored as {y.dtype}, expected integers 1-1000; re-extract the archive")
+    if len(y) and (int(y.min()) < 1 or int(y.max()) > 1000):
+        bad = int(y.min()) if int(y.min()) < 1 else int(y.max())
+        raise UserError(f"{path}: label {bad} is outside 1-1000; re-extract the archive")
+    return y.astype(np.int64) - 1
+
+
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(data uint8 [N, 3072], labels 1..1000) of one batch file."""
+    """(data uint8 [N, 3072], labels 0..999) of one batch file."""
+    data, labels = _read_raw(path)
+    data = np.asarray(data)
+    _check_images(path, data.dtype, data.shape)
+    return data, _check_labels(path, labels)
+
+
+def _read_raw(path: Path) -> tuple[Any, Any]:
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -96,9 +124,11 @@ class Imagenet32(Dataset):
             layout = [npz_memmap(p, "data") for p in paths]
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             raise UserError(f"{paths[0].parent}: not a valid ImageNet-32 batch ({exc}); re-extract the archive") from None
-        if any(m is None or len(m[1]) != 2 or m[1][1] != 3072 or m[0] != np.uint8 for m in layout):
-            return None  # compressed or unusual arrays: load whole
-        labels = [np.asarray(_read_labels(p), dtype=np.int64).reshape(-1) - 1 for p in paths]
+        if any(m is None for m in layout):
+            return None  # compressed arrays: load whole
+        for p, (dtype, shape, _) in zip(paths, layout):
+            _check_images(p, dtype, shape)
+        labels = [_check_labels(p, _read_labels(p)) for p in paths]
         if any(len(y) != m[1][0] for y, m in zip(labels, layout)):
             raise UserError(f"{paths[0].parent}: corrupted ImageNet-32 files (image and label counts differ); "
                             "re-extract the archive")
@@ -108,8 +138,8 @@ class Imagenet32(Dataset):
         paths = self._paths(split)
         parts = [_read(p) for p in paths]
         try:
-            data = np.concatenate([np.asarray(d, dtype=np.uint8) for d, _ in parts]).reshape(-1, 3, 32, 32)
-            labels = np.concatenate([np.asarray(y, dtype=np.int64).reshape(-1) for _, y in parts]) - 1
+            data = np.concatenate([d for d, _ in parts]).reshape(-1, 3, 32, 32)
+            labels = np.concatenate([y for _, y in parts])
             if len(data) != len(labels):
                 raise ValueError(f"{len(data)} images but {len(labels)} labels")
         except ValueError as exc:
