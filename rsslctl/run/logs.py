@@ -9,11 +9,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
+from rsslctl.base.errors import UserError
 from rsslctl.base.options import opt
 from rsslctl.base.console import console
 
@@ -48,32 +50,56 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def regular_log(path: Path) -> bool:
+    """Whether a log file exists; one line when it is something other than a regular file (a link to a device
+    such as /dev/full or /dev/zero would fill the disk or never end when read back)."""
+    if not (path.exists() or path.is_symlink()):
+        return False
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file (a link to a device or a folder?); move it away, then retry")
+    return True
+
+
+def filter_csv(path: Path, keep: Callable[[dict[str, str]], bool], fields: list[str] | None = None) -> list[str]:
+    """Rewrite the CSV log ``path`` atomically with only the rows ``keep`` accepts, streaming row by row (a log of
+    any length costs one row of memory); ``fields`` extends its header. Returns the header."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(path, newline="", encoding="utf-8") as src, open(tmp, "w", newline="", encoding="utf-8") as dst:
+            reader = csv.DictReader(src)
+            header = list(dict.fromkeys([*(reader.fieldnames or []), *(fields or [])]))
+            writer = csv.DictWriter(dst, header)
+            writer.writeheader()
+            writer.writerows(row for row in reader if keep(row))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: not a CSV log this run wrote ({type(exc).__name__}: {str(exc)[:80]}); move it "
+                        "away, then retry") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return header
+
+
 class CsvLog:
-    """One CSV file whose header grows when a row brings a new column (rare: a monitor's first value)."""
+    """One CSV file whose header grows when a row brings a new column (rare: a monitor's first value). Rows are
+    appended as they come; only a new column rewrites the file, streaming it."""
 
     def __init__(self, path: Path, purge_step: int) -> None:
         self.path = path
-        self.rows: list[dict[str, Any]] = []
-        if path.exists():  # a resumed run: drop what was written after the checkpoint it resumes from
-            with open(path, newline="") as fh:
-                self.rows = [r for r in csv.DictReader(fh) if r.get("step", "").isdigit() and int(r["step"]) < purge_step]
-        self.fields = list(dict.fromkeys(k for r in self.rows for k in r))
-        self._rewrite()
-
-    def _rewrite(self) -> None:
-        with open(self.path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, self.fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        if regular_log(path):  # a resumed run: drop what was written after the checkpoint it resumes from
+            self.fields = filter_csv(path, lambda r: (r.get("step") or "").isdigit() and int(r["step"]) < purge_step)
+        else:
+            self.fields = []
+            path.write_text("\n")
 
     def write(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        if set(row) - set(self.fields):
-            self.fields += [k for k in row if k not in self.fields]
-            self._rewrite()
-        else:
-            with open(self.path, "a", newline="") as fh:
-                csv.DictWriter(fh, self.fields).writerow(row)
+        new = [k for k in row if k not in self.fields]
+        if new:
+            self.fields = filter_csv(self.path, lambda r: True, new)
+        with open(self.path, "a", newline="", encoding="utf-8") as fh:
+            csv.DictWriter(fh, self.fields).writerow(row)
 
 
 class RunLogger:
@@ -100,7 +126,6 @@ class RunLogger:
             try:
                 import wandb
             except ImportError:
-                from rsslctl.base.errors import UserError
                 raise UserError("logging.wandb = true, but the `wandb` package is not installed; "
                                 "pip install wandb, or set logging.wandb = false") from None
             self.wandb = wandb.init(project=options.wandb_project, mode=options.wandb_mode, dir=str(run_dir),
