@@ -44,7 +44,7 @@ def test_rocl_loss_is_three_view_nt_xent_plus_regulariser_over_lambda() -> None:
     torch.manual_seed(0)
     z1, z2, za = (torch.randn(4, 6) for _ in range(3))
     tau, lam = 0.5, 8.0
-    want = (naive_contrastive([[z1[k], z2[k], za[k]] for k in range(4)], tau)
+    want = (2 * naive_contrastive([[z1[k], z2[k], za[k]] for k in range(4)], tau)  # reference: Σ of 6N terms / 3N
             + naive_contrastive([[za[k], z2[k]] for k in range(4)], tau) / lam)
     torch.testing.assert_close(rocl_loss(z1, z2, za, tau, lam).double(), want, atol=1e-5, rtol=1e-5)
     # the reference's detached transpose: the same value, gradients through one side only
