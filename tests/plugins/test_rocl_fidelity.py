@@ -36,7 +36,8 @@ def test_three_view_term_is_the_sum_of_six_n_pair_terms_over_three_n() -> None:
     got = rocl_loss(z1, z2, za, tau, lam, regulariser=(r_adv, r2))
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
     # without a separate regulariser forward the regulariser pairs the given z̃₁ and z₂
-    want_same = reference_nt_xent(torch.cat((z1, z2, za)), 3, tau) + reference_nt_xent(torch.cat((za, z2)), 2, tau) / lam
+    want_same = (reference_nt_xent(torch.cat((z1, z2, za)), 3, tau)
+                 + reference_nt_xent(torch.cat((za, z2)), 2, tau) / lam)
     torch.testing.assert_close(rocl_loss(z1, z2, za, tau, lam).double(), want_same, atol=1e-6, rtol=1e-6)
 
 
