@@ -87,7 +87,8 @@ def test_advcl_loss_is_four_view_supcon_plus_weighted_mean_cross_entropy() -> No
     labels = [torch.tensor([0, 1, 1]), torch.tensor([3, 0, 2])]
     ce = [-(lg.log_softmax(1)[torch.arange(3), y]).mean() for lg, y in zip(logits, labels)]
     want = naive_contrastive([list(z[4 * k:4 * k + 4]) for k in range(3)], 0.5) + 0.2 * (ce[0] + ce[1]) / 2
-    torch.testing.assert_close(advcl_loss(z, logits, labels, 0.5, 0.2).double(), want.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(advcl_loss(z, logits, labels, 0.5, 0.2, base_temperature=0.5).double(), want.double(),
+                               atol=1e-5, rtol=1e-5)  # base = τ: unscaled SupCon
 
 
 def test_high_frequency_view_removes_the_centred_disc_of_the_spectrum() -> None:
@@ -96,7 +97,7 @@ def test_high_frequency_view_removes_the_centred_disc_of_the_spectrum() -> None:
     spec = np.fft.fftshift(np.fft.fft2(x.double().numpy()), axes=(-2, -1))
     for i in range(16):
         for j in range(16):
-            if (i - 8) ** 2 + (j - 8) ** 2 <= 4 ** 2:
+            if (i - 8) ** 2 + (j - 8) ** 2 < 4 ** 2:  # the reference removes distance < r
                 spec[..., i, j] = 0
     want = np.fft.ifft2(np.fft.ifftshift(spec, axes=(-2, -1))).real
     torch.testing.assert_close(high_frequency(x, 4.0).double(), torch.from_numpy(want), atol=1e-5, rtol=1e-5)
