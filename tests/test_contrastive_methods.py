@@ -44,7 +44,7 @@ def test_rocl_loss_is_three_view_nt_xent_plus_regulariser_over_lambda() -> None:
     torch.manual_seed(0)
     z1, z2, za = (torch.randn(4, 6) for _ in range(3))
     tau, lam = 0.5, 8.0
-    want = (naive_contrastive([[z1[k], z2[k], za[k]] for k in range(4)], tau)
+    want = (2 * naive_contrastive([[z1[k], z2[k], za[k]] for k in range(4)], tau)  # reference: Σ of 6N terms / 3N
             + naive_contrastive([[za[k], z2[k]] for k in range(4)], tau) / lam)
     torch.testing.assert_close(rocl_loss(z1, z2, za, tau, lam).double(), want, atol=1e-5, rtol=1e-5)
     # the reference's detached transpose: the same value, gradients through one side only
@@ -87,7 +87,8 @@ def test_advcl_loss_is_four_view_supcon_plus_weighted_mean_cross_entropy() -> No
     labels = [torch.tensor([0, 1, 1]), torch.tensor([3, 0, 2])]
     ce = [-(lg.log_softmax(1)[torch.arange(3), y]).mean() for lg, y in zip(logits, labels)]
     want = naive_contrastive([list(z[4 * k:4 * k + 4]) for k in range(3)], 0.5) + 0.2 * (ce[0] + ce[1]) / 2
-    torch.testing.assert_close(advcl_loss(z, logits, labels, 0.5, 0.2).double(), want.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(advcl_loss(z, logits, labels, 0.5, 0.2, base_temperature=0.5).double(), want.double(),
+                               atol=1e-5, rtol=1e-5)  # base = τ: unscaled SupCon
 
 
 def test_high_frequency_view_removes_the_centred_disc_of_the_spectrum() -> None:
@@ -96,7 +97,7 @@ def test_high_frequency_view_removes_the_centred_disc_of_the_spectrum() -> None:
     spec = np.fft.fftshift(np.fft.fft2(x.double().numpy()), axes=(-2, -1))
     for i in range(16):
         for j in range(16):
-            if (i - 8) ** 2 + (j - 8) ** 2 <= 4 ** 2:
+            if (i - 8) ** 2 + (j - 8) ** 2 < 4 ** 2:  # the reference removes distance < r
                 spec[..., i, j] = 0
     want = np.fft.ifft2(np.fft.ifftshift(spec, axes=(-2, -1))).real
     torch.testing.assert_close(high_frequency(x, 4.0).double(), torch.from_numpy(want), atol=1e-5, rtol=1e-5)

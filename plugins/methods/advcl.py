@@ -2,21 +2,37 @@
 Pretraining to Finetuning?", NeurIPS 2021).
 
 Four views per image: two augmented views x₁, x₂, the original crop x (random crop, 4 px padding, flip) made
-adversarial as x̃, and the high-frequency component of x (2-D FFT with a centred disc of radius r = 8 zeroed, inverse
-FFT). Pseudo labels come from clustering: k-means (scikit-learn) on the features of a pretrained standard SSL model
-(``method.teacher``, a finished run directory) at several granularities (2, 10, 50, 100, 500 clusters), one linear
-head per granularity. The loss is SupCon in its unsupervised form (NT-Xent with four positives per image) over
-{x̃_cl, x₁, x₂, x_HFC} plus 0.2 × the mean cross-entropy of the heads on x̃_ce; the attack (PGD-5, α 2/255, ε 8/255,
-eval mode) maximises that same total over both adversarial copies x̃_cl and x̃_ce of x jointly.
+adversarial as x̃, and the high-frequency component of x (2-D FFT with the centred disc of distance < r = 8 zeroed,
+inverse FFT). Pseudo labels come from clustering: k-means (scikit-learn) on the features of a pretrained standard SSL
+model (``method.teacher``, a finished run directory) at several granularities (2, 10, 50, 100, 500 clusters), one
+linear head per granularity. The loss is SupCon in its unsupervised form (NT-Xent with four positives per image,
+scaled by τ / base_temperature = 0.5 / 0.07) over {x̃_cl, x₁, x₂, x_HFC} plus 0.2 × the mean cross-entropy of the
+heads on x̃_ce; the attack (PGD-5, α 2/255, ε 8/255, train mode) maximises that same total over both adversarial
+copies x̃_cl and x̃_ce of x jointly.
 
-Differences from the reference: adversarial images share the ``pgd`` BN route of a dual-BN encoder (the reference has
-a third BN for x̃_ce); the pseudo labels are computed here from the chosen teacher run, not shipped (the reference's
-come from an ImageNet-pretrained SimCLR); the pseudo label of an image is its nearest centroid in the teacher's
-feature space (the k-means assignment), recomputed per step from the un-augmented image.
+Equal by default to the authors' code (github.com/LijieFan/AdvCL, ``pretraining_advCL.py``, ``losses.py``
+``SupConLoss``, ``fr_util.py`` ``generate_high``; commit 24cb7a6): the SupCon scale τ / base_temperature (their
+``SupConLoss`` keeps its default base 0.07 while τ = 0.5, so the contrastive term is 7.14 × NT-Xent and the pseudo-label
+CE weighs 0.2 / 7.14 of it; ``base_temperature = temperature`` gives the plain sum); the attack with the network in
+train mode (BN batch statistics; ``attack_bn = "eval"`` attacks with running statistics instead); every view in a
+forward of its own (BN statistics per view); the filter removes the bins at distance < r and keeps those at exactly
+r. The reference's random start is not clipped to [0, 1]: ``recipes/advcl.toml`` sets ``[attack] clamp_start = false``.
+
+Remaining differences: adversarial images share the ``pgd`` BN route of a dual-BN encoder (the reference has a third
+BN for x̃_ce, and one BN in the projection head for all routes); the pseudo labels are computed here from the chosen
+teacher run, not shipped (the reference's come from an ImageNet-pretrained SimCLR); the pseudo label of an image is
+its nearest centroid in the teacher's feature space (the k-means assignment), recomputed per step from the
+un-augmented image; the fixed views' embeddings are computed once per step (the reference recomputes them, with the
+same values, at every attack step, which moves the BN running statistics five more times); the reference's attack sums
+its cross-entropy over the batch (with separate forwards of x̃_cl and x̃_ce and sign steps the steps are the same);
+the filter's centre is (h // 2, w // 2) (the reference takes h / 2 for both axes: the same on its even, square
+images, half a bin off on odd or non-square ones).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,24 +43,27 @@ from rsslctl_plugins.methods.deacl import ADVCL_FAMILY_ROW
 
 
 def high_frequency(x: Tensor, radius: float) -> Tensor:
-    """The high-frequency component of images ``x``: centred 2-D spectrum with the disc of ``radius`` (in frequency
-    bins) around zero frequency removed, transformed back (real part, not clipped)."""
+    """The high-frequency component of images ``x``: centred 2-D spectrum with the bins at distance < ``radius`` (in
+    frequency bins) from zero frequency removed, those at exactly ``radius`` kept (as the reference's
+    ``generate_high``), transformed back (real part, not clipped)."""
     with fp32(x):
         h, w = x.shape[-2:]
         yy = torch.arange(h, device=x.device).view(h, 1) - h // 2
         xx = torch.arange(w, device=x.device).view(1, w) - w // 2
-        keep = ((yy ** 2 + xx ** 2) > radius ** 2).to(torch.float32)
+        keep = ((yy ** 2 + xx ** 2) >= radius ** 2).to(torch.float32)
         spectrum = torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1)) * keep
         return torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1))).real
 
 
-def advcl_loss(z: Tensor, logits: list[Tensor], pseudo: list[Tensor], temperature: float, ce_weight: float) -> Tensor:
-    """L = SupCon(z) + w·(1/K)·Σ_k CE(logits_k, y_k) (Fan et al., NeurIPS 2021): ``z`` holds four interleaved
-    embeddings per image (all positives of each other, unsupervised SupCon = NT-Xent with 4 views), ``logits``/``pseudo``
-    the K heads' logits and cluster labels."""
+def advcl_loss(z: Tensor, logits: list[Tensor], pseudo: list[Tensor], temperature: float, ce_weight: float,
+               base_temperature: float = 0.07) -> Tensor:
+    """L = (τ/τ_base)·SupCon(z) + w·(1/K)·Σ_k CE(logits_k, y_k) (Fan et al., NeurIPS 2021): ``z`` holds four
+    interleaved embeddings per image (all positives of each other, unsupervised SupCon = NT-Xent with 4 views, scaled
+    by τ / ``base_temperature`` as SupCon's reference loss), ``logits``/``pseudo`` the K heads' logits and cluster
+    labels."""
     with fp32(z):
         ce = torch.stack([F.cross_entropy(lg.float(), y) for lg, y in zip(logits, pseudo)]).mean()
-    return nt_xent(z, temperature, n_views=4) + ce_weight * ce
+    return (temperature / base_temperature) * nt_xent(z, temperature, n_views=4) + ce_weight * ce
 
 
 def nearest_centroid(features: Tensor, centroids: Tensor) -> Tensor:
@@ -61,6 +80,10 @@ class AdvCLOptions:
                                     "capped at the number of training images")
     ce_weight: float = opt(0.2, "weight of the mean pseudo-label cross-entropy", min=0)
     temperature: float = opt(0.5, "SupCon / NT-Xent temperature τ", min=1e-3)
+    base_temperature: float = opt(0.07, "SupCon's base temperature: the contrastive term is scaled by τ / base "
+                                        "(reference 0.07; set it to τ for the unscaled NT-Xent)", min=1e-3)
+    attack_bn: Literal["train", "eval"] = opt("train", "BN mode of the attack forwards: train = batch statistics "
+                                                       "(reference), eval = running statistics")
     radius: float = opt(8.0, "radius of the low-frequency disc removed for the high-frequency view", min=0)
     padding: int = opt(4, "random-crop padding of the original view", min=0)
     kmeans_seed: int = opt(0, "random_state of k-means", min=0)
@@ -117,27 +140,30 @@ class AdvCL(Method):
         return [nearest_centroid(feats, c) for c in self.centroids]
 
     def losses(self, x_adv: Tensor, fixed: Tensor, pseudo: list[Tensor]) -> Tensor:
-        """The AdvCL loss with x_adv = [x̃_cl; x̃_ce] and ``fixed`` = the embeddings of x₁, x₂, x_HFC stacked [N, 3, d]."""
-        enc = self.encoder
-        f = enc.features(x_adv, "pgd")
-        f_cl, f_ce = f.chunk(2)
-        z = torch.cat((enc.head(f_cl).unsqueeze(1), fixed), dim=1).flatten(0, 1)
-        return advcl_loss(z, [head(f_ce) for head in self.heads], pseudo, self.options.temperature,
-                          self.options.ce_weight)
+        """The AdvCL loss with x_adv = [x̃_cl; x̃_ce] and ``fixed`` = the embeddings of x₁, x₂, x_HFC stacked [N, 3, d].
+        x̃_cl and x̃_ce are forwarded separately (each its own BN batch, as the reference's two routes)."""
+        o, enc = self.options, self.encoder
+        x_cl, x_ce = x_adv.chunk(2)
+        z = torch.cat((enc(x_cl, "pgd").unsqueeze(1), fixed), dim=1).flatten(0, 1)
+        f_ce = enc.features(x_ce, "pgd")
+        return advcl_loss(z, [head(f_ce) for head in self.heads], pseudo, o.temperature, o.ce_weight,
+                          o.base_temperature)
+
+    def embed_views(self, views: tuple[Tensor, ...]) -> Tensor:
+        """[N, 3, d]: each clean view through the normal BN in a forward of its own (BN statistics per view)."""
+        return torch.stack([self.encoder(v, "normal") for v in views], dim=1)
 
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        o, enc = self.options, self.encoder
+        o = self.options
         pseudo = self.pseudo_labels(images)
         views = multi_view(images, self.augment, 2)
         x_org = crop_flip(images, o.padding, None)
-        x_hfc = high_frequency(x_org, o.radius)
-        n = len(images)
-        clean = torch.cat((views[0::2], views[1::2], x_hfc))
-        with eval_mode(self):
-            fixed = enc(clean, "normal").detach().view(3, n, -1).transpose(0, 1)
-            start = torch.cat((x_org, x_org))
-            adv = self.attack.perturb(start, lambda xa: self.losses(xa, fixed, pseudo))
-        fixed = enc(clean, "normal").view(3, n, -1).transpose(0, 1)
+        clean = (views[0::2], views[1::2], high_frequency(x_org, o.radius))
+        fixed = self.embed_views(clean)
+        train = o.attack_bn == "train"
+        with contextlib.nullcontext() if train else eval_mode(self):
+            target = fixed.detach() if train else self.embed_views(clean).detach()  # train: the same values
+            adv = self.attack.perturb(torch.cat((x_org, x_org)), lambda xa: self.losses(xa, target, pseudo))
         loss = self.losses(adv, fixed, pseudo)
         return loss, {"loss_adv": loss.detach()}
 

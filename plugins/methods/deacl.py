@@ -8,6 +8,14 @@ and its adversarial features match its own clean ones,
 L = −cos(f(x), t(x)) − β·cos(f(x̃), f(x)), β = 2, where x̃ maximises −cos(f(x̃), t(x)) (PGD-5, α 2/255, ε 8/255,
 eval mode), i.e. the attack pushes the student away from the teacher's target. Features are backbone features
 (no projector), single BN.
+
+Equal by default to the authors' code (github.com/pantheon5100/DeACL, ``solo/methods/mocov2_distillation_AT.py``
+``MoCoV2KDAT.training_step`` / ``generate_training_AE``; commit 3fb81e3): the attack in eval mode against the frozen
+teacher's features, the loss on one train-mode forward of [x; x̃], gradients through both cosine terms. The
+reference's random start is not clipped to [0, 1] before the first forward: ``recipes/deacl.toml`` sets
+``[attack] clamp_start = false`` (the attack plugin's default clips it). Remaining differences: the reference's attack
+objective is the batch sum of −cos × 256 (an fp16 guard; with sign steps the steps are the same); its online linear
+classifier on detached eval-mode features (a monitor, no gradient into the student) is not trained here.
 """
 from __future__ import annotations
 
