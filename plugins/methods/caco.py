@@ -6,6 +6,11 @@ bank vector closest to the other view's key, y₁ = argmax_j k₂·n_j (symmetri
 vector is a negative. The encoder minimises CE(q₁·nᵀ/τ, y₁) + CE(q₂·nᵀ/τ, y₂). The bank is updated with the same
 loss at τ_n: by descent for each query's positive (cooperative) and ascent for its negatives (adversarial), with
 its own SGD; its vectors are used unit-normalised.
+
+Fidelity: the authors' code is github.com/maple-research-lab/CaCo (model/CaCo.py, training/train_caco.py, commit
+a72b345). Each view goes through the query and the key encoder in a forward of its own (BatchNorm statistics per
+view), as theirs; ``joint_forward = true`` restores the earlier single interleaved 2N-image forward (faster; BN
+statistics over both views, so a different train-mode loss).
 """
 from __future__ import annotations
 
@@ -47,6 +52,9 @@ class CaCoOptions:
     bank_weight_decay: float = opt(0.0, "the bank's weight decay (--mem_wd)", min=0)
     init_from_keys: bool = opt(True, "fill the bank with the first K keys of training (--ad_init)")
     momentum: float = opt(0.99, "EMA factor m of the key encoder (--moco_m)", min=0, max=1)
+    joint_forward: bool = opt(False, "both views through each encoder as one interleaved 2N batch (BN statistics over "
+                                     "both views; the earlier rsslctl behaviour) instead of one forward per view, as "
+                                     "the authors")
 
 
 class CaCo(BankMethod):
@@ -66,9 +74,9 @@ class CaCo(BankMethod):
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         o = self.options
         views = multi_view(images, self.augment, 2)
-        q = F.normalize(self.encoder(views).float(), dim=1)
+        q = F.normalize(self.forward_views(self.encoder, views).float(), dim=1)
         with torch.no_grad():
-            k = F.normalize(self.key_encoder(views).float(), dim=1)
+            k = F.normalize(self.forward_views(self.key_encoder, views).float(), dim=1)
         bank = self.bank.vectors()
         loss1, logits1, y1 = caco_loss(q[0::2], k[1::2], bank, o.temperature)
         loss2, logits2, y2 = caco_loss(q[1::2], k[0::2], bank, o.temperature)
