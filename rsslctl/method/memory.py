@@ -156,9 +156,9 @@ class LearnableBank(nn.Module):
 
 class BankMethod(Method):
     """Base of MoCo-style methods with a learnable bank (AdCo, CaCo): a key encoder (EMA of the encoder, factor
-    ``options.momentum``) and a ``LearnableBank`` sized by ``options.bank_size``/``bank_lr``/``bank_momentum``/
-    ``bank_weight_decay``; both step after each optimizer step, and the bank's optimizer state is run state.
-    ``forward_views`` runs a network on interleaved views one view at a time (BatchNorm statistics
+    ``key_momentum()``, by default ``options.momentum``) and a ``LearnableBank`` sized by ``options.bank_size``/
+    ``bank_lr``/``bank_momentum``/``bank_weight_decay``; both step after each optimizer step, and the bank's optimizer
+    state is run state. ``forward_views`` runs a network on interleaved views one view at a time (BatchNorm statistics
     per view, as the AdCo and CaCo code) or, with ``options.joint_forward``, as one 2N batch."""
 
     def __init__(self, options: Any, encoder: nn.Module, attack: Any, augment: Any) -> None:
@@ -174,8 +174,12 @@ class BankMethod(Method):
             return net(views)
         return pair_rows(net(views[0::2]), net(views[1::2]))
 
+    def key_momentum(self) -> float | Tensor:
+        """m of the next key-encoder update (a method with a momentum schedule overrides this)."""
+        return self.options.momentum
+
     def after_optimizer_step(self) -> None:
-        ema_update(self.key_encoder, self.encoder, self.options.momentum)
+        ema_update(self.key_encoder, self.encoder, self.key_momentum())
         self.bank.step()
 
     def run_state(self) -> dict[str, Tensor]:
