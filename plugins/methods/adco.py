@@ -5,6 +5,12 @@ The query encoder minimises InfoNCE of q against its key k (EMA key encoder) and
 the bank maximises the same loss at its own temperature τ_n by SGD ascent with its own learning rate, so its
 vectors move towards a softmax-weighted mix of the current queries. The bank is used unit-normalised: the
 adversary lives on the unit sphere, whatever the step size.
+
+Fidelity: the authors' code is github.com/maple-research-lab/AdCo (model/AdCo.py, training/train.py, commit
+fd65f12). With ``symmetric`` each view goes through the query and the key encoder in a forward of its own (BatchNorm
+statistics per view), as theirs; ``joint_forward = true`` restores the earlier single interleaved 2N-image forward
+(faster; BN statistics over both views, so a different train-mode loss). ``batch_keys = true`` restores their use of
+the other images' keys as extra negatives.
 """
 from __future__ import annotations
 
@@ -48,6 +54,9 @@ class AdCoOptions:
     batch_keys: bool = opt(False, "reference quirk: the other images' keys in the batch are extra negatives")
     symmetric: bool = opt(False, "symmetric loss: both views are queries against the other view's key, losses and "
                                  "bank updates averaged (--sym 1)")
+    joint_forward: bool = opt(False, "symmetric: both views through each encoder as one interleaved 2N batch (BN "
+                                     "statistics over both views; the earlier rsslctl behaviour) instead of one "
+                                     "forward per view, as the authors")
 
 
 class AdCo(BankMethod):
@@ -62,10 +71,14 @@ class AdCo(BankMethod):
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         o = self.options
         views = multi_view(images, self.augment, 2)
-        queries = views if o.symmetric else views[0::2]
-        q = F.normalize(self.encoder(queries).float(), dim=1)
-        with torch.no_grad():
-            k = F.normalize(self.key_encoder(queries if o.symmetric else views[1::2]).float(), dim=1)
+        if not o.symmetric:
+            q = F.normalize(self.encoder(views[0::2]).float(), dim=1)
+            with torch.no_grad():
+                k = F.normalize(self.key_encoder(views[1::2]).float(), dim=1)
+        else:  # rows interleaved (2i: view 1 of image i, 2i+1: view 2)
+            q = F.normalize(self.forward_views(self.encoder, views).float(), dim=1)
+            with torch.no_grad():
+                k = F.normalize(self.forward_views(self.key_encoder, views).float(), dim=1)
         # (query, key of the other view) pairs: view 1 against view 2, and with `symmetric` also the reverse
         pairs = [(q[0::2], k[1::2]), (q[1::2], k[0::2])] if o.symmetric else [(q, k)]
         bank, losses, direction = self.bank.vectors(), [], 0.0

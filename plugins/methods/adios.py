@@ -22,8 +22,15 @@ the occluder steps against the updated encoder on the same views (a second forwa
 forward pass; the masks enter L through a gradient reversal, so the engine's backward gives the encoder ∂L and the
 occluder −∂L + α∂P, and the occluder steps right after the encoder (cheaper, not the reference schedule).
 
+Each view goes through the encoder in a forward of its own (train-mode BatchNorm statistics per view), as the
+authors' code (github.com/YugeTen/adios, src/methods/simclr_adios.py and byol_adios.py, commit 21c6f23); the switch
+``joint_forward = true`` restores the earlier interleaved 2N-image forward in the SimCLR form (one batch per
+mask, BN statistics over both views: a different loss in train mode, fewer kernel launches).
+
 Differences from the authors' code: the occluder is a plain U-Net without their fully connected bottleneck, and its
-learning rate is constant (theirs follows the encoder's cosine schedule); no online linear classifier is trained.
+learning rate is constant (theirs follows the encoder's cosine schedule); the BYOL form's target momentum is constant
+(theirs rises to 1) and its target forwards the unmasked view once per step (theirs once per mask: the same values,
+only its BN running statistics move more often); no online linear classifier is trained.
 """
 from __future__ import annotations
 
@@ -37,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, Encoder, load_optimizer_tensors, Method, multi_view, nt_xent, opt, optimizer_tensors
+from rsslctl import (hookimpl, Encoder, load_optimizer_tensors, Method, multi_view, nt_xent, opt, optimizer_tensors,
+                     pair_rows)
 
 
 @dataclasses.dataclass
@@ -55,6 +63,9 @@ class ADIOSOptions:
     form: Literal["simclr", "byol"] = opt("simclr", "the SSL objective the occluder attacks")
     predictor_hidden: int = opt(512, "BYOL form: hidden width of the predictor MLP", min=1)
     momentum: float = opt(0.99, "BYOL form: EMA rate τ of the target encoder", min=0, max=1)
+    joint_forward: bool = opt(False, "SimCLR form: forward both views as one interleaved 2N batch (BN statistics over "
+                                     "both views; the earlier rsslctl behaviour) instead of one forward per view, as "
+                                     "the authors")
 
 
 def sparsity_penalty(masks: Tensor) -> Tensor:
@@ -127,8 +138,9 @@ class ADIOS(Method):
         return [p for p in self.parameters() if p.requires_grad and id(p) not in occluder]
 
     def ssl_loss(self, v1: Tensor, v2: Tensor, masks: Tensor) -> Tensor:
-        """L = Σ_k NT-Xent(z(v1), z(v2 ⊙ (1 − m_k))), one SimCLR batch (views interleaved) per mask; BYOL form: the
-        symmetric BYOL loss per mask, each view through the online and the target network on its own."""
+        """L = Σ_k NT-Xent(z(v1), z(v2 ⊙ (1 − m_k))), each view through the encoder on its own (``joint_forward``: one
+        interleaved batch per mask); BYOL form: the symmetric BYOL loss per mask, each view through the online and the
+        target network on its own."""
         total = v1.new_zeros((), dtype=torch.float32)
         if self.options.form == "byol":
             with torch.no_grad():
@@ -141,8 +153,11 @@ class ADIOS(Method):
                 p1, p2 = self.predictor(self.encoder(v1)), self.predictor(self.encoder(masked))
                 total = total + byol_loss(p1, t2) + byol_loss(p2, t1)
                 continue
-            pair = torch.stack([v1, masked], 1).flatten(0, 1)  # rows 2i, 2i+1: the two views of image i
-            total = total + nt_xent(self.encoder(pair), self.options.temperature)
+            if self.options.joint_forward:  # rows 2i, 2i+1: the two views of image i, in one batch
+                z = self.encoder(pair_rows(v1, masked))
+            else:  # the authors' forwards: BN statistics of each view on its own
+                z = pair_rows(self.encoder(v1), self.encoder(masked))
+            total = total + nt_xent(z, self.options.temperature)
         return total
 
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

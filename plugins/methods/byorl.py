@@ -5,6 +5,13 @@ Online network: encoder + projection head (the [encoder] head) + predictor q; ta
 and head, momentum from 0.996 to 1 on BYOL's cosine schedule. Each view is attacked (PGD, eval mode) to maximise
 the BYOL loss of its online prediction against the target's projection of the other, clean view; the training loss
 is that symmetrised BYOL loss on the adversarial views. The online encoder is the one evaluated.
+
+Fidelity: BYORL has no public code; this follows the paper and BYOL's official code (github.com/google-deepmind/
+deepmind-research, byol/byol_experiment.py): the two directions are summed, L = b(q₁, z̄₂) + b(q₂, z̄₁) with
+b = mean_i (2 − 2·cos), and each view goes through the online and the target network in a forward of its own
+(train-mode BatchNorm statistics per view). Switches restoring the earlier rsslctl behaviour: ``average_directions =
+true`` halves the loss (the mean of the two directions), ``joint_forward = true`` forwards both views as one
+interleaved 2N batch. The attack runs in eval mode, where the batch composition does not matter.
 """
 from __future__ import annotations
 
@@ -14,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, ema_update, eval_mode, fp32, Method, mlp_head, momentum_copy, MomentumSchedule, multi_view, opt
+from rsslctl import (hookimpl, ema_update, eval_mode, fp32, Method, mlp_head, momentum_copy, MomentumSchedule, multi_view,
+                     opt, pair_rows)
 
 
 def byol_loss(p: Tensor, z: Tensor) -> Tensor:
@@ -35,6 +43,10 @@ class BYORLOptions:
     cosine_momentum: bool = opt(True, "raise the momentum from m₀ to 1 on BYOL's cosine schedule (false: constant)")
     pred_hidden: int = opt(4096, "predictor hidden width (Linear → BN → ReLU → Linear)", min=1)
     clean_weight: float = opt(0.0, "weight of an extra BYOL loss on the clean views (0 = adversarial only)", min=0)
+    average_directions: bool = opt(False, "the mean of the two directions' BYOL losses (the earlier rsslctl "
+                                          "behaviour) instead of their sum, as BYOL")
+    joint_forward: bool = opt(False, "both views through each network as one interleaved 2N batch (BN statistics "
+                                     "over both views; the earlier rsslctl behaviour) instead of one forward per view")
 
 
 class BYORL(Method):
@@ -59,17 +71,25 @@ class BYORL(Method):
     def online(self, x: Tensor) -> Tensor:
         return self.predictor(self.encoder(x))
 
+    def per_view(self, net, views: Tensor) -> Tensor:
+        """``net`` on interleaved views, one forward per view (BYOL's) or one 2N batch (``joint_forward``)."""
+        return net(views) if self.options.joint_forward else pair_rows(net(views[0::2]), net(views[1::2]))
+
+    def loss(self, predictions: Tensor, targets: Tensor) -> Tensor:
+        """b(q₁, z̄₂) + b(q₂, z̄₁) on interleaved rows (``average_directions``: half of it)."""
+        return byol_loss(predictions, targets) * (1.0 if self.options.average_directions else 2.0)
+
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         views = multi_view(images, self.augment, 2)
         with torch.no_grad():
-            targets = swap_views(self.target(views))  # row i: the target projection of row i's other view
+            targets = swap_views(self.per_view(self.target, views))  # row i: the target projection of its other view
         with eval_mode(self.encoder, self.predictor):
-            adv = self.attack.perturb(views, lambda xa: byol_loss(self.online(xa), targets))
-        loss_adv = byol_loss(self.online(adv), targets)
+            adv = self.attack.perturb(views, lambda xa: self.loss(self.online(xa), targets))
+        loss_adv = self.loss(self.per_view(self.online, adv), targets)
         metrics = {"loss_adv": loss_adv.detach()}
         if not self.options.clean_weight:
             return loss_adv, metrics
-        loss_nat = byol_loss(self.online(views), targets)
+        loss_nat = self.loss(self.per_view(self.online, views), targets)
         metrics["loss_nat"] = loss_nat.detach()
         return loss_adv + self.options.clean_weight * loss_nat, metrics
 

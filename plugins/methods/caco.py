@@ -6,6 +6,16 @@ bank vector closest to the other view's key, y₁ = argmax_j k₂·n_j (symmetri
 vector is a negative. The encoder minimises CE(q₁·nᵀ/τ, y₁) + CE(q₂·nᵀ/τ, y₂). The bank is updated with the same
 loss at τ_n: by descent for each query's positive (cooperative) and ascent for its negatives (adversarial), with
 its own SGD; its vectors are used unit-normalised.
+
+Fidelity: the authors' code is github.com/maple-research-lab/CaCo (model/CaCo.py, training/train_caco.py, commit
+a72b345). Each view goes through the query and the key encoder in a forward of its own (BatchNorm statistics per
+view), as theirs; ``joint_forward = true`` restores the earlier single interleaved 2N-image forward (faster; BN
+statistics over both views, so a different train-mode loss). The key encoder's momentum follows their
+``--moco_m_decay 1`` (every command of their README): a cosine over epochs, m = 1 − (1 − m₀)·(cos(π·e/E) + 1)/2 for
+0-based epoch e of E, constant within an epoch; ``cosine_momentum = false`` keeps m₀ throughout (their
+``--moco_m_decay 0``, and the earlier rsslctl behaviour). Remaining difference: they update the key encoder just
+before each step's key forward, we after each optimizer step, so the one update between two epochs uses the
+finishing epoch's m instead of the next one's.
 """
 from __future__ import annotations
 
@@ -15,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, BankMethod, fp32, multi_view, normalized_rows_grad, opt, softmax_logit_grad
+from rsslctl import (hookimpl, BankMethod, fp32, MomentumSchedule, multi_view, normalized_rows_grad, opt,
+                     softmax_logit_grad)
 
 
 def caco_loss(q: Tensor, key_other: Tensor, bank: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -46,7 +57,12 @@ class CaCoOptions:
     bank_momentum: float = opt(0.9, "the bank's SGD momentum (--mem_momentum)", min=0, max=1)
     bank_weight_decay: float = opt(0.0, "the bank's weight decay (--mem_wd)", min=0)
     init_from_keys: bool = opt(True, "fill the bank with the first K keys of training (--ad_init)")
-    momentum: float = opt(0.99, "EMA factor m of the key encoder (--moco_m)", min=0, max=1)
+    momentum: float = opt(0.99, "m₀: EMA factor of the key encoder at the start (--moco_m)", min=0, max=1)
+    cosine_momentum: bool = opt(True, "raise the key encoder's momentum from m₀ to 1 on a cosine over epochs, as the "
+                                      "authors' commands (--moco_m_decay 1); false: constant m₀")
+    joint_forward: bool = opt(False, "both views through each encoder as one interleaved 2N batch (BN statistics over "
+                                     "both views; the earlier rsslctl behaviour) instead of one forward per view, as "
+                                     "the authors")
 
 
 class CaCo(BankMethod):
@@ -58,17 +74,25 @@ class CaCo(BankMethod):
                 "and Qi, Guo-Jun}, journal={arXiv preprint arXiv:2203.14370}, year={2022}}")
     Options = CaCoOptions
 
+    def __init__(self, options: CaCoOptions, encoder, attack, augment) -> None:
+        super().__init__(options, encoder, attack, augment)
+        self.schedule = MomentumSchedule(options.momentum, options.cosine_momentum, per_epoch=True)  # holds no state
+
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         o = self.options
         warm = o.bank_warmup_epochs
         self.bank.set_lr(o.bank_lr * epoch / warm if epoch <= warm else o.bank_lr)
+        self.schedule.set_epoch(epoch, total_epochs)
+
+    def key_momentum(self) -> float:
+        return self.schedule.current()
 
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         o = self.options
         views = multi_view(images, self.augment, 2)
-        q = F.normalize(self.encoder(views).float(), dim=1)
+        q = F.normalize(self.forward_views(self.encoder, views).float(), dim=1)
         with torch.no_grad():
-            k = F.normalize(self.key_encoder(views).float(), dim=1)
+            k = F.normalize(self.forward_views(self.key_encoder, views).float(), dim=1)
         bank = self.bank.vectors()
         loss1, logits1, y1 = caco_loss(q[0::2], k[1::2], bank, o.temperature)
         loss2, logits2, y2 = caco_loss(q[1::2], k[0::2], bank, o.temperature)

@@ -5,6 +5,10 @@ For each query q, the N queue negatives most similar to q are the hard ones. MoC
 h = normalize(α·n_i + (1−α)·n_j), α ~ U(0, 1), of two random hard negatives, and s′ mixes
 h′ = normalize(β·q + (1−β)·n_j), β ~ U(0, β_max), β_max = 0.5, of the query with one: harder than the queue,
 still closer to a negative than to q. Synthetic negatives carry no gradient (q enters h′ detached).
+
+Fidelity: MoCHi has no public code (its authors released trained models only); this follows the paper (Sec. 4) on
+MoCo v2 (github.com/facebookresearch/moco): query and key from separate forwards of the two views. Not reproduced:
+MoCo's shuffle-BN across GPUs (identical on one device).
 """
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ draws its own views). Every task keeps its own heads and extra state (checkpoint
 encoder is shared and stored once. At most one task may train the Encoder's projection head (``encoder(x)``):
 classification pretext tasks put their heads on the backbone features instead, so SimCLR + rotation + jigsaw share
 only the backbone, as in the paper.
+
+Fidelity: no public code was found for the paper; this follows the generic multi-task formulation above (one shared
+backbone, per-task heads, L = Σ_i w_i · L_i with each task's own registered loss).
 """
 from __future__ import annotations
 

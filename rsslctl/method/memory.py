@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rsslctl.runtime.distributed import all_reduce_with_grad, collective, gather_with_grad, world_size
-from rsslctl.nn.losses import fp32
+from rsslctl.nn.losses import fp32, pair_rows
 from rsslctl.method.base import Method
 from rsslctl.nn.momentum import ema_update, momentum_copy
 
@@ -156,8 +156,10 @@ class LearnableBank(nn.Module):
 
 class BankMethod(Method):
     """Base of MoCo-style methods with a learnable bank (AdCo, CaCo): a key encoder (EMA of the encoder, factor
-    ``options.momentum``) and a ``LearnableBank`` sized by ``options.bank_size``/``bank_lr``/``bank_momentum``/
-    ``bank_weight_decay``; both step after each optimizer step, and the bank's optimizer state is run state."""
+    ``key_momentum()``, by default ``options.momentum``) and a ``LearnableBank`` sized by ``options.bank_size``/
+    ``bank_lr``/``bank_momentum``/``bank_weight_decay``; both step after each optimizer step, and the bank's optimizer
+    state is run state. ``forward_views`` runs a network on interleaved views one view at a time (BatchNorm statistics
+    per view, as the AdCo and CaCo code) or, with ``options.joint_forward``, as one 2N batch."""
 
     def __init__(self, options: Any, encoder: nn.Module, attack: Any, augment: Any) -> None:
         super().__init__(options, encoder, attack, augment)
@@ -165,8 +167,19 @@ class BankMethod(Method):
         self.bank = LearnableBank(options.bank_size, encoder.out_dim, options.bank_lr, options.bank_momentum,
                                   options.bank_weight_decay)
 
+    def forward_views(self, net: nn.Module, views: Tensor) -> Tensor:
+        """``net`` on interleaved views [2N, …] (rows 2i, 2i + 1: the two views of image i), outputs interleaved the
+        same way: one forward per view, or one forward of all 2N rows with ``options.joint_forward``."""
+        if getattr(self.options, "joint_forward", False):
+            return net(views)
+        return pair_rows(net(views[0::2]), net(views[1::2]))
+
+    def key_momentum(self) -> float | Tensor:
+        """m of the next key-encoder update (a method with a momentum schedule overrides this)."""
+        return self.options.momentum
+
     def after_optimizer_step(self) -> None:
-        ema_update(self.key_encoder, self.encoder, self.options.momentum)
+        ema_update(self.key_encoder, self.encoder, self.key_momentum())
         self.bank.step()
 
     def run_state(self) -> dict[str, Tensor]:

@@ -51,25 +51,37 @@ class MomentumSchedule(nn.Module):
     """The momentum of an EMA update: constant m₀, or BYOL's cosine from m₀ to 1 over ``total_steps`` steps.
 
     ``step()`` counts optimizer steps in a persistent buffer (checkpointed with the model, so resume is exact);
-    ``set_total_steps`` is told the run's length before training (``Method.prepare``).
+    ``set_total_steps`` is told the run's length before training (``Method.prepare``). With ``per_epoch`` the cosine
+    runs over epochs instead and m is constant within an epoch, m = 1 − (1 − m₀)·(cos(π·(e − 1)/E) + 1)/2 in epoch
+    e of E (CaCo's code): ``set_epoch`` is told the epoch (``Method.on_epoch_start``, which a resumed run calls too),
+    no step is counted and nothing is stored.
     """
 
-    def __init__(self, base: float, cosine: bool) -> None:
+    def __init__(self, base: float, cosine: bool, per_epoch: bool = False) -> None:
         super().__init__()
         self.base, self.cosine, self.total_steps = float(base), bool(cosine), 0
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.per_epoch, self.epoch_momentum = bool(per_epoch), float(base)
+        if not self.per_epoch:
+            self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
     def set_total_steps(self, total_steps: int) -> None:
         self.total_steps = int(total_steps)
 
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        """Per-epoch schedule: m for the updates of ``epoch`` (1-based) of ``total_epochs``."""
+        self.epoch_momentum = float(cosine_momentum(self.base, epoch - 1, total_epochs))
+
     def current(self) -> float | Tensor:
-        """m for the next update: a float when constant, a 0-d device tensor when scheduled."""
+        """m for the next update: a float when constant or per epoch, a 0-d device tensor when scheduled by step."""
         if not self.cosine:
             return self.base
+        if self.per_epoch:
+            return self.epoch_momentum
         return cosine_momentum(self.base, self.steps_done, self.total_steps)
 
     def step(self) -> None:
-        self.steps_done.add_(1)
+        if not self.per_epoch:
+            self.steps_done.add_(1)
 
 
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, batch_norm: bool = True) -> nn.Sequential:
