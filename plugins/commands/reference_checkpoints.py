@@ -255,19 +255,26 @@ def map_emp_key(key: str) -> str:
 
 # -- recipes -------------------------------------------------------------------------------------------------------
 
-# Pretraining settings of the ACL-family repositories (ACL, AIR, RCS and the official DynACL), so an imported
-# run says how its weights were trained; evaluation and fine-tuning use the architecture tables only.
-_ACL_FAMILY = {
-    "augment": {"interpolation": "bicubic"},
-    "attack": {"name": "pgd", "eps": "8/255", "step_size": "2/255", "steps": 5, "clamp_start": False},
-    "optimizer": {"name": "lars", "lr": 5.0, "weight_decay": 1e-6},
-    "schedule": {"epochs": 1000, "batch_size": 512, "warmup_epochs": 10, "min_lr": 1e-6},
-}
-_EMP_FAMILY = {
-    "optimizer": {"name": "sgd", "lr": 0.3, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
-    "schedule": {"batch_size": 100, "warmup_epochs": 0, "min_lr": 0.0},
-}
-_EMP_JITTER = [0.4, 0.4, 0.4, 0.2]
+#: format → the shipped recipe (recipes/*.toml) of the reference code's pretraining, so an imported run says how its
+#: weights were trained; the file only decides the architecture tables. No rcs.toml ships: RCS here selects coresets
+#: for ACL (ACL-RCS) with the RCS reference schedule below; DynACL-RCS weights import the same.
+SHIPPED = {"acl": "acl", "dynacl": "dynacl", "air": "dynacl_air", "rcs": "acl", "empssl": "empssl",
+           "cf_amc_ssl": "cf_amc_ssl"}
+RCS_CORESET = {"name": "rcs", "fraction": 0.2, "warmup_epochs": 100, "every": 20}
+
+
+def shipped_tables(fmt: str) -> dict[str, dict[str, Any]]:
+    """The tables of ``fmt``'s shipped recipe, copied so the caller may change them; [engine] (how this machine
+    runs: device, compile) is left to the defaults, it says nothing about the weights."""
+    from rsslctl import load_raw
+    raw = load_raw(SHIPPED[fmt])
+    return {table: dict(values) for table, values in raw.items() if isinstance(values, dict) and table != "engine"}
+
+
+def architecture_table(shipped: dict[str, Any], arch: dict[str, Any]) -> dict[str, Any]:
+    """The shipped [backbone] (its init options) with every architecture key taken from the file instead."""
+    table = {k: v for k, v in shipped.items() if k not in ("model", "cifar_stem", "stem_width", "model_kwargs")}
+    return {**table, **arch}
 
 
 def _f32(values: Any) -> list[float]:
@@ -281,49 +288,28 @@ def _f32(values: Any) -> list[float]:
 
 
 def resnet_recipe(fmt: str, arch: ResNetArch, momentum: bool, mean_std: tuple | None) -> dict[str, Any]:
-    raw: dict[str, Any] = {k: dict(v) for k, v in _ACL_FAMILY.items()}
-    if arch.cifar_stem:
-        raw["data"] = {"name": "cifar10"}
-    else:  # the reference repositories use the ImageNet stem only for STL-10 at 96 px
+    raw = shipped_tables(fmt)
+    if not arch.cifar_stem:  # the reference repositories use the ImageNet stem only for STL-10 at 96 px
         raw["data"] = {"name": "stl10", "image_size": 96}
-    raw["backbone"] = arch.backbone_table()
-    encoder: dict[str, Any] = {"dual_bn": "on" if arch.routes == 2 else "off", "head_layers": len(arch.head)}
+    raw["backbone"] = architecture_table(raw.get("backbone", {}), arch.backbone_table())
+    encoder: dict[str, Any] = {**raw.get("encoder", {}), "dual_bn": "on" if arch.routes == 2 else "off",
+                               "head_layers": len(arch.head)}
     if arch.head:
         encoder.update(head_hidden=arch.head[0], head_dim=arch.head[-1])
     if mean_std:
         encoder.update(mean=_f32(mean_std[0]), std=_f32(mean_std[1]))
     raw["encoder"] = encoder
-    if fmt == "acl":
-        raw["method"] = {"name": "acl", "variant": "ds"}
-    elif fmt == "dynacl":  # official code: annealing, official ω, bilinear crops, EMA key encoder if saved
-        raw["augment"] = {"interpolation": "bilinear"}
-        raw["method"] = {"name": "dynacl", "weight_form": "official", "momentum_encoder": momentum}
-    elif fmt == "air":  # DynACL-AIR, the model zoo's; ACL-AIR: --set method.dynamic=false
-        raw["method"] = {"name": "air"}
-    else:  # rcs: RCS selects coresets for ACL here (ACL-RCS, reference schedule); DynACL-RCS weights import the same
-        raw["method"] = {"name": "acl"}
-        raw["coreset"] = {"name": "rcs", "fraction": 0.2, "warmup_epochs": 100, "every": 20}
+    if fmt == "dynacl":  # the official code's EMA key encoder, when the file holds one
+        raw["method"]["momentum_encoder"] = momentum
+    elif fmt == "rcs":
+        raw["coreset"] = dict(RCS_CORESET)
     return raw
 
 
 def emp_recipe(fmt: str, backbone: dict[str, Any], dims: dict[str, int]) -> dict[str, Any]:
-    raw: dict[str, Any] = {k: dict(v) for k, v in _EMP_FAMILY.items()}
-    raw["data"] = {"name": "cifar10"}
-    raw["backbone"] = backbone
-    if fmt == "empssl":  # 16×16 patches, inputs normalised with 0.5 / 0.5
-        raw["augment"] = {"crop_scale": [0.25, 0.25], "crop_ratio": [1.0, 1.0], "jitter": _EMP_JITTER,
-                          "interpolation": "bilinear"}
-        raw["encoder"] = {"head_layers": 0, "mean": [0.5] * 3, "std": [0.5] * 3}
-        raw["method"] = {"name": "empssl", "n_views": 20, "eval_views": 128, **dims}
-        raw["schedule"]["epochs"] = 30
-    else:  # CF-AMC-SSL: crops, no input normalisation, free adversarial training (m = 3)
-        raw["augment"] = {"crop_scale": [0.08, 1.0], "crop_ratio": [0.75, 1.3333333], "jitter": _EMP_JITTER,
-                          "interpolation": "bilinear"}
-        raw["encoder"] = {"head_layers": 0, "mean": [0.0] * 3, "std": [1.0] * 3}
-        raw["method"] = {"name": "empssl_adv", "n_views": 16, "training": "free", "replays": 3, "eval_views": 16,
-                         **dims}
-        raw["attack"] = {"name": "pgd", "eps": "8/255", "step_size": 0.01, "random_start": False}
-        raw["schedule"]["epochs"] = 10
+    raw = shipped_tables(fmt)
+    raw["backbone"] = architecture_table(raw.get("backbone", {}), backbone)
+    raw["method"].update(dims)
     return raw
 
 
@@ -486,7 +472,7 @@ def import_checkpoint(path: Path, fmt: str, out: Path, overrides: list[str] = ()
     layout = detect_layout(source)
     fmt = pick_format(fmt, layout, path)
     plan = plan_emp(source, fmt) if layout == "emp" else plan_resnet(source, fmt, layout)
-    plan.raw["run"] = {"name": out.name, "output_dir": str(out.parent)}
+    plan.raw["run"] = {**plan.raw.get("run", {}), "name": out.name, "output_dir": str(out.parent)}
     recipe, method, dropped = build_and_load(source, plan, list(overrides))
     record = {"imported_from": str(path.resolve()), "sha256": source.sha256, "format": fmt,
               "container": source.container, "dataparallel_prefix": any(n.startswith("module.")
