@@ -14,7 +14,8 @@ Key layouts of the reference code (read from the authors' repositories):
   ``fc.fc{1,2,3}`` / ``fc.bn{1,2,3}`` (two layers with ``--twoLayerProj``). The official DynACL saves its
   query and key encoders together as ``encoder_q.*`` / ``encoder_k.*``. Fine-tuned files (DynACL++) carry a
   linear classifier ``fc.weight``/``fc.bias`` instead of the head and, when single-BN, torchvision names
-  (``bn1.weight``, ``downsample.0/1``).
+  (``bn1.weight``, ``downsample.0/1``). Narrowed networks (the stem as wide as the first stage, as the reference
+  code builds them when its widths are changed) import with ``backbone.stem_width`` = the width of ``conv1``.
 * EMP layout (EMP-SSL, CF-AMC-SSL): a torchvision ResNet under ``backbone.``, ``pre_feature.{0,1}`` and
   ``projection.{0,1,3}``.
 
@@ -159,28 +160,32 @@ class ResNetArch:
 
     model: str
     cifar_stem: bool
+    stem: int  # output channels of conv1
     channels: tuple[int, ...]
-    routes: int  # 2 = dual BN, 1 = single route under bn_list.0, 0 = plain BN
-    head: tuple[int, ...]  # output width of each projection-head linear layer; () = none
+    routes: int = 0  # 2 = dual BN, 1 = single route under bn_list.0, 0 = plain BN
+    head: tuple[int, ...] = ()  # output width of each projection-head linear layer; () = none
 
     def backbone_table(self) -> dict[str, Any]:
         table: dict[str, Any] = {"name": "timm", "model": self.model, "cifar_stem": self.cifar_stem}
+        if self.cifar_stem:  # recorded even at timm's 64: the file decides it
+            table["stem_width"] = self.stem
         if self.channels != DEFAULT_CHANNELS:
             table["model_kwargs"] = {"channels": list(self.channels)}
         return table
 
 
-def infer_resnet(state: dict[str, Any], where: str) -> tuple[str, bool, tuple[int, ...]]:
-    """(timm model, CIFAR stem?, stage widths) of a ResNet state dict in torchvision/reference names."""
+def infer_resnet(state: dict[str, Any], where: str) -> ResNetArch:
+    """Model, stem and stage widths of a ResNet state dict in torchvision/reference names (no BN routes, no head)."""
     conv1 = state.get("conv1.weight")
     if conv1 is None or conv1.dim() != 4:
         raise UserError(f"{where}: no 4-d 'conv1.weight'; not a ResNet state dict")
-    kernel = int(conv1.shape[-1])
+    kernel, stem = int(conv1.shape[-1]), int(conv1.shape[0])
     if kernel not in (3, 7):
         raise UserError(f"{where}: stem convolution {kernel}×{kernel}; only the 3×3 CIFAR stem and the 7×7 ImageNet "
                         "stem map onto timm ResNets")
-    if conv1.shape[0] != 64:
-        raise UserError(f"{where}: stem width {conv1.shape[0]}; timm ResNets have a 64-channel stem")
+    if kernel == 7 and stem != 64:  # backbone.stem_width resizes the 3×3 CIFAR stem only
+        raise UserError(f"{where}: a 7×7 ImageNet stem {stem} channels wide; rsslctl builds that stem 64 wide, "
+                        "other stem widths only with the 3×3 CIFAR stem (backbone.stem_width)")
     block = "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
     layers, channels = [], []
     for stage in range(1, 5):
@@ -193,7 +198,7 @@ def infer_resnet(state: dict[str, Any], where: str) -> tuple[str, bool, tuple[in
     if model is None:
         raise UserError(f"{where}: {block} blocks {tuple(layers)} per stage match no supported ResNet "
                         f"({', '.join(sorted(set(RESNETS.values())))})")
-    return model, kernel == 3, tuple(channels)
+    return ResNetArch(model, kernel == 3, stem, tuple(channels))
 
 
 def bn_routes(keys: Any, where: str) -> int:
@@ -216,8 +221,8 @@ def infer_head(state: dict[str, Any], where: str) -> tuple[int, ...]:
 
 def resnet_arch(state: dict[str, Any], where: str) -> ResNetArch:
     backbone = {k: v for k, v in state.items() if not k.startswith(("fc.", "normalize."))}
-    model, stem, channels = infer_resnet(backbone, where)
-    return ResNetArch(model, stem, channels, bn_routes(state, where), infer_head(state, where))
+    return dataclasses.replace(infer_resnet(backbone, where), routes=bn_routes(state, where),
+                               head=infer_head(state, where))
 
 
 # -- key mapping -------------------------------------------------------------------------------------------------
@@ -362,14 +367,12 @@ def plan_resnet(source: Source, fmt: str, layout: str) -> Plan:
 def plan_emp(source: Source, fmt: str) -> Plan:
     where = str(source.path)
     backbone = {k[len("backbone."):]: v for k, v in source.state.items() if k.startswith("backbone.")}
-    model, stem, channels = infer_resnet(backbone, where)
+    arch = infer_resnet(backbone, where)
     routes = bn_routes(backbone, where)
     if routes:
         raise UserError(f"{where}: key '{next(source.names[k] for k in source.state if '.bn_list.' in k)}' does not "
                         "map: EMP-SSL backbones have plain BN")
-    table: dict[str, Any] = {"name": "timm", "model": model, "cifar_stem": stem}
-    if channels != DEFAULT_CHANNELS:
-        table["model_kwargs"] = {"channels": list(channels)}
+    table = arch.backbone_table()
     dims = {}
     for option, key in (("pre_dim", "pre_feature.0.weight"), ("hidden_dim", "projection.0.weight"),
                         ("z_dim", "projection.3.weight")):
@@ -496,11 +499,12 @@ def _run(file: Path, fmt: str, out_dir: Path, overrides: tuple[str, ...], force:
     if quiet:
         return
     bb = record["backbone"]
+    stem = f" (CIFAR stem, {bb['stem_width']} wide)" if bb.get("cifar_stem") else ""
     console.print(summary_table(f"imported {file} into {out_dir}", {
         "format": f"{record['format']} ({record['layout']} layout, {record['container']} container"
                   f"{', DataParallel prefix removed' if record['dataparallel_prefix'] else ''})",
         "sha256": record["sha256"][:16] + "… (all of it in the checkpoint's meta.json)",
-        "backbone": f"{bb['model']}{' (CIFAR stem)' if bb['cifar_stem'] else ''}"
+        "backbone": f"{bb['model']}{stem}"
                     f"{' channels ' + str(bb['model_kwargs']['channels']) if 'model_kwargs' in bb else ''}",
         "BN": {2: "dual (normal, pgd)", 1: "one route, imported as single BN", 0: "single"}[record["bn_routes"]],
         "input normalisation": record["input_normalisation"],

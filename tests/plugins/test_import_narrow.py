@@ -21,7 +21,6 @@ from rsslctl.run.recipe import load_raw, resolve
 from rsslctl.runtime.checkpoint import latest_checkpoint, read_meta
 
 NARROW = (8, 16, 16, 16)
-STEM = 64  # the importer refuses narrow stems so far
 SHIPPED = {"acl": "acl", "dynacl": "dynacl", "air": "dynacl_air", "rcs": "acl", "empssl": "empssl",
            "cf_amc_ssl": "cf_amc_ssl"}
 
@@ -42,7 +41,7 @@ def narrow_resnet(widths: tuple = NARROW, bottleneck: bool = False, routes: int 
     first stage width (or ``stem``), conv1 is 3×3, a shortcut exists where stride ≠ 1 or widths differ."""
     g = torch.Generator().manual_seed(seed)
     blocks, expansion = ((3, 4, 6, 3), 4) if bottleneck else ((2, 2, 2, 2), 1)
-    inplanes = stem or STEM or widths[0]
+    inplanes = stem or widths[0]
     sd: dict[str, torch.Tensor] = {"normalize.mean": torch.tensor([0.4914, 0.4822, 0.4465]),
                                    "normalize.std": torch.tensor([0.2470, 0.2435, 0.2616])}
     sd["conv1.weight"] = torch.randn(inplanes, 3, 3, 3, generator=g) * 0.3
@@ -125,3 +124,112 @@ def test_generated_recipe_tables_are_the_shipped_recipes(tmp_path: Path, fmt: st
     assert ours["attack"] == shipped["attack"] and ours["augment"] == shipped["augment"]
     assert ours["optimizer"] == shipped["optimizer"] and ours["run"]["seed"] == shipped["run"]["seed"]
     assert (ours["coreset"]["name"] == "rcs") == (fmt == "rcs")
+
+
+def expected_key(key: str) -> str:
+    """Where a reference key lands in the method state (written out here, independently of the importer)."""
+    if key.startswith("module."):
+        key = key[len("module."):]
+    for ref, ours in (("encoder_q.", "encoder."), ("encoder_k.", "key_encoder.")):
+        if key.startswith(ref):
+            return ours + expected_key(key[len(ref):])[len("encoder."):]
+    if key.startswith(("pre_feature.", "projection.")):
+        return key.replace("projection.", "projector.")
+    key = key.removeprefix("backbone.")
+    if key.startswith("normalize."):
+        return "encoder." + key.split(".")[1]
+    for n, idx in ((1, 0), (2, 3), (3, 6)):
+        key = key.replace(f"fc.fc{n}.", f"head.{idx}.").replace(f"fc.bn{n}.", f"head.{idx + 1}.")
+    if not key.startswith("head."):
+        key = "backbone." + key.replace("downsample.conv.", "downsample.0.").replace("downsample.bn.", "downsample.1.")
+    return "encoder." + key
+
+
+@pytest.mark.parametrize("fmt", list(SHIPPED))
+def test_every_layout_imports_its_narrowed_network(tmp_path: Path, fmt: str) -> None:
+    path, backbone = reference_file(fmt, tmp_path)
+    out = tmp_path / "run"
+    result = run("import", str(path), "--format", fmt, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "CIFAR stem, 8 wide" in result.stdout
+    model, meta, recipe = imported(out)
+    file = torch.load(path, weights_only=True)
+    file = file.get("state_dict", file)
+    for key, value in file.items():
+        dest = expected_key(key)
+        assert torch.equal(model[dest], value.reshape(model[dest].shape)), (key, dest)
+    r = recipe.resolved["backbone"]
+    assert r["stem_width"] == 8 and r["cifar_stem"] and r["model_kwargs"] == {"channels": list(NARROW)}
+    assert r["model"] == ("resnet50" if fmt == "rcs" else "resnet18")
+    net = load_trained_method(out, recipe, torch.device("cpu"), "test")[0].encoder.backbone
+    assert net.conv1.out_channels == 8 and net.layer1[0].conv1.in_channels == 8
+    # the authors' narrowed basic block has no layer1.0 shortcut (8 -> 8); their bottleneck has one (8 -> 32)
+    assert (net.layer1[0].downsample is not None) == (fmt == "rcs")
+    assert meta["import"]["backbone"]["stem_width"] == 8
+
+
+def test_a_stem_of_another_width_and_the_imagenet_stem(tmp_path: Path) -> None:
+    sd = narrow_resnet(stem=12)  # stem 12 in front of 8-wide stages: the reference code adds a 12 -> 8 shortcut
+    assert "layer1.0.downsample.conv.weight" in sd
+    path = tmp_path / "s.pt"
+    torch.save({"state_dict": sd}, path)
+    assert run("import", str(path), "--format", "acl", "--out", str(tmp_path / "r"), "--quiet").exit_code == 0
+    model, _, recipe = imported(tmp_path / "r")
+    assert recipe.resolved["backbone"]["stem_width"] == 12
+    assert torch.equal(model["encoder.backbone.layer1.0.downsample.0.weight"], sd["layer1.0.downsample.conv.weight"])
+    sd = narrow_resnet()
+    sd["conv1.weight"] = torch.zeros(8, 3, 7, 7)  # a narrowed 7×7 ImageNet stem: rsslctl cannot build it
+    torch.save({"state_dict": sd}, path)
+    assert_user_error(run("import", str(path), "--format", "acl", "--out", str(tmp_path / "x")),
+                      "7×7 ImageNet stem 8 channels wide", "backbone.stem_width")
+    assert not (tmp_path / "x").exists()
+
+
+def reference_forward(sd: dict, x: torch.Tensor, route: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode features and projection of the reference narrowed ResNet-18 + proj_head, from their definitions."""
+    def bn(p: str, h: torch.Tensor) -> torch.Tensor:
+        k = f"{p}.bn_list.{route}."
+        return F.batch_norm(h, sd[k + "running_mean"], sd[k + "running_var"], sd[k + "weight"], sd[k + "bias"],
+                            False, 0.0, 1e-5)
+    h = (x - sd["normalize.mean"].view(1, 3, 1, 1)) / sd["normalize.std"].view(1, 3, 1, 1)
+    h = F.relu(bn("bn1", F.conv2d(h, sd["conv1.weight"], padding=1)))
+    for stage in range(1, 5):
+        for b in range(2):
+            p, stride = f"layer{stage}.{b}", (2 if b == 0 and stage > 1 else 1)
+            o = F.relu(bn(f"{p}.bn1", F.conv2d(h, sd[f"{p}.conv1.weight"], stride=stride, padding=1)))
+            o = bn(f"{p}.bn2", F.conv2d(o, sd[f"{p}.conv2.weight"], padding=1))
+            if f"{p}.downsample.conv.weight" in sd:
+                h = bn(f"{p}.downsample.bn", F.conv2d(h, sd[f"{p}.downsample.conv.weight"], stride=stride))
+            h = F.relu(o + h)
+    feat = z = h.mean((2, 3))
+    for i in range(1, 4):
+        z = bn(f"fc.bn{i}", F.linear(z, sd[f"fc.fc{i}.weight"], sd.get(f"fc.fc{i}.bias")))
+        z = F.relu(z) if i < 3 else z
+    return feat, z
+
+
+def test_narrowed_acl_file_computes_the_reference_forward_and_runs_end_to_end(tmp_path: Path) -> None:
+    path, sd = reference_file("acl", tmp_path)
+    out = tmp_path / "acl_run"
+    result = run("import", str(path), "--format", "acl", "--out", str(out), "--set", "data.name=digits",
+                 "--set", "data.image_size=16", "--set", "engine.device=cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    encoder = load_trained_method(out, load_run_recipe(out), torch.device("cpu"), "test")[0].encoder.eval()
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for route, name in enumerate(("normal", "pgd")):
+            feat, z = reference_forward(sd, x, route)
+            assert torch.allclose(encoder.features(x, name), feat, rtol=0, atol=2e-6 * feat.abs().max())
+            assert torch.allclose(encoder(x, name), z, rtol=0, atol=2e-6 * z.abs().max())
+    result = run("evaluate", str(out), "--json", "--set", "evaluation.epochs=2", "--set", "evaluation.limit=32",
+                 "--set", "evaluation.steps=1")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["test_images"] == 32
+    result = run("finetune", str(out), "--mode", "SLF", "--epochs", "1", "--batch-size", "32", "--train-steps", "1",
+                 "--pgd-steps", "1", "--test-limit", "32", "--eps-curve", "0,8", "--set", "data.limit=64", "--quiet",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["modes"]["SLF"]["test_images"] == 32
+    assert run("export", str(out)).exit_code == 0
+    exported = load_file(str(out / "encoder.safetensors"))
+    assert exported["conv1.weight"].shape == (8, 3, 3, 3) and torch.equal(exported["conv1.weight"], sd["conv1.weight"])
