@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import re
 import shutil
@@ -37,12 +38,14 @@ import click
 
 from rsslctl import hookimpl, user_errors, UserError
 
-FORMATS = ("acl", "dynacl", "air", "rcs", "empssl", "cf_amc_ssl")
+FORMATS = ("acl", "dynacl", "air", "rcs", "empssl", "cf_amc_ssl", "mae")
 #: formats whose released files share a key layout; ``--format auto`` can only pick when one format is left
-LAYOUT_FORMATS = {"resnet": ("acl", "air", "dynacl", "rcs"), "momentum": ("dynacl",), "emp": ("empssl", "cf_amc_ssl")}
+LAYOUT_FORMATS = {"resnet": ("acl", "air", "dynacl", "rcs"), "momentum": ("dynacl",), "emp": ("empssl", "cf_amc_ssl"),
+                  "mae": ("mae",)}
 LAYOUT_NAMES = {"resnet": "reference dual-BN ResNet (conv1, layer*, bn_list, fc.fc*)",
                 "momentum": "official DynACL query/key encoder (encoder_q., encoder_k.)",
-                "emp": "EMP-SSL (backbone., pre_feature., projection.)"}
+                "emp": "EMP-SSL (backbone., pre_feature., projection.)",
+                "mae": "MAE ViT (patch_embed., cls_token, pos_embed, blocks., norm.)"}
 CONTAINER_KEYS = ("state_dict_dual", "state_dict", "model")
 #: (block, blocks per stage) → timm model
 RESNETS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
@@ -130,12 +133,15 @@ def detect_layout(source: Source) -> str:
         return "emp"
     if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
         return "resnet"
+    if "patch_embed.proj.weight" in keys and any(k.startswith("blocks.") for k in keys):
+        return "mae"
     if any(k.startswith("block1.layer.") for k in keys):
         raise UserError(f"{source.path}: a WideResNet (block1.layer.*, the ImageNet-32 model of the RCS repository); "
                         "rsslctl imports ResNet checkpoints only")
     first = ", ".join(list(source.names.values())[:3])
     raise UserError(f"{source.path}: unrecognised key layout (first keys: {first}); expected a reference ResNet "
-                    "(conv1, layer1.*, fc.fc1.*) or EMP-SSL (backbone.*, pre_feature.*, projection.*) state dict")
+                    "(conv1, layer1.*, fc.fc1.*), EMP-SSL (backbone.*, pre_feature.*, projection.*) or MAE "
+                    "(patch_embed.*, blocks.*, under 'model') state dict")
 
 
 def pick_format(requested: str, layout: str, path: Path) -> str:
@@ -264,7 +270,7 @@ def map_emp_key(key: str) -> str:
 #: weights were trained; the file only decides the architecture tables. No rcs.toml ships: RCS here selects coresets
 #: for ACL (ACL-RCS) with the RCS reference schedule below; DynACL-RCS weights import the same.
 SHIPPED = {"acl": "acl", "dynacl": "dynacl", "air": "dynacl_air", "rcs": "acl", "empssl": "empssl",
-           "cf_amc_ssl": "cf_amc_ssl"}
+           "cf_amc_ssl": "cf_amc_ssl", "mae": "mae_imagenet"}
 RCS_CORESET = {"name": "rcs", "fraction": 0.2, "warmup_epochs": 100, "every": 20}
 
 
@@ -387,6 +393,123 @@ def plan_emp(source: Source, fmt: str) -> Plan:
     return Plan(fmt, raw, pairs, ("encoder.mean", "encoder.std"), notes)
 
 
+# -- MAE (facebookresearch/mae: models_mae.py; checkpoints saved as {"model": state_dict}) ------------------------
+
+#: the released encoders: (width, depth, heads, patch) → timm model (all at 224 px, MLP ratio 4, 3 channels)
+MAE_VITS = {(768, 12, 12, 16): "vit_base_patch16_224", (1024, 24, 16, 16): "vit_large_patch16_224",
+            (1280, 32, 16, 14): "vit_huge_patch14_224"}
+MAE_DECODER_PARTS = {"mask_token": "decoder.mask_token", "decoder_embed.": "decoder.embed.",
+                     "decoder_blocks.": "decoder.blocks.", "decoder_norm.": "decoder.norm.",
+                     "decoder_pred.": "decoder.pred."}
+
+
+def _need(state: dict[str, Any], key: str, dims: int, where: str) -> Any:
+    value = state.get(key)
+    if value is None or value.dim() != dims:
+        raise UserError(f"{where}: no {dims}-d '{key}'; an MAE checkpoint has patch_embed.proj, cls_token, pos_embed, "
+                        "blocks.* and norm.*")
+    return value
+
+
+def _depth(state: dict[str, Any], prefix: str, where: str) -> int:
+    found = {int(m.group(1)) for k in state for m in [re.match(rf"{prefix}\.(\d+)\.", k)] if m}
+    if not found or found != set(range(len(found))):
+        raise UserError(f"{where}: transformer blocks {prefix}.{sorted(found)}; expected {prefix}.0, {prefix}.1, ...")
+    return len(found)
+
+
+def _heads(width: int, head_width: int) -> int:
+    """Attention heads are not stored in a checkpoint: the authors' heads are 64 wide in the encoder (ViT-H: 80) and
+    32 in the decoder (512 wide, 16 heads); narrower models get one head."""
+    return width // head_width if width % head_width == 0 and width >= head_width else 1
+
+
+def mae_architecture(state: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, int], int]:
+    """([backbone] table, MAE decoder options ({} when the file has no decoder), image side) from the shapes."""
+    if any(k.startswith(("head.", "fc_norm.")) for k in state):
+        raise UserError(f"{where}: a fine-tuned MAE classifier (head.*, fc_norm.*); import the pretraining checkpoint "
+                        "(encoder, with or without the decoder) and fine-tune it with `rsslctl finetune`")
+    proj = _need(state, "patch_embed.proj.weight", 4, where)
+    dim, channels, patch = (int(n) for n in proj.shape[:3])
+    if proj.shape[2] != proj.shape[3]:
+        raise UserError(f"{where}: patch_embed.proj.weight {tuple(proj.shape)}: patches must be square")
+    pos = _need(state, "pos_embed", 3, where)
+    side = math.isqrt(int(pos.shape[1]) - 1)
+    if pos.shape[0] != 1 or pos.shape[2] != dim or side * side != pos.shape[1] - 1 or side < 1:
+        raise UserError(f"{where}: pos_embed {tuple(pos.shape)}; expected [1, 1 + n², {dim}] (class token + a square "
+                        "patch grid)")
+    depth = _depth(state, "blocks", where)
+    hidden = int(_need(state, "blocks.0.mlp.fc1.weight", 2, where).shape[0])
+    heads = 16 if dim == 1280 else _heads(dim, 64)
+    model = MAE_VITS.get((dim, depth, heads, patch)) if (side * patch, hidden, channels) == (224, 4 * dim, 3) else None
+    table: dict[str, Any] = {"name": "timm", "model": model or "vit_base_patch16_224", "cifar_stem": False}
+    if model is None:
+        kwargs: dict[str, Any] = {"img_size": side * patch, "patch_size": patch, "embed_dim": dim, "depth": depth,
+                                  "num_heads": heads}
+        if hidden != 4 * dim:
+            kwargs["mlp_ratio"] = hidden / dim
+        if channels != 3:
+            kwargs["in_chans"] = channels
+        table["model_kwargs"] = kwargs
+    decoder: dict[str, int] = {}
+    if any(k.startswith(tuple(MAE_DECODER_PARTS)) for k in state):
+        width = int(_need(state, "decoder_embed.weight", 2, where).shape[0])
+        decoder = {"decoder_width": width, "decoder_depth": _depth(state, "decoder_blocks", where),
+                   "decoder_heads": _heads(width, 32)}
+        dec_hidden = int(_need(state, "decoder_blocks.0.mlp.fc1.weight", 2, where).shape[0])
+        if dec_hidden != 4 * width:
+            raise UserError(f"{where}: decoder MLP {dec_hidden} wide for a {width}-wide decoder; rsslctl's MAE "
+                            "decoder has the authors' MLP ratio 4")
+    return table, decoder, side * patch
+
+
+def map_mae_key(key: str) -> str | None:
+    """Method key for an MAE key; None for the fixed decoder positions (rebuilt from the shapes, checked equal)."""
+    if key == "decoder_pos_embed":
+        return None
+    for ref, ours in MAE_DECODER_PARTS.items():
+        if key.startswith(ref):
+            return ours + key[len(ref):]
+    return "encoder.backbone." + key
+
+
+def plan_mae(source: Source) -> Plan:
+    where = str(source.path)
+    table, decoder, image = mae_architecture(source.state, where)
+    raw = shipped_tables("mae")
+    raw["backbone"] = architecture_table(raw.get("backbone", {}), table)
+    raw["data"]["image_size"] = image
+    raw["method"].update(decoder)
+    pairs = [(k, map_mae_key(k)) for k in source.state]
+    derived = ("encoder.mean", "encoder.std") + (() if decoder else ("decoder.",))
+    notes: dict[str, Any] = {
+        "layout": "mae", "backbone": raw["backbone"],
+        "attention_heads": f"{table.get('model_kwargs', {}).get('num_heads') or 'those of ' + table['model']} "
+                           "(not stored in the file; the authors' ViT-B/L/H use 12/16/16)",
+        "decoder": (f"from the file ({decoder['decoder_width']} wide, {decoder['decoder_depth']} blocks, "
+                    f"{decoder['decoder_heads']} heads)") if decoder else
+                   "not in the file (an encoder-only release): freshly initialised; evaluate/finetune use the encoder",
+        "input_normalisation": "not in the file: the recipe's encoder.mean/std (ImageNet statistics, as the authors')"}
+    if "decoder_pos_embed" in source.state:
+        notes["dropped_why"] = "decoder_pos_embed: the fixed sin-cos table, rebuilt from the shapes (checked equal)"
+    return Plan("mae", raw, pairs, derived, notes)
+
+
+def check_mae_positions(source: Source, method: Any) -> None:
+    """The file's fixed sin-cos tables must be the ones rsslctl's MAE builds, or reconstructions would differ."""
+    import torch
+    ref = source.state.get("decoder_pos_embed")
+    if ref is None:
+        return
+    ours = method.decoder.pos  # [1, class token + L, width], the class token's row 0 as theirs
+    if tuple(ref.shape) != tuple(ours.shape):
+        raise UserError(f"{source.path}: decoder_pos_embed has shape {tuple(ref.shape)}, but the decoder's fixed "
+                        f"positions have {tuple(ours.shape)}")
+    if not torch.allclose(ref.float(), ours, rtol=0, atol=1e-5):
+        raise UserError(f"{source.path}: decoder_pos_embed is not the fixed 2-D sin-cos table of the authors' MAE "
+                        "(util/pos_embed.py); rsslctl rebuilds that table and cannot import another")
+
+
 def build_and_load(source: Source, plan: Plan, overrides: list[str]) -> tuple[Any, Any, list[str]]:
     """(recipe, method holding the file's weights, dropped file keys); strict: every key in, every weight set."""
     import torch
@@ -420,7 +543,8 @@ def build_and_load(source: Source, plan: Plan, overrides: list[str]) -> tuple[An
         mapped[dest] = value.reshape(want.shape).to(want.dtype)  # normalize.* is [3], ours [1, 3, 1, 1]
         filled_by[dest] = name
     derived = set(plan.derived)
-    missing = [k for k in target if k not in mapped and k not in derived and not k.startswith("extra.")]
+    prefixes = tuple(d for d in derived if d.endswith(".")) + ("extra.",)  # whole modules the file leaves to the recipe
+    missing = [k for k in target if k not in mapped and k not in derived and not k.startswith(prefixes)]
     if missing:  # ``extra.``: buffers of EMP-SSL's augmentation modules, recipe state, not weights
         raise UserError(f"{where}: the file has no weights for '{missing[0]}' of the {plan.fmt} model "
                         f"({len(missing)} missing in all); the checkpoint is incomplete")
@@ -474,14 +598,19 @@ def import_checkpoint(path: Path, fmt: str, out: Path, overrides: list[str] = ()
     source = read_checkpoint(path)
     layout = detect_layout(source)
     fmt = pick_format(fmt, layout, path)
-    plan = plan_emp(source, fmt) if layout == "emp" else plan_resnet(source, fmt, layout)
+    plan = (plan_emp(source, fmt) if layout == "emp" else plan_mae(source) if layout == "mae"
+            else plan_resnet(source, fmt, layout))
     plan.raw["run"] = {**plan.raw.get("run", {}), "name": out.name, "output_dir": str(out.parent)}
+    if any(o.replace(" ", "").startswith("data.name=") for o in overrides):  # another dataset: the shipped
+        plan.raw["data"] = {k: v for k, v in plan.raw["data"].items() if k == "image_size"}  # one's keys are its own
     recipe, method, dropped = build_and_load(source, plan, list(overrides))
+    if layout == "mae":
+        check_mae_positions(source, method)
     record = {"imported_from": str(path.resolve()), "sha256": source.sha256, "format": fmt,
               "container": source.container, "dataparallel_prefix": any(n.startswith("module.")
                                                                           for n in source.names.values()),
               "source_epoch": source.epoch, "tensors": len(source.state), "dropped": dropped, **plan.notes}
-    if dropped:
+    if dropped and "dropped_why" not in record:
         record["dropped_why"] = "a fine-tuned linear classifier; rsslctl runs hold encoders, fine-tune again"
     epoch = source.epoch if source.epoch is not None else 0
     # under "import": the checkpoint's own "sha256" entry holds the digests of its safetensors files
@@ -500,22 +629,28 @@ def _run(file: Path, fmt: str, out_dir: Path, overrides: tuple[str, ...], force:
         return
     bb = record["backbone"]
     stem = f" (CIFAR stem, {bb['stem_width']} wide)" if bb.get("cifar_stem") else ""
-    console.print(summary_table(f"imported {file} into {out_dir}", {
+    kwargs = bb.get("model_kwargs", {})
+    rows = {
         "format": f"{record['format']} ({record['layout']} layout, {record['container']} container"
                   f"{', DataParallel prefix removed' if record['dataparallel_prefix'] else ''})",
         "sha256": record["sha256"][:16] + "… (all of it in the checkpoint's meta.json)",
-        "backbone": f"{bb['model']}{stem}"
-                    f"{' channels ' + str(bb['model_kwargs']['channels']) if 'model_kwargs' in bb else ''}",
-        "BN": {2: "dual (normal, pgd)", 1: "one route, imported as single BN", 0: "single"}[record["bn_routes"]],
-        "input normalisation": record["input_normalisation"],
-        "dropped": ", ".join(record["dropped"]) or "nothing",
-        "next": f"rsslctl evaluate {out_dir}; rsslctl finetune {out_dir} --mode SLF"}))
+        "backbone": f"{bb['model']}{stem}{' channels ' + str(kwargs['channels']) if 'channels' in kwargs else ''}"
+                    f"{' ' + str(kwargs) if kwargs and 'channels' not in kwargs else ''}"}
+    if "bn_routes" in record:
+        rows["BN"] = {2: "dual (normal, pgd)", 1: "one route, imported as single BN", 0: "single"}[record["bn_routes"]]
+    else:
+        rows.update({"attention heads": record["attention_heads"], "decoder": record["decoder"]})
+    rows.update({"input normalisation": record["input_normalisation"],
+                 "dropped": ", ".join(record["dropped"]) or "nothing",
+                 "next": f"rsslctl evaluate {out_dir}; rsslctl finetune {out_dir} --mode SLF"})
+    console.print(summary_table(f"imported {file} into {out_dir}", rows))
 
 
 @click.command("import")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice((*FORMATS, "auto")), default="auto", show_default=True,
-              help="Which reference implementation wrote FILE; auto decides from the keys when only one fits.")
+              help="Which reference implementation wrote FILE (mae: the official MAE pretraining checkpoints); "
+                   "auto decides from the keys when only one fits.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Run directory to create (must not exist or be empty, unless --force).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE",
