@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 __version__ = "0.1.0"
-__api_version__ = "1.0"
+__api_version__ = "1.1"
 
 #: Decorator for plugin hook implementations (the hooks are specified in ``rsslctl.base.hookspecs``).
 hookimpl = pluggy.HookimplMarker("rsslctl")
@@ -98,6 +98,7 @@ _EXPORTS: dict[str, str] = {
     "CoresetTarget": "rsslctl.method.coreset",
     "SelectionContext": "rsslctl.method.coreset",
     # run: recipes, run directories, assembly
+    "load_raw": "rsslctl.run.recipe",
     "resolve": "rsslctl.run.recipe",
     "check_replaceable": "rsslctl.run.directory",
     "load_run_recipe": "rsslctl.run.directory",
@@ -165,7 +166,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from rsslctl.method.base import Method
     from rsslctl.method.memory import BankMethod, NegativeQueue, normalized_rows_grad, softmax_logit_grad
     from rsslctl.method.coreset import CoresetSelector, CoresetTarget, SelectionContext
-    from rsslctl.run.recipe import resolve
+    from rsslctl.run.recipe import load_raw, resolve
     from rsslctl.run.directory import check_replaceable, load_run_recipe, MARKER, prepare_run_dir, RECIPE_FILE, refuse_existing, RunLock
     from rsslctl.run.build import build_method, load_train_split, load_trained_method, plugin_versions, setup_device
     from rsslctl.run.teacher import FrozenTeacher

@@ -76,8 +76,8 @@ def test_sincos_embedding_follows_its_formula_and_replaces_the_learned_one(tiny_
     assert coords.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
     emb = sincos_2d(coords, 8)
     for l, (r, c) in enumerate(coords.tolist()):
-        want = [math.sin(r), math.sin(r / 100), math.cos(r), math.cos(r / 100),
-                math.sin(c), math.sin(c / 100), math.cos(c), math.cos(c / 100)]
+        want = [math.sin(c), math.sin(c / 100), math.cos(c), math.cos(c / 100),  # column half first (authors')
+                math.sin(r), math.sin(r / 100), math.cos(r), math.cos(r / 100)]
         assert emb[l].tolist() == pytest.approx(want, abs=1e-6)
     vit = _mae(tiny_recipe).encoder.backbone
     assert torch.allclose(vit.pos_embed[0, 1:], sincos_2d(grid_coords((4, 4)), 32)) and not vit.pos_embed.requires_grad

@@ -12,8 +12,8 @@ import rsslctl
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: API 1.0. Changing this list is an API change: bump ``rsslctl.__api_version__`` (MAJOR when a name goes or
-#: changes meaning, MINOR when one is added) and say so in docs/plugins.md.
+#: API 1.1 (1.1 added load_raw). Changing this list is an API change: bump ``rsslctl.__api_version__`` (MAJOR when a
+#: name goes or changes meaning, MINOR when one is added) and say so in docs/plugins.md.
 API = {
     "__api_version__", "__version__", "hookimpl",
     # base
@@ -36,8 +36,8 @@ API = {
     "Method", "BankMethod", "NegativeQueue", "normalized_rows_grad", "softmax_logit_grad", "CoresetSelector",
     "CoresetTarget", "SelectionContext",
     # run
-    "resolve", "check_replaceable", "load_run_recipe", "MARKER", "prepare_run_dir", "RECIPE_FILE", "refuse_existing",
-    "RunLock", "build_method", "load_train_split", "load_trained_method", "plugin_versions", "setup_device",
+    "load_raw", "resolve", "check_replaceable", "load_run_recipe", "MARKER", "prepare_run_dir", "RECIPE_FILE",
+    "refuse_existing", "RunLock", "build_method", "load_train_split", "load_trained_method", "plugin_versions", "setup_device",
     "FrozenTeacher",
     # train
     "cells", "Classifier", "crop_flip", "every_column", "extract_features", "LoopSettings", "MODES",
@@ -50,7 +50,7 @@ API = {
 def test_the_exported_names_are_the_versioned_list() -> None:
     assert set(rsslctl.__all__) == API, "an API change: update API here and bump __api_version__"
     assert len(rsslctl.__all__) == len(set(rsslctl.__all__))
-    assert rsslctl.__api_version__ == "1.0"
+    assert rsslctl.__api_version__ == "1.1"
 
 
 @pytest.mark.parametrize("name", sorted(API))

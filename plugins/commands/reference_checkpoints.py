@@ -14,7 +14,8 @@ Key layouts of the reference code (read from the authors' repositories):
   ``fc.fc{1,2,3}`` / ``fc.bn{1,2,3}`` (two layers with ``--twoLayerProj``). The official DynACL saves its
   query and key encoders together as ``encoder_q.*`` / ``encoder_k.*``. Fine-tuned files (DynACL++) carry a
   linear classifier ``fc.weight``/``fc.bias`` instead of the head and, when single-BN, torchvision names
-  (``bn1.weight``, ``downsample.0/1``).
+  (``bn1.weight``, ``downsample.0/1``). Narrowed networks (the stem as wide as the first stage, as the reference
+  code builds them when its widths are changed) import with ``backbone.stem_width`` = the width of ``conv1``.
 * EMP layout (EMP-SSL, CF-AMC-SSL): a torchvision ResNet under ``backbone.``, ``pre_feature.{0,1}`` and
   ``projection.{0,1,3}``.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import re
 import shutil
@@ -36,12 +38,14 @@ import click
 
 from rsslctl import hookimpl, user_errors, UserError
 
-FORMATS = ("acl", "dynacl", "air", "rcs", "empssl", "cf_amc_ssl")
+FORMATS = ("acl", "dynacl", "air", "rcs", "empssl", "cf_amc_ssl", "mae")
 #: formats whose released files share a key layout; ``--format auto`` can only pick when one format is left
-LAYOUT_FORMATS = {"resnet": ("acl", "air", "dynacl", "rcs"), "momentum": ("dynacl",), "emp": ("empssl", "cf_amc_ssl")}
+LAYOUT_FORMATS = {"resnet": ("acl", "air", "dynacl", "rcs"), "momentum": ("dynacl",), "emp": ("empssl", "cf_amc_ssl"),
+                  "mae": ("mae",)}
 LAYOUT_NAMES = {"resnet": "reference dual-BN ResNet (conv1, layer*, bn_list, fc.fc*)",
                 "momentum": "official DynACL query/key encoder (encoder_q., encoder_k.)",
-                "emp": "EMP-SSL (backbone., pre_feature., projection.)"}
+                "emp": "EMP-SSL (backbone., pre_feature., projection.)",
+                "mae": "MAE ViT (patch_embed., cls_token, pos_embed, blocks., norm.)"}
 CONTAINER_KEYS = ("state_dict_dual", "state_dict", "model")
 #: (block, blocks per stage) → timm model
 RESNETS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
@@ -129,12 +133,15 @@ def detect_layout(source: Source) -> str:
         return "emp"
     if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
         return "resnet"
+    if "patch_embed.proj.weight" in keys and any(k.startswith("blocks.") for k in keys):
+        return "mae"
     if any(k.startswith("block1.layer.") for k in keys):
         raise UserError(f"{source.path}: a WideResNet (block1.layer.*, the ImageNet-32 model of the RCS repository); "
                         "rsslctl imports ResNet checkpoints only")
     first = ", ".join(list(source.names.values())[:3])
     raise UserError(f"{source.path}: unrecognised key layout (first keys: {first}); expected a reference ResNet "
-                    "(conv1, layer1.*, fc.fc1.*) or EMP-SSL (backbone.*, pre_feature.*, projection.*) state dict")
+                    "(conv1, layer1.*, fc.fc1.*), EMP-SSL (backbone.*, pre_feature.*, projection.*) or MAE "
+                    "(patch_embed.*, blocks.*, under 'model') state dict")
 
 
 def pick_format(requested: str, layout: str, path: Path) -> str:
@@ -159,28 +166,32 @@ class ResNetArch:
 
     model: str
     cifar_stem: bool
+    stem: int  # output channels of conv1
     channels: tuple[int, ...]
-    routes: int  # 2 = dual BN, 1 = single route under bn_list.0, 0 = plain BN
-    head: tuple[int, ...]  # output width of each projection-head linear layer; () = none
+    routes: int = 0  # 2 = dual BN, 1 = single route under bn_list.0, 0 = plain BN
+    head: tuple[int, ...] = ()  # output width of each projection-head linear layer; () = none
 
     def backbone_table(self) -> dict[str, Any]:
         table: dict[str, Any] = {"name": "timm", "model": self.model, "cifar_stem": self.cifar_stem}
+        if self.cifar_stem:  # recorded even at timm's 64: the file decides it
+            table["stem_width"] = self.stem
         if self.channels != DEFAULT_CHANNELS:
             table["model_kwargs"] = {"channels": list(self.channels)}
         return table
 
 
-def infer_resnet(state: dict[str, Any], where: str) -> tuple[str, bool, tuple[int, ...]]:
-    """(timm model, CIFAR stem?, stage widths) of a ResNet state dict in torchvision/reference names."""
+def infer_resnet(state: dict[str, Any], where: str) -> ResNetArch:
+    """Model, stem and stage widths of a ResNet state dict in torchvision/reference names (no BN routes, no head)."""
     conv1 = state.get("conv1.weight")
     if conv1 is None or conv1.dim() != 4:
         raise UserError(f"{where}: no 4-d 'conv1.weight'; not a ResNet state dict")
-    kernel = int(conv1.shape[-1])
+    kernel, stem = int(conv1.shape[-1]), int(conv1.shape[0])
     if kernel not in (3, 7):
         raise UserError(f"{where}: stem convolution {kernel}×{kernel}; only the 3×3 CIFAR stem and the 7×7 ImageNet "
                         "stem map onto timm ResNets")
-    if conv1.shape[0] != 64:
-        raise UserError(f"{where}: stem width {conv1.shape[0]}; timm ResNets have a 64-channel stem")
+    if kernel == 7 and stem != 64:  # backbone.stem_width resizes the 3×3 CIFAR stem only
+        raise UserError(f"{where}: a 7×7 ImageNet stem {stem} channels wide; rsslctl builds that stem 64 wide, "
+                        "other stem widths only with the 3×3 CIFAR stem (backbone.stem_width)")
     block = "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
     layers, channels = [], []
     for stage in range(1, 5):
@@ -193,7 +204,7 @@ def infer_resnet(state: dict[str, Any], where: str) -> tuple[str, bool, tuple[in
     if model is None:
         raise UserError(f"{where}: {block} blocks {tuple(layers)} per stage match no supported ResNet "
                         f"({', '.join(sorted(set(RESNETS.values())))})")
-    return model, kernel == 3, tuple(channels)
+    return ResNetArch(model, kernel == 3, stem, tuple(channels))
 
 
 def bn_routes(keys: Any, where: str) -> int:
@@ -216,8 +227,8 @@ def infer_head(state: dict[str, Any], where: str) -> tuple[int, ...]:
 
 def resnet_arch(state: dict[str, Any], where: str) -> ResNetArch:
     backbone = {k: v for k, v in state.items() if not k.startswith(("fc.", "normalize."))}
-    model, stem, channels = infer_resnet(backbone, where)
-    return ResNetArch(model, stem, channels, bn_routes(state, where), infer_head(state, where))
+    return dataclasses.replace(infer_resnet(backbone, where), routes=bn_routes(state, where),
+                               head=infer_head(state, where))
 
 
 # -- key mapping -------------------------------------------------------------------------------------------------
@@ -255,19 +266,26 @@ def map_emp_key(key: str) -> str:
 
 # -- recipes -------------------------------------------------------------------------------------------------------
 
-# Pretraining settings of the ACL-family repositories (ACL, AIR, RCS and the official DynACL), so an imported
-# run says how its weights were trained; evaluation and fine-tuning use the architecture tables only.
-_ACL_FAMILY = {
-    "augment": {"interpolation": "bicubic"},
-    "attack": {"name": "pgd", "eps": "8/255", "step_size": "2/255", "steps": 5, "clamp_start": False},
-    "optimizer": {"name": "lars", "lr": 5.0, "weight_decay": 1e-6},
-    "schedule": {"epochs": 1000, "batch_size": 512, "warmup_epochs": 10, "min_lr": 1e-6},
-}
-_EMP_FAMILY = {
-    "optimizer": {"name": "sgd", "lr": 0.3, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
-    "schedule": {"batch_size": 100, "warmup_epochs": 0, "min_lr": 0.0},
-}
-_EMP_JITTER = [0.4, 0.4, 0.4, 0.2]
+#: format → the shipped recipe (recipes/*.toml) of the reference code's pretraining, so an imported run says how its
+#: weights were trained; the file only decides the architecture tables. No rcs.toml ships: RCS here selects coresets
+#: for ACL (ACL-RCS) with the RCS reference schedule below; DynACL-RCS weights import the same.
+SHIPPED = {"acl": "acl", "dynacl": "dynacl", "air": "dynacl_air", "rcs": "acl", "empssl": "empssl",
+           "cf_amc_ssl": "cf_amc_ssl", "mae": "mae_imagenet"}
+RCS_CORESET = {"name": "rcs", "fraction": 0.2, "warmup_epochs": 100, "every": 20}
+
+
+def shipped_tables(fmt: str) -> dict[str, dict[str, Any]]:
+    """The tables of ``fmt``'s shipped recipe, copied so the caller may change them; [engine] (how this machine
+    runs: device, compile) is left to the defaults, it says nothing about the weights."""
+    from rsslctl import load_raw
+    raw = load_raw(SHIPPED[fmt])
+    return {table: dict(values) for table, values in raw.items() if isinstance(values, dict) and table != "engine"}
+
+
+def architecture_table(shipped: dict[str, Any], arch: dict[str, Any]) -> dict[str, Any]:
+    """The shipped [backbone] (its init options) with every architecture key taken from the file instead."""
+    table = {k: v for k, v in shipped.items() if k not in ("model", "cifar_stem", "stem_width", "model_kwargs")}
+    return {**table, **arch}
 
 
 def _f32(values: Any) -> list[float]:
@@ -281,49 +299,28 @@ def _f32(values: Any) -> list[float]:
 
 
 def resnet_recipe(fmt: str, arch: ResNetArch, momentum: bool, mean_std: tuple | None) -> dict[str, Any]:
-    raw: dict[str, Any] = {k: dict(v) for k, v in _ACL_FAMILY.items()}
-    if arch.cifar_stem:
-        raw["data"] = {"name": "cifar10"}
-    else:  # the reference repositories use the ImageNet stem only for STL-10 at 96 px
+    raw = shipped_tables(fmt)
+    if not arch.cifar_stem:  # the reference repositories use the ImageNet stem only for STL-10 at 96 px
         raw["data"] = {"name": "stl10", "image_size": 96}
-    raw["backbone"] = arch.backbone_table()
-    encoder: dict[str, Any] = {"dual_bn": "on" if arch.routes == 2 else "off", "head_layers": len(arch.head)}
+    raw["backbone"] = architecture_table(raw.get("backbone", {}), arch.backbone_table())
+    encoder: dict[str, Any] = {**raw.get("encoder", {}), "dual_bn": "on" if arch.routes == 2 else "off",
+                               "head_layers": len(arch.head)}
     if arch.head:
         encoder.update(head_hidden=arch.head[0], head_dim=arch.head[-1])
     if mean_std:
         encoder.update(mean=_f32(mean_std[0]), std=_f32(mean_std[1]))
     raw["encoder"] = encoder
-    if fmt == "acl":
-        raw["method"] = {"name": "acl", "variant": "ds"}
-    elif fmt == "dynacl":  # official code: annealing, official ω, bilinear crops, EMA key encoder if saved
-        raw["augment"] = {"interpolation": "bilinear"}
-        raw["method"] = {"name": "dynacl", "weight_form": "official", "momentum_encoder": momentum}
-    elif fmt == "air":  # DynACL-AIR, the model zoo's; ACL-AIR: --set method.dynamic=false
-        raw["method"] = {"name": "air"}
-    else:  # rcs: RCS selects coresets for ACL here (ACL-RCS, reference schedule); DynACL-RCS weights import the same
-        raw["method"] = {"name": "acl"}
-        raw["coreset"] = {"name": "rcs", "fraction": 0.2, "warmup_epochs": 100, "every": 20}
+    if fmt == "dynacl":  # the official code's EMA key encoder, when the file holds one
+        raw["method"]["momentum_encoder"] = momentum
+    elif fmt == "rcs":
+        raw["coreset"] = dict(RCS_CORESET)
     return raw
 
 
 def emp_recipe(fmt: str, backbone: dict[str, Any], dims: dict[str, int]) -> dict[str, Any]:
-    raw: dict[str, Any] = {k: dict(v) for k, v in _EMP_FAMILY.items()}
-    raw["data"] = {"name": "cifar10"}
-    raw["backbone"] = backbone
-    if fmt == "empssl":  # 16×16 patches, inputs normalised with 0.5 / 0.5
-        raw["augment"] = {"crop_scale": [0.25, 0.25], "crop_ratio": [1.0, 1.0], "jitter": _EMP_JITTER,
-                          "interpolation": "bilinear"}
-        raw["encoder"] = {"head_layers": 0, "mean": [0.5] * 3, "std": [0.5] * 3}
-        raw["method"] = {"name": "empssl", "n_views": 20, "eval_views": 128, **dims}
-        raw["schedule"]["epochs"] = 30
-    else:  # CF-AMC-SSL: crops, no input normalisation, free adversarial training (m = 3)
-        raw["augment"] = {"crop_scale": [0.08, 1.0], "crop_ratio": [0.75, 1.3333333], "jitter": _EMP_JITTER,
-                          "interpolation": "bilinear"}
-        raw["encoder"] = {"head_layers": 0, "mean": [0.0] * 3, "std": [1.0] * 3}
-        raw["method"] = {"name": "empssl_adv", "n_views": 16, "training": "free", "replays": 3, "eval_views": 16,
-                         **dims}
-        raw["attack"] = {"name": "pgd", "eps": "8/255", "step_size": 0.01, "random_start": False}
-        raw["schedule"]["epochs"] = 10
+    raw = shipped_tables(fmt)
+    raw["backbone"] = architecture_table(raw.get("backbone", {}), backbone)
+    raw["method"].update(dims)
     return raw
 
 
@@ -376,14 +373,12 @@ def plan_resnet(source: Source, fmt: str, layout: str) -> Plan:
 def plan_emp(source: Source, fmt: str) -> Plan:
     where = str(source.path)
     backbone = {k[len("backbone."):]: v for k, v in source.state.items() if k.startswith("backbone.")}
-    model, stem, channels = infer_resnet(backbone, where)
+    arch = infer_resnet(backbone, where)
     routes = bn_routes(backbone, where)
     if routes:
         raise UserError(f"{where}: key '{next(source.names[k] for k in source.state if '.bn_list.' in k)}' does not "
                         "map: EMP-SSL backbones have plain BN")
-    table: dict[str, Any] = {"name": "timm", "model": model, "cifar_stem": stem}
-    if channels != DEFAULT_CHANNELS:
-        table["model_kwargs"] = {"channels": list(channels)}
+    table = arch.backbone_table()
     dims = {}
     for option, key in (("pre_dim", "pre_feature.0.weight"), ("hidden_dim", "projection.0.weight"),
                         ("z_dim", "projection.3.weight")):
@@ -396,6 +391,123 @@ def plan_emp(source: Source, fmt: str) -> Plan:
              "input_normalisation": f"not in the file: {fmt} recipe values {raw['encoder']['mean'][0]}/"
                                     f"{raw['encoder']['std'][0]}"}
     return Plan(fmt, raw, pairs, ("encoder.mean", "encoder.std"), notes)
+
+
+# -- MAE (facebookresearch/mae: models_mae.py; checkpoints saved as {"model": state_dict}) ------------------------
+
+#: the released encoders: (width, depth, heads, patch) → timm model (all at 224 px, MLP ratio 4, 3 channels)
+MAE_VITS = {(768, 12, 12, 16): "vit_base_patch16_224", (1024, 24, 16, 16): "vit_large_patch16_224",
+            (1280, 32, 16, 14): "vit_huge_patch14_224"}
+MAE_DECODER_PARTS = {"mask_token": "decoder.mask_token", "decoder_embed.": "decoder.embed.",
+                     "decoder_blocks.": "decoder.blocks.", "decoder_norm.": "decoder.norm.",
+                     "decoder_pred.": "decoder.pred."}
+
+
+def _need(state: dict[str, Any], key: str, dims: int, where: str) -> Any:
+    value = state.get(key)
+    if value is None or value.dim() != dims:
+        raise UserError(f"{where}: no {dims}-d '{key}'; an MAE checkpoint has patch_embed.proj, cls_token, pos_embed, "
+                        "blocks.* and norm.*")
+    return value
+
+
+def _depth(state: dict[str, Any], prefix: str, where: str) -> int:
+    found = {int(m.group(1)) for k in state for m in [re.match(rf"{prefix}\.(\d+)\.", k)] if m}
+    if not found or found != set(range(len(found))):
+        raise UserError(f"{where}: transformer blocks {prefix}.{sorted(found)}; expected {prefix}.0, {prefix}.1, ...")
+    return len(found)
+
+
+def _heads(width: int, head_width: int) -> int:
+    """Attention heads are not stored in a checkpoint: the authors' heads are 64 wide in the encoder (ViT-H: 80) and
+    32 in the decoder (512 wide, 16 heads); narrower models get one head."""
+    return width // head_width if width % head_width == 0 and width >= head_width else 1
+
+
+def mae_architecture(state: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, int], int]:
+    """([backbone] table, MAE decoder options ({} when the file has no decoder), image side) from the shapes."""
+    if any(k.startswith(("head.", "fc_norm.")) for k in state):
+        raise UserError(f"{where}: a fine-tuned MAE classifier (head.*, fc_norm.*); import the pretraining checkpoint "
+                        "(encoder, with or without the decoder) and fine-tune it with `rsslctl finetune`")
+    proj = _need(state, "patch_embed.proj.weight", 4, where)
+    dim, channels, patch = (int(n) for n in proj.shape[:3])
+    if proj.shape[2] != proj.shape[3]:
+        raise UserError(f"{where}: patch_embed.proj.weight {tuple(proj.shape)}: patches must be square")
+    pos = _need(state, "pos_embed", 3, where)
+    side = math.isqrt(int(pos.shape[1]) - 1)
+    if pos.shape[0] != 1 or pos.shape[2] != dim or side * side != pos.shape[1] - 1 or side < 1:
+        raise UserError(f"{where}: pos_embed {tuple(pos.shape)}; expected [1, 1 + n², {dim}] (class token + a square "
+                        "patch grid)")
+    depth = _depth(state, "blocks", where)
+    hidden = int(_need(state, "blocks.0.mlp.fc1.weight", 2, where).shape[0])
+    heads = 16 if dim == 1280 else _heads(dim, 64)
+    model = MAE_VITS.get((dim, depth, heads, patch)) if (side * patch, hidden, channels) == (224, 4 * dim, 3) else None
+    table: dict[str, Any] = {"name": "timm", "model": model or "vit_base_patch16_224", "cifar_stem": False}
+    if model is None:
+        kwargs: dict[str, Any] = {"img_size": side * patch, "patch_size": patch, "embed_dim": dim, "depth": depth,
+                                  "num_heads": heads}
+        if hidden != 4 * dim:
+            kwargs["mlp_ratio"] = hidden / dim
+        if channels != 3:
+            kwargs["in_chans"] = channels
+        table["model_kwargs"] = kwargs
+    decoder: dict[str, int] = {}
+    if any(k.startswith(tuple(MAE_DECODER_PARTS)) for k in state):
+        width = int(_need(state, "decoder_embed.weight", 2, where).shape[0])
+        decoder = {"decoder_width": width, "decoder_depth": _depth(state, "decoder_blocks", where),
+                   "decoder_heads": _heads(width, 32)}
+        dec_hidden = int(_need(state, "decoder_blocks.0.mlp.fc1.weight", 2, where).shape[0])
+        if dec_hidden != 4 * width:
+            raise UserError(f"{where}: decoder MLP {dec_hidden} wide for a {width}-wide decoder; rsslctl's MAE "
+                            "decoder has the authors' MLP ratio 4")
+    return table, decoder, side * patch
+
+
+def map_mae_key(key: str) -> str | None:
+    """Method key for an MAE key; None for the fixed decoder positions (rebuilt from the shapes, checked equal)."""
+    if key == "decoder_pos_embed":
+        return None
+    for ref, ours in MAE_DECODER_PARTS.items():
+        if key.startswith(ref):
+            return ours + key[len(ref):]
+    return "encoder.backbone." + key
+
+
+def plan_mae(source: Source) -> Plan:
+    where = str(source.path)
+    table, decoder, image = mae_architecture(source.state, where)
+    raw = shipped_tables("mae")
+    raw["backbone"] = architecture_table(raw.get("backbone", {}), table)
+    raw["data"]["image_size"] = image
+    raw["method"].update(decoder)
+    pairs = [(k, map_mae_key(k)) for k in source.state]
+    derived = ("encoder.mean", "encoder.std") + (() if decoder else ("decoder.",))
+    notes: dict[str, Any] = {
+        "layout": "mae", "backbone": raw["backbone"],
+        "attention_heads": f"{table.get('model_kwargs', {}).get('num_heads') or 'those of ' + table['model']} "
+                           "(not stored in the file; the authors' ViT-B/L/H use 12/16/16)",
+        "decoder": (f"from the file ({decoder['decoder_width']} wide, {decoder['decoder_depth']} blocks, "
+                    f"{decoder['decoder_heads']} heads)") if decoder else
+                   "not in the file (an encoder-only release): freshly initialised; evaluate/finetune use the encoder",
+        "input_normalisation": "not in the file: the recipe's encoder.mean/std (ImageNet statistics, as the authors')"}
+    if "decoder_pos_embed" in source.state:
+        notes["dropped_why"] = "decoder_pos_embed: the fixed sin-cos table, rebuilt from the shapes (checked equal)"
+    return Plan("mae", raw, pairs, derived, notes)
+
+
+def check_mae_positions(source: Source, method: Any) -> None:
+    """The file's fixed sin-cos tables must be the ones rsslctl's MAE builds, or reconstructions would differ."""
+    import torch
+    ref = source.state.get("decoder_pos_embed")
+    if ref is None:
+        return
+    ours = method.decoder.pos  # [1, class token + L, width], the class token's row 0 as theirs
+    if tuple(ref.shape) != tuple(ours.shape):
+        raise UserError(f"{source.path}: decoder_pos_embed has shape {tuple(ref.shape)}, but the decoder's fixed "
+                        f"positions have {tuple(ours.shape)}")
+    if not torch.allclose(ref.float(), ours, rtol=0, atol=1e-5):
+        raise UserError(f"{source.path}: decoder_pos_embed is not the fixed 2-D sin-cos table of the authors' MAE "
+                        "(util/pos_embed.py); rsslctl rebuilds that table and cannot import another")
 
 
 def build_and_load(source: Source, plan: Plan, overrides: list[str]) -> tuple[Any, Any, list[str]]:
@@ -431,7 +543,8 @@ def build_and_load(source: Source, plan: Plan, overrides: list[str]) -> tuple[An
         mapped[dest] = value.reshape(want.shape).to(want.dtype)  # normalize.* is [3], ours [1, 3, 1, 1]
         filled_by[dest] = name
     derived = set(plan.derived)
-    missing = [k for k in target if k not in mapped and k not in derived and not k.startswith("extra.")]
+    prefixes = tuple(d for d in derived if d.endswith(".")) + ("extra.",)  # whole modules the file leaves to the recipe
+    missing = [k for k in target if k not in mapped and k not in derived and not k.startswith(prefixes)]
     if missing:  # ``extra.``: buffers of EMP-SSL's augmentation modules, recipe state, not weights
         raise UserError(f"{where}: the file has no weights for '{missing[0]}' of the {plan.fmt} model "
                         f"({len(missing)} missing in all); the checkpoint is incomplete")
@@ -485,14 +598,19 @@ def import_checkpoint(path: Path, fmt: str, out: Path, overrides: list[str] = ()
     source = read_checkpoint(path)
     layout = detect_layout(source)
     fmt = pick_format(fmt, layout, path)
-    plan = plan_emp(source, fmt) if layout == "emp" else plan_resnet(source, fmt, layout)
-    plan.raw["run"] = {"name": out.name, "output_dir": str(out.parent)}
+    plan = (plan_emp(source, fmt) if layout == "emp" else plan_mae(source) if layout == "mae"
+            else plan_resnet(source, fmt, layout))
+    plan.raw["run"] = {**plan.raw.get("run", {}), "name": out.name, "output_dir": str(out.parent)}
+    if any(o.replace(" ", "").startswith("data.name=") for o in overrides):  # another dataset: the shipped
+        plan.raw["data"] = {k: v for k, v in plan.raw["data"].items() if k == "image_size"}  # one's keys are its own
     recipe, method, dropped = build_and_load(source, plan, list(overrides))
+    if layout == "mae":
+        check_mae_positions(source, method)
     record = {"imported_from": str(path.resolve()), "sha256": source.sha256, "format": fmt,
               "container": source.container, "dataparallel_prefix": any(n.startswith("module.")
                                                                           for n in source.names.values()),
               "source_epoch": source.epoch, "tensors": len(source.state), "dropped": dropped, **plan.notes}
-    if dropped:
+    if dropped and "dropped_why" not in record:
         record["dropped_why"] = "a fine-tuned linear classifier; rsslctl runs hold encoders, fine-tune again"
     epoch = source.epoch if source.epoch is not None else 0
     # under "import": the checkpoint's own "sha256" entry holds the digests of its safetensors files
@@ -510,22 +628,29 @@ def _run(file: Path, fmt: str, out_dir: Path, overrides: tuple[str, ...], force:
     if quiet:
         return
     bb = record["backbone"]
-    console.print(summary_table(f"imported {file} into {out_dir}", {
+    stem = f" (CIFAR stem, {bb['stem_width']} wide)" if bb.get("cifar_stem") else ""
+    kwargs = bb.get("model_kwargs", {})
+    rows = {
         "format": f"{record['format']} ({record['layout']} layout, {record['container']} container"
                   f"{', DataParallel prefix removed' if record['dataparallel_prefix'] else ''})",
         "sha256": record["sha256"][:16] + "… (all of it in the checkpoint's meta.json)",
-        "backbone": f"{bb['model']}{' (CIFAR stem)' if bb['cifar_stem'] else ''}"
-                    f"{' channels ' + str(bb['model_kwargs']['channels']) if 'model_kwargs' in bb else ''}",
-        "BN": {2: "dual (normal, pgd)", 1: "one route, imported as single BN", 0: "single"}[record["bn_routes"]],
-        "input normalisation": record["input_normalisation"],
-        "dropped": ", ".join(record["dropped"]) or "nothing",
-        "next": f"rsslctl evaluate {out_dir}; rsslctl finetune {out_dir} --mode SLF"}))
+        "backbone": f"{bb['model']}{stem}{' channels ' + str(kwargs['channels']) if 'channels' in kwargs else ''}"
+                    f"{' ' + str(kwargs) if kwargs and 'channels' not in kwargs else ''}"}
+    if "bn_routes" in record:
+        rows["BN"] = {2: "dual (normal, pgd)", 1: "one route, imported as single BN", 0: "single"}[record["bn_routes"]]
+    else:
+        rows.update({"attention heads": record["attention_heads"], "decoder": record["decoder"]})
+    rows.update({"input normalisation": record["input_normalisation"],
+                 "dropped": ", ".join(record["dropped"]) or "nothing",
+                 "next": f"rsslctl evaluate {out_dir}; rsslctl finetune {out_dir} --mode SLF"})
+    console.print(summary_table(f"imported {file} into {out_dir}", rows))
 
 
 @click.command("import")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice((*FORMATS, "auto")), default="auto", show_default=True,
-              help="Which reference implementation wrote FILE; auto decides from the keys when only one fits.")
+              help="Which reference implementation wrote FILE (mae: the official MAE pretraining checkpoints); "
+                   "auto decides from the keys when only one fits.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Run directory to create (must not exist or be empty, unless --force).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE",

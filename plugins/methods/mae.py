@@ -18,6 +18,7 @@ Evaluation uses the full, unmasked ViT with its own pooling (``encoder.features`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Literal
 
 import torch
@@ -66,12 +67,15 @@ def mae_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True, 
 
 
 def sincos_2d(coords: Tensor, dim: int) -> Tensor:
-    """Fixed 2-D sin-cos positional embedding of real (row, column) coordinates [L, 2] → [L, dim] (MAE's form): half the
-    channels encode the row, half the column, each as [sin(c·ω_k), cos(c·ω_k)] with ω_k = 10000^(−k/(dim/4))."""
+    """Fixed 2-D sin-cos positional embedding of real (row, column) coordinates [L, 2] → [L, dim], as the MAE authors'
+    (facebookresearch/mae, util/pos_embed.py): the first half of the channels encodes the column, the second half the
+    row, each as [sin(c·ω_k), cos(c·ω_k)] with ω_k = 10000^(−k/(dim/4)). Computed in float64 (as their numpy code) and
+    returned in float32, so the table is bit-equal to theirs; float32 where the device has no float64 (MPS)."""
     quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, device=coords.device, dtype=torch.float32) / quarter)
-    out = coords.float()[:, :, None] * omega  # [L, 2, dim/4]
-    return torch.cat([out.sin(), out.cos()], dim=-1).flatten(1)
+    wide = torch.float32 if coords.device.type == "mps" else torch.float64
+    omega = 1.0 / 10000 ** (torch.arange(quarter, device=coords.device, dtype=wide) / quarter)
+    out = coords.to(wide).flip(-1)[:, :, None] * omega  # [L, (column, row), dim/4]
+    return torch.cat([out.sin(), out.cos()], dim=-1).flatten(1).float()
 
 
 def grid_coords(grid: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
@@ -105,8 +109,10 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         pos = torch.cat([torch.zeros(prefix, width), sincos_2d(grid_coords(grid), width)])
         self.register_buffer("pos", pos[None], persistent=False)  # fixed, rebuilt from the shapes
-        self.blocks = nn.Sequential(*[Block(width, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
-        self.norm = nn.LayerNorm(width)
+        layer_norm = functools.partial(nn.LayerNorm, eps=1e-6)  # the authors' norm_layer, in every block and norm
+        self.blocks = nn.Sequential(*[Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=layer_norm)
+                                      for _ in range(depth)])
+        self.norm = layer_norm(width)
         self.pred = nn.Linear(width, patch_dim)
         for m in self.modules():  # the paper's decoder init: Xavier-uniform linear layers, zero biases
             if isinstance(m, nn.Linear):
