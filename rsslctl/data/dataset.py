@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from rsslctl.base.errors import UserError
+from rsslctl.base.errors import DataMissing, UserError
 from rsslctl.base.options import Plugin
 
 
@@ -112,10 +112,10 @@ class Dataset(Plugin):
 
 
 def missing_data(dataset: str, looked_for: list[Path], how: str) -> UserError:
-    """The one-line error for absent dataset files: what, where we looked, how to get them."""
+    """The one-line error for absent dataset files: what, where we looked, how to get them (a ``DataMissing``)."""
     shown = str(Path(looked_for[0]).resolve())
     more = f" (and {len(looked_for) - 1} more)" if len(looked_for) > 1 else ""
-    return UserError(f"{dataset}: data files not found: looked for {shown}{more}; {how}")
+    return DataMissing(f"{dataset}: data files not found: looked for {shown}{more}; {how}")
 
 
 class _SafeUnpickler(pickle.Unpickler):
