@@ -26,7 +26,7 @@ from rsslctl.runtime import distributed as dist
 from rsslctl.run.build import (autocast, build_method, compile_step, load_weights, open_train_split, plugin_versions,
     setup_device, uses_bf16)
 from rsslctl.runtime.checkpoint import (CorruptCheckpoint, atomic_write_text, checkpoints, derive_seed,
-    latest_checkpoint, load_checkpoint, optimizer_from_flat, read_meta, refuse_nonfinite, remove_stale_temporaries,
+    latest_checkpoint, load_checkpoint, load_checkpoint_optimizer, read_meta, refuse_nonfinite, remove_stale_temporaries,
     rng_state, save_checkpoint, set_rng_state)
 from rsslctl.base.errors import TrainingDiverged, UserError
 from rsslctl.run.logs import RunLogger, duration
@@ -124,7 +124,7 @@ class Trainer:
             raise UserError(f"{exc}; {hint} (nothing was deleted)") from None
         load_weights(self.method, model, ckpt)
         try:
-            optimizer_from_flat(self.optimizer, state, meta["optimizer"])
+            load_checkpoint_optimizer(self.optimizer, state, meta)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise UserError(f"{ckpt}: optimizer state does not match the recipe ({str(exc)[:120]})") from None
         saved_world = int(meta.get("world_size", 1))
