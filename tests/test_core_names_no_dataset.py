@@ -16,7 +16,7 @@ def _builtin_dataset_display_names() -> set[str]:
     for infos in registry().entries("dataset").values():
         for info in infos:
             if info.package == "rsslctl":
-                names |= set(info.cls.finetune_columns) | ({info.cls.title} if getattr(info.cls, "title", "") else set())
+                names |= set(info.cls.finetune_columns) | {getattr(info.cls, "title", "")} - {""}
     return names
 
 

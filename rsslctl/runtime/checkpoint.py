@@ -131,16 +131,17 @@ def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str = "") -> dict[str,
 
 def optimizer_groups(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """The optimizer's param groups (hyper-parameters and parameter indices) as JSON-able dicts."""
-    return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt.state_dict()["param_groups"]]
+    groups = opt.state_dict()["param_groups"]
+    return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in groups]
 
 
 def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str = "",
                            groups: list[dict[str, Any]] | None = None, scalars: dict[str, Any] | None = None) -> None:
     """Restore what ``optimizer_tensors(opt, prefix)`` returned into ``opt`` (built with the same parameters and
-    options), as copies; tensors without ``prefix`` are ignored. ``groups``: param groups recorded by ``optimizer_groups``
-    (None = keep ``opt``'s). ``scalars``: ``{"idx.key": number}``, the layout engine checkpoints of release 0.x kept
-    numbers in (meta.json); a key without a parameter index (``prefix`` + ``key``, the old layout of a one-parameter
-    optimizer such as a memory bank's) is that parameter's."""
+    options), as copies; tensors without ``prefix`` are ignored. ``groups``: param groups recorded by
+    ``optimizer_groups`` (None = keep ``opt``'s). ``scalars``: ``{"idx.key": value}``, where engine checkpoints of
+    earlier releases kept non-tensor values (meta.json). A key without a parameter index (``prefix`` + ``key``, the
+    earlier layout of a one-parameter optimizer such as a memory bank's) belongs to parameter 0."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in [*((n[len(prefix):], v) for n, v in tensors.items() if n.startswith(prefix)),
                         *(scalars or {}).items()]:

@@ -26,8 +26,8 @@ from rsslctl.runtime import distributed as dist
 from rsslctl.run.build import (autocast, build_method, compile_step, load_weights, open_train_split, plugin_versions,
     setup_device, uses_bf16)
 from rsslctl.runtime.checkpoint import (CorruptCheckpoint, atomic_write_text, checkpoints, derive_seed,
-    latest_checkpoint, load_checkpoint, load_checkpoint_optimizer, read_meta, refuse_nonfinite, remove_stale_temporaries,
-    rng_state, save_checkpoint, set_rng_state)
+    latest_checkpoint, load_checkpoint, load_checkpoint_optimizer, read_meta, refuse_nonfinite,
+    remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from rsslctl.base.errors import TrainingDiverged, UserError
 from rsslctl.run.logs import RunLogger, duration
 from rsslctl.train.monitor import monitor_accuracies, monitor_splits
