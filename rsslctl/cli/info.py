@@ -55,6 +55,11 @@ def recipe_show(recipe_file: Path, overrides: tuple[str, ...]) -> None:
     except DataMissing as exc:  # the recipe may be fine; this machine lacks the files
         click.echo(f"note: {exc}; the checks that need the training split were skipped", err=True)
         build_method(resolved, torch.device("cpu"))  # the model's own checks still apply
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — a plugin's bug, not a refusal of the recipe: show the recipe anyway
+        click.echo(f"note: building the run failed ({type(exc).__name__}: {exc}); `rsslctl pretrain` would stop "
+                   "there too", err=True)
     click.echo(dumps_toml(resolved.resolved), nl=False)
 
 
