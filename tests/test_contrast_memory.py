@@ -80,7 +80,7 @@ def test_bank_fill_step_and_optimizer_state() -> None:
     bank.step()
     torch.testing.assert_close(bank.weight, before + 0.5 * d)  # first SGD step: w − lr·(−d)
     state = bank.run_state("bank")
-    assert set(state) == {"bank.momentum_buffer"}
+    assert set(state) == {"bank.0.momentum_buffer"}
     other = LearnableBank(4, 3, lr=0.5, momentum=0.9)
     other.load_state_dict(bank.state_dict())
     other.load_run_state(state, "bank")
@@ -269,7 +269,7 @@ def test_memory_resumes_bit_identically_after_a_kill(name: str, options: list[st
         _run(tiny_recipe, broken, overrides, on_step=kill)
     model, state, _ = load_checkpoint(latest_checkpoint(broken))
     if name == "adco":
-        assert state["method.bank.momentum_buffer"].abs().max() > 0  # the bank's optimizer state was saved
+        assert state["method.bank.0.momentum_buffer"].abs().max() > 0  # the bank's optimizer state was saved
     Trainer(load(broken / "recipe.toml"), broken, quiet=True).fit(resume=True)
     (a, sa, _), (b, sb, _) = load_checkpoint(latest_checkpoint(full)), load_checkpoint(latest_checkpoint(broken))
     assert a.keys() == b.keys() and state_key in a

@@ -71,15 +71,11 @@ class _Cifar(Dataset):
                             f"by hand and extract it under {self.root}") from None
 
 
-    @classmethod
-    def hyperparameter_column(cls, image_size: int) -> str:
-        return cls.title  # the fine-tuning tables have a CIFAR-10 and a CIFAR-100 column
-
-
 class Cifar10(_Cifar):
     """CIFAR-10: 50,000 train / 10,000 test 32x32 colour images in 10 classes (python or binary release)."""
 
     name, title, pydir, bindir = "cifar10", "CIFAR-10", "cifar-10-batches-py", "cifar-10-batches-bin"
+    finetune_columns, finetune_order = {"CIFAR-10": 0}, 10
     citation = ("@techreport{krizhevsky2009cifar, "
                 "title={Learning Multiple Layers of Features from Tiny Images}, author={Krizhevsky, Alex}, "
                 "institution={University of Toronto}, year={2009}}")
@@ -97,6 +93,7 @@ class Cifar100(_Cifar):
     """CIFAR-100: 50,000 train / 10,000 test 32x32 colour images in 100 classes (python or binary release)."""
 
     name, title, pydir, bindir = "cifar100", "CIFAR-100", "cifar-100-python", "cifar-100-binary"
+    finetune_columns, finetune_order = {"CIFAR-100": 0}, 20
     citation = ("@techreport{krizhevsky2009cifar, "
                 "title={Learning Multiple Layers of Features from Tiny Images}, author={Krizhevsky, Alex}, "
                 "institution={University of Toronto}, year={2009}}")

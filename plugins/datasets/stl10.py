@@ -19,10 +19,8 @@ class Stl10(Dataset):
                 "Adam and Ng, Andrew and Lee, Honglak}, booktitle={AISTATS}, year={2011}}")
     splits = ("train", "test", "unlabeled")
 
-    @classmethod
-    def hyperparameter_column(cls, image_size: int) -> str:
-        """The fine-tuning tables distinguish STL-10 at its own size (self-task) from STL-10 at 32 px (cross-task)."""
-        return "STL-10 96px" if image_size >= 96 else "STL-10 32px"
+    #: the fine-tuning tables distinguish STL-10 at its own size (self-task) from STL-10 at 32 px (cross-task)
+    finetune_columns, finetune_order = {"STL-10 96px": 96, "STL-10 32px": 0}, 30
 
     def load(self, split: str) -> ImageData:
         if split not in self.splits:

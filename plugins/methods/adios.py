@@ -213,12 +213,10 @@ class ADIOS(Method):
                 torch._foreach_lerp_(target, online, 1 - self.options.momentum)
 
     def run_state(self) -> dict[str, Tensor]:
-        return {f"mask_optimizer.{k}": v for k, v in optimizer_tensors(self.mask_optimizer).items()}
+        return optimizer_tensors(self.mask_optimizer, "mask_optimizer.")
 
     def load_run_state(self, state: dict[str, Tensor]) -> None:
-        prefix = "mask_optimizer."
-        load_optimizer_tensors(self.mask_optimizer, {k[len(prefix):]: v for k, v in state.items()
-                                                     if k.startswith(prefix)})
+        load_optimizer_tensors(self.mask_optimizer, state, "mask_optimizer.")
 
 
 @hookimpl

@@ -44,8 +44,8 @@ def dynacl_weight(epoch: int, total_epochs: int, period: int = 50, swap: float =
     return swap * (1.0 - strength_schedule(epoch, total_epochs, period))
 
 
-_AFF = {**every_column(batch_size=128, lr=0.1, milestones=(15, 20)),
-        "STL-10 96px": {"batch_size": 128, "lr": 0.1, "milestones": (10, 20)}}
+_AFF = every_column(batch_size=128, lr=0.1, milestones=(15, 20)) | {
+    "STL-10 96px": {"batch_size": 128, "lr": 0.1, "milestones": (10, 20)}}
 
 
 @dataclasses.dataclass

@@ -9,3 +9,7 @@ class UserError(Exception):
 
 class TrainingDiverged(UserError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class DataMissing(UserError):
+    """A dataset's files are absent (see ``data.dataset.missing_data``): a problem of the machine, not the recipe."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -13,7 +14,7 @@ import click
 from rich.markup import escape
 
 from rsslctl.base.errors import UserError
-from rsslctl.base.limits import MAX_BATCH, MAX_INT, MAX_SEED, MAX_STEPS, check_number
+from rsslctl.base.limits import check_number
 from rsslctl.base.console import console, err_console
 
 
@@ -109,59 +110,84 @@ def parse_eps(text: str, flag: str = "--eps") -> float:
     return parse_number(text.strip(), flag)
 
 
+def _flag(s: Any) -> tuple[str, str]:
+    """(click declaration, parameter name) of a suite setting's flag."""
+    flag = s.flag or "--" + s.name.replace("_", "-")
+    if s.kind == "switch":
+        return f"{flag}/--no-{flag[2:]}", flag[2:].replace("-", "_")
+    return flag, flag[2:].replace("-", "_")
+
+
+def _flag_default(s: Any) -> Any:
+    """A setting's default as its flag is written: fractions of 1/255 for radii, the ε-curve in 1/255 units."""
+    def eps(v: float) -> str:
+        n = v * 255
+        return f"{round(n)}/255" if abs(n - round(n)) < 1e-9 and n else f"{v:g}"
+    if s.kind == "eps":
+        return eps(s.default)
+    if s.kind == "eps_list":
+        return ",".join(f"{v * 255:g}" for v in s.default)
+    if s.kind == "names":
+        return ",".join(s.default)
+    return s.default
+
+
+def _suite_settings() -> list[Any]:
+    from rsslctl.eval.metrics import declared
+    from rsslctl.eval.suite import SuiteOptions
+    return [s for s in declared(SuiteOptions) if s.flag != "-"]
+
+
 def suite_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Flags of the evaluation suite (shared by `evaluate --mode` and `finetune`)."""
-    opts = [
-        click.option("--eps", default="8/255", show_default=True, help="Attack radius (L∞: e.g. 8/255; L2: e.g. 0.5)."),
-        click.option("--step-size", default="2/255", show_default=True, help="PGD step size."),
-        click.option("--pgd-steps", default=20, show_default=True, type=click.IntRange(1), help="PGD iterations."),
-        click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True, help="Threat model."),
-        click.option("--fgsm/--no-fgsm", default=True, show_default=True, help="Also report FGSM accuracy."),
-        click.option("--autoattack", is_flag=True, help="Run AutoAttack (pyautoattack); resumable through its state file."),
-        click.option("--aa-version", type=click.Choice(["standard", "plus", "rand", "custom"]), default="standard",
-                     show_default=True, help="AutoAttack version (custom needs --aa-attacks)."),
-        click.option("--aa-attacks", default="", help="Custom AutoAttack list, e.g. apgd-ce,apgd-t,fab-t,square."),
-        click.option("--aa-limit", default=0, type=click.IntRange(0), help="AutoAttack on a seeded random subset of N test images (0 = all)."),
-        click.option("--aa-batch", default=128, show_default=True, type=click.IntRange(1), help="AutoAttack batch size."),
-        click.option("--corruptions", is_flag=True, help="Common corruptions: CIFAR-10-C/100-C files if present, else generated."),
-        click.option("--corruption-dir", default="", help="Folder with the CIFAR-C .npy files (default: data root)."),
-        click.option("--corruption-limit", default=0, type=click.IntRange(0), help="First N images per severity (0 = all)."),
-        click.option("--eps-curve", default="0,1,2,4,8,16", show_default=True,
-                     help="ε values for the accuracy-vs-ε plot (L∞ in 1/255 units; '' = none)."),
-        click.option("--test-limit", default=0, type=click.IntRange(0), help="Evaluate on the first N test images (0 = all)."),
-        click.option("--eval-seed", default=0, type=click.IntRange(0), show_default=True, help="Seed of attacks and subsets."),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
+    """Flags of the evaluation suite (shared by `evaluate --mode` and `finetune`), one per declared setting of
+    ``SuiteOptions`` and of the registered metrics (``rsslctl.eval.metrics``)."""
+    types: dict[str, Any] = {"choice": None, "text": str, "names": str, "eps": str, "eps_list": str}
+    for s in reversed(_suite_settings()):
+        decl, param = _flag(s)
+        if s.kind == "flag":
+            fn = click.option(decl, param, is_flag=True, help=s.help)(fn)
+            continue
+        kind = click.IntRange(s.lo) if s.kind == "int" else click.Choice(list(s.choices)) if s.kind == "choice" \
+            else types.get(s.kind)
+        fn = click.option(decl, param, default=_flag_default(s), type=kind, show_default=s.show_default,
+                          help=s.help)(fn)
     return fn
 
 
 def suite_from_flags(kw: dict[str, Any]) -> Any:
+    """The ``SuiteOptions`` of the suite's flags (``kw`` holds them by parameter name), each checked."""
     from rsslctl.eval.suite import SuiteOptions
     scale = 255 if kw["norm"] == "linf" else 1
-    try:
-        curve = tuple(float(v) / scale for v in kw["eps_curve"].split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"--eps-curve: expected numbers separated by commas, got {kw['eps_curve']!r}") from None
-    attacks = tuple(a.strip() for a in kw["aa_attacks"].split(",") if a.strip())
-    bad = [a for a in attacks if a not in ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")]
-    if bad:
-        raise UserError(f"--aa-attacks: unknown attack {bad[0]!r}; choose from apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square")
-    if attacks and kw["aa_version"] != "custom":
-        raise UserError("--aa-attacks needs --aa-version custom")
-    for value in curve:
-        check_number(value, "--eps-curve", 0, None)
-    for flag, hi in (("pgd_steps", MAX_STEPS), ("aa_limit", MAX_INT), ("aa_batch", MAX_BATCH),
-                     ("corruption_limit", MAX_INT), ("test_limit", MAX_INT), ("eval_seed", MAX_SEED)):
-        check_number(kw[flag], "--" + flag.replace("_", "-"), 0, hi)
-    check_number(parse_eps(kw["eps"]), "--eps", 0, None)
-    check_number(parse_eps(kw["step_size"], "--step-size"), "--step-size", 0, None)
-    return SuiteOptions(eps=parse_eps(kw["eps"]), step_size=parse_eps(kw["step_size"], "--step-size"), pgd_steps=kw["pgd_steps"], norm=kw["norm"],
-                        fgsm=kw["fgsm"], autoattack=kw["autoattack"], aa_version=kw["aa_version"], aa_attacks=attacks,
-                        aa_limit=kw["aa_limit"], aa_batch=kw["aa_batch"], corruptions=kw["corruptions"],
-                        corruption_dir=kw["corruption_dir"], corruption_limit=kw["corruption_limit"], eps_curve=curve,
-                        test_limit=kw["test_limit"], seed=kw["eval_seed"])
-
+    fields = {f.name for f in dataclasses.fields(SuiteOptions)}
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for s in _suite_settings():
+        flag, param = _flag(s)[0].split("/")[0], _flag(s)[1]
+        raw = kw[param]
+        if s.kind == "eps":
+            value = parse_eps(raw, flag)
+            check_number(value, flag, 0, None)
+        elif s.kind == "eps_list":
+            try:
+                value = tuple(float(v) / scale for v in raw.split(",") if v.strip())
+            except ValueError:
+                raise UserError(f"{flag}: expected numbers separated by commas, got {raw!r}") from None
+            for v in value:
+                check_number(v, flag, 0, None)
+        elif s.kind == "names":
+            value = tuple(a.strip() for a in raw.split(",") if a.strip())
+            bad = [a for a in value if a not in s.choices]
+            if bad:
+                raise UserError(f"{flag}: unknown attack {bad[0]!r}; choose from {', '.join(s.choices)}")
+        elif s.kind == "int":
+            value = raw
+            check_number(value, flag, 0, s.hi)
+        else:
+            value = raw
+        (values if s.name in fields else extra)[s.name] = value
+    opts = SuiteOptions(**values, extra=extra)
+    opts.check()
+    return opts
 
 
 def show_report(report: dict[str, Any], out_dir: Path, as_json: bool) -> None:

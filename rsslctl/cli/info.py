@@ -4,13 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import torch
 from rich.markup import escape
 from rich.table import Table
 
 from rsslctl.base.options import describe
-from rsslctl.base.errors import UserError
+from rsslctl.base.errors import DataMissing, UserError
 from rsslctl.run.recipe import dumps_toml, load, shipped_recipes
+from rsslctl.run.build import build_method
 from rsslctl.run.directory import refuse_existing
+from rsslctl.run.validate import check_run
 from rsslctl.base.registry import registry
 from rsslctl.base.console import console
 from rsslctl.cli.common import SET, user_errors
@@ -44,8 +47,20 @@ def recipe() -> None:
 @SET
 @user_errors
 def recipe_show(recipe_file: Path, overrides: tuple[str, ...]) -> None:
-    """Print the fully resolved recipe (all defaults filled in) after validation."""
-    click.echo(dumps_toml(load(recipe_file, list(overrides)).resolved), nl=False)
+    """Print the fully resolved recipe (all defaults filled in) after validation: the same checks as `pretrain`
+    makes before training (the model is built, the training split's size read; nothing is trained)."""
+    resolved = load(recipe_file, list(overrides))
+    try:
+        check_run(resolved)
+    except DataMissing as exc:  # the recipe may be fine; this machine lacks the files
+        click.echo(f"note: {exc}; the checks that need the training split were skipped", err=True)
+        build_method(resolved, torch.device("cpu"))  # the model's own checks still apply
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — a plugin's bug, not a refusal of the recipe: show the recipe anyway
+        click.echo(f"note: building the run failed ({type(exc).__name__}: {exc}); `rsslctl pretrain` would stop "
+                   "there too", err=True)
+    click.echo(dumps_toml(resolved.resolved), nl=False)
 
 
 @recipe.command("list")

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from rsslctl.base.errors import UserError
+from rsslctl.base.errors import DataMissing, UserError
 from rsslctl.base.options import Plugin
 
 
@@ -100,11 +100,20 @@ class Dataset(Plugin):
         default) = no per-image reader, so a streamed run loads the split whole into host memory first."""
         return None
 
+    #: the columns of the fine-tuning hyper-parameter tables (``Method.finetune_rows``) that belong to this dataset,
+    #: as {column title: smallest data.image_size it applies from}: a run reads the column with the largest size ≤
+    #: its image size. The tables' positional layout (``rsslctl.cells``) orders all installed datasets' columns by
+    #: that size, largest first, within a dataset, and datasets by ``finetune_order``. {} = no column of its own
+    #: (the first column is used, and the run says so).
+    finetune_columns: ClassVar[dict[str, int]] = {}
+    #: where this dataset's columns stand in the positional layout of the tables (lower = further left)
+    finetune_order: ClassVar[int] = 0
+
     @classmethod
     def hyperparameter_column(cls, image_size: int) -> str:
-        """The column of the fine-tuning hyper-parameter tables (see ``classify.FINETUNE_COLUMNS``) that applies to
-        this dataset at ``image_size``; '' = none of its own (the first column is used, and the run says so)."""
-        return ""
+        """The column of ``finetune_columns`` that applies to this dataset at ``image_size``; '' = none."""
+        fitting = [(size, title) for title, size in cls.finetune_columns.items() if size <= image_size]
+        return max(fitting)[1] if fitting else ""
 
     def download(self) -> None:
         """Fetch the files into ``self.root`` in the format ``load`` reads (only when the user asks)."""
@@ -112,10 +121,10 @@ class Dataset(Plugin):
 
 
 def missing_data(dataset: str, looked_for: list[Path], how: str) -> UserError:
-    """The one-line error for absent dataset files: what, where we looked, how to get them."""
+    """The one-line error for absent dataset files: what, where we looked, how to get them (a ``DataMissing``)."""
     shown = str(Path(looked_for[0]).resolve())
     more = f" (and {len(looked_for) - 1} more)" if len(looked_for) > 1 else ""
-    return UserError(f"{dataset}: data files not found: looked for {shown}{more}; {how}")
+    return DataMissing(f"{dataset}: data files not found: looked for {shown}{more}; {how}")
 
 
 class _SafeUnpickler(pickle.Unpickler):

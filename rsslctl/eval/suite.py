@@ -7,12 +7,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from rsslctl.adversary.attack import make_attack
+from rsslctl.base.limits import MAX_BATCH, MAX_INT, MAX_SEED, MAX_STEPS
+from rsslctl.eval.metrics import METRICS, Metric, declared, leaderboard, register_metric, setting
 from rsslctl.run.build import load_split, setup_device
 from rsslctl.runtime.checkpoint import atomic_write_text
 from rsslctl.train.classify import accuracy, load_classifier, mode_dir
@@ -22,31 +24,49 @@ from rsslctl.run.recipe import resolve
 from rsslctl.run.directory import refuse_existing
 
 
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+
+
 @dataclasses.dataclass(frozen=True)
 class SuiteOptions:
-    """What `rsslctl evaluate --mode` measures; the defaults are the RobustSSL benchmark's protocol. The attack
-    plugins come from the recipe's [evaluation] table (``attack``, ``single_step_attack``, ``clamp_start``)."""
+    """What `rsslctl evaluate --mode` measures; the defaults are the RobustSSL benchmark's protocol, and the one
+    place they are written (the command-line flags are derived from these fields, see ``metrics.setting``). The
+    attack plugins come from the recipe's [evaluation] table (``attack``, ``single_step_attack``, ``clamp_start``)."""
 
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    pgd_steps: int = 20
-    norm: str = "linf"
-    fgsm: bool = True
-    autoattack: bool = False
-    aa_version: str = "standard"
-    aa_attacks: tuple[str, ...] = ()
-    aa_limit: int = 0
-    aa_batch: int = 128
-    corruptions: bool = False
-    corruption_dir: str = ""
-    corruption_limit: int = 0
-    eps_curve: tuple[float, ...] = ()
-    test_limit: int = 0
-    seed: int = 0
+    eps: float = setting(8 / 255, "Attack radius (L∞: e.g. 8/255; L2: e.g. 0.5).", "eps")
+    step_size: float = setting(2 / 255, "PGD step size.", "eps")
+    pgd_steps: int = setting(20, "PGD iterations.", "int", lo=1, hi=MAX_STEPS)
+    norm: str = setting("linf", "Threat model.", "choice", choices=("linf", "l2"))
+    fgsm: bool = setting(True, "Also report FGSM accuracy.", "switch", decides=False)
+    autoattack: bool = setting(False, "Run AutoAttack (pyautoattack); resumable through its state file.", "flag")
+    aa_version: str = setting("standard", "AutoAttack version (custom needs --aa-attacks).", "choice",
+                              choices=("standard", "plus", "rand", "custom"))
+    aa_attacks: tuple[str, ...] = setting((), "Custom AutoAttack list, e.g. apgd-ce,apgd-t,fab-t,square.", "names",
+                                          choices=AA_ATTACKS, show_default=False)
+    aa_limit: int = setting(0, "AutoAttack on a seeded random subset of N test images (0 = all).", "int", hi=MAX_INT,
+                            show_default=False)
+    aa_batch: int = setting(128, "AutoAttack batch size.", "int", lo=1, hi=MAX_BATCH, decides=False)
+    corruptions: bool = setting(False, "Common corruptions: CIFAR-10-C/100-C files if present, else generated.", "flag")
+    corruption_dir: str = setting("", "Folder with the CIFAR-C .npy files (default: data root).", "text",
+                                  decides=False, show_default=False)
+    corruption_limit: int = setting(0, "First N images per severity (0 = all).", "int", hi=MAX_INT,
+                                    show_default=False)
+    eps_curve: tuple[float, ...] = setting(tuple(e / 255 for e in (0, 1, 2, 4, 8, 16)),
+                                           "ε values for the accuracy-vs-ε plot (L∞ in 1/255 units; '' = none).",
+                                           "eps_list", decides=False)
+    test_limit: int = setting(0, "Evaluate on the first N test images (0 = all).", "int", hi=MAX_INT,
+                              show_default=False)
+    seed: int = setting(0, "Seed of attacks and subsets.", "int", flag="--eval-seed", hi=MAX_SEED)
     batch_size: int = 256
-    attack: str = ""
-    single_step_attack: str = ""
-    clamp_start: bool = True
+    attack: str = setting("", "", "text", flag="-")
+    single_step_attack: str = setting("", "", "text", flag="-")
+    clamp_start: bool = setting(True, "", "switch", flag="-")
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # settings of registered metrics
+
+    def check(self) -> None:
+        """Relations between settings that each read alone."""
+        if self.aa_attacks and self.aa_version != "custom":
+            raise UserError("--aa-attacks needs --aa-version custom")
 
     def make(self, name: str, **values: Any) -> Any:
         """The attack plugin ``name`` with this suite's norm and start clipping (keys it does not take are dropped)."""
@@ -147,30 +167,114 @@ def evaluate_model(model: nn.Module, test: Any, corruption_folder: str, data_roo
         test = test.subset(aa_subset(len(test), opts.aa_limit, opts.seed))
     x, y = test.images, test.labels
     out: dict[str, Any] = {"test_images": len(y), "settings": suite_settings(opts)}
-    out["clean_accuracy"] = accuracy(model, x, y, device, batch=opts.batch_size)
-    console.print(f"  clean accuracy {100 * out['clean_accuracy']:.2f} % on {len(y)} images", highlight=False)
-    if opts.fgsm:
-        torch.manual_seed(opts.seed)
-        out["fgsm"] = {"attack": opts.single_step_attack, "eps": opts.eps, "norm": opts.norm, "accuracy": accuracy(
-            model, x, y, device, opts.make(opts.single_step_attack, eps=opts.eps), batch=opts.batch_size)}
-    torch.manual_seed(opts.seed)
-    pgd = opts.make(opts.attack, eps=opts.eps, step_size=opts.step_size, steps=opts.pgd_steps)
-    out["pgd"] = {"eps": opts.eps, "step_size": opts.step_size, "steps": opts.pgd_steps, "norm": opts.norm,
-                  "attack": opts.attack, "random_start": True, "clamp_start": opts.clamp_start,
-                  "accuracy": accuracy(model, x, y, device, pgd, batch=opts.batch_size)}
-    console.print(f"  {opts.attack}-{opts.pgd_steps} accuracy {100 * out['pgd']['accuracy']:.2f} %", highlight=False)
-    if opts.autoattack:
-        out["autoattack"] = autoattack_accuracy(model, x, y, opts, device, state_path)
-    if opts.corruptions:
-        out["corruption"] = corruption_accuracy(model, test, corruption_folder, data_root, opts, device)
-    curve = []
-    for eps in opts.eps_curve:
-        torch.manual_seed(opts.seed)
-        attack = None if eps == 0 else opts.make(opts.attack, eps=eps, step_size=eps / 4, steps=opts.pgd_steps)
-        curve.append({"eps": eps, "accuracy": accuracy(model, x, y, device, attack, batch=opts.batch_size)})
-    out["eps_curve"] = curve
+    context = Measuring(model, test, x, y, opts, device, state_path, corruption_folder, Path(data_root), out)
+    for metric in list(METRICS.values()):
+        value = metric.measure(context)
+        if value is not None:
+            out[metric.key] = value
     out["leaderboard"] = leaderboard_fields(out)
     return out
+
+
+@dataclasses.dataclass
+class Measuring:
+    """What a metric's ``measure`` gets: the model, the test images (all metrics measure the same ones), the
+    options, where AutoAttack keeps its state, the dataset's corruption folder, and the result so far."""
+
+    model: nn.Module
+    test: Any
+    x: Tensor
+    y: Tensor
+    opts: SuiteOptions
+    device: torch.device
+    state_path: Path
+    corruption_folder: str
+    data_root: Path
+    result: dict[str, Any]
+
+    def accuracy(self, attack: Any = None, images: Tensor | None = None, labels: Tensor | None = None) -> float:
+        """Accuracy on the test images (or ``images``), under ``attack`` when given."""
+        return accuracy(self.model, self.x if images is None else images, self.y if labels is None else labels,
+                        self.device, attack, batch=self.opts.batch_size)
+
+
+# -- the built-in metrics, in the order they run and are reported ----------------------------------------------------
+def _clean(c: Measuring) -> float:
+    acc = c.accuracy()
+    console.print(f"  clean accuracy {100 * acc:.2f} % on {len(c.y)} images", highlight=False)
+    return acc
+
+
+def _fgsm(c: Measuring) -> dict[str, Any] | None:
+    o = c.opts
+    if not o.fgsm:
+        return None
+    torch.manual_seed(o.seed)
+    return {"attack": o.single_step_attack, "eps": o.eps, "norm": o.norm,
+            "accuracy": c.accuracy(o.make(o.single_step_attack, eps=o.eps))}
+
+
+def _pgd(c: Measuring) -> dict[str, Any]:
+    o = c.opts
+    torch.manual_seed(o.seed)
+    pgd = o.make(o.attack, eps=o.eps, step_size=o.step_size, steps=o.pgd_steps)
+    out = {"eps": o.eps, "step_size": o.step_size, "steps": o.pgd_steps, "norm": o.norm, "attack": o.attack,
+           "random_start": True, "clamp_start": o.clamp_start, "accuracy": c.accuracy(pgd)}
+    console.print(f"  {o.attack}-{o.pgd_steps} accuracy {100 * out['accuracy']:.2f} %", highlight=False)
+    return out
+
+
+def _eps_curve(c: Measuring) -> list[dict[str, float]]:
+    o, curve = c.opts, []
+    for eps in o.eps_curve:
+        torch.manual_seed(o.seed)
+        attack = None if eps == 0 else o.make(o.attack, eps=eps, step_size=eps / 4, steps=o.pgd_steps)
+        curve.append({"eps": eps, "accuracy": c.accuracy(attack)})
+    return curve
+
+
+def _pct(v: float) -> float:
+    return round(100 * v, 2)
+
+
+def _corruption_fields(r: dict[str, Any]) -> dict[str, Any]:
+    corr = r["corruption"]
+    return {"CA": _pct(corr["mean"]), **{f"CS-{s}": _pct(corr["per_severity"][s]) for s in ("1", "2", "3", "4", "5")},
+            "CA_generated": corr["generated"]}
+
+
+def _aa_notes(mode: str, r: dict[str, Any]) -> list[str]:
+    aa = r["autoattack"]
+    return [f"{mode}: AutoAttack {aa['version']} ({', '.join(aa['attacks'])}) on {aa['images']} images"]
+
+
+def _corruption_notes(mode: str, r: dict[str, Any]) -> list[str]:
+    if not r["corruption"].get("generated"):
+        return []
+    return [f"{mode}: CA from GENERATED corruptions ({len(r['corruption']['corruptions'])} of 15), not CIFAR-C files"]
+
+
+def _corruption_column(s: str) -> tuple[str, Any]:
+    return f"CS-{s}", lambda r: (r.get("corruption") or {}).get("per_severity", {}).get(s)
+
+
+for _metric in (
+    Metric("clean_accuracy", _clean, columns=(("SA", lambda r: r["clean_accuracy"]),),
+           fields=lambda r: {"SA": _pct(r["clean_accuracy"])}),
+    Metric("fgsm", _fgsm, columns=(("FGSM", lambda r: r.get("fgsm", {}).get("accuracy")),)),
+    Metric("pgd", _pgd, columns=(("PGD", lambda r: r["pgd"]["accuracy"]),),
+           fields=lambda r: {"PGD": _pct(r["pgd"]["accuracy"])}),
+    Metric("autoattack", lambda c: autoattack_accuracy(c.model, c.x, c.y, c.opts, c.device, c.state_path)
+           if c.opts.autoattack else None,
+           columns=(("AA (RA)", lambda r: (r.get("autoattack") or {}).get("robust_accuracy")),),
+           fields=lambda r: {"RA": _pct(r["autoattack"]["robust_accuracy"])}, notes=_aa_notes),
+    Metric("corruption", lambda c: corruption_accuracy(c.model, c.test, c.corruption_folder, c.data_root, c.opts,
+                                                       c.device) if c.opts.corruptions else None,
+           columns=(("CA", lambda r: (r.get("corruption") or {}).get("mean")), *map(_corruption_column, "135")),
+           fields=_corruption_fields, notes=_corruption_notes),
+    Metric("eps_curve", _eps_curve),
+):
+    register_metric(_metric)
 
 
 def aa_subset(n: int, limit: int, seed: int) -> Tensor:
@@ -180,22 +284,13 @@ def aa_subset(n: int, limit: int, seed: int) -> Tensor:
 
 def suite_settings(opts: SuiteOptions) -> dict[str, Any]:
     """The settings that decide a result's numbers (stored with every mode's result)."""
-    keep = ("eps", "step_size", "pgd_steps", "norm", "attack", "single_step_attack", "clamp_start", "autoattack",
-            "aa_version", "aa_attacks", "aa_limit", "corruptions", "corruption_limit", "test_limit", "seed")
-    return {k: v for k, v in dataclasses.asdict(opts).items() if k in keep}
+    values = {**dataclasses.asdict(opts), **opts.extra}
+    return {s.name: values[s.name] for s in declared(SuiteOptions) if s.decides and s.name in values}
 
 
 def leaderboard_fields(result: dict[str, Any]) -> dict[str, Any]:
     """SA / RA / CA in percent as on the RobustSSL leaderboard (RA = AutoAttack only); what did not run is absent."""
-    aa, corr = result.get("autoattack"), result.get("corruption")
-    fields: dict[str, Any] = {"SA": round(100 * result["clean_accuracy"], 2), "PGD": round(100 * result["pgd"]["accuracy"], 2)}
-    if aa:
-        fields["RA"] = round(100 * aa["robust_accuracy"], 2)
-    if corr:
-        fields["CA"] = round(100 * corr["mean"], 2)
-        fields.update({f"CS-{s}": round(100 * corr["per_severity"][s], 2) for s in ("1", "2", "3", "4", "5")})
-        fields["CA_generated"] = corr["generated"]
-    return fields
+    return leaderboard(result)
 
 
 def write_report(out_dir: Path) -> dict[str, Any]:
@@ -251,10 +346,7 @@ def report_table(report: dict[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title="robustness report (accuracy %)")
-    cols = [("SA", lambda r: r["clean_accuracy"]), ("FGSM", lambda r: r.get("fgsm", {}).get("accuracy")),
-            ("PGD", lambda r: r["pgd"]["accuracy"]), ("AA (RA)", lambda r: (r.get("autoattack") or {}).get("robust_accuracy")),
-            ("CA", lambda r: (r.get("corruption") or {}).get("mean"))]
-    cols += [(f"CS-{s}", lambda r, s=s: (r.get("corruption") or {}).get("per_severity", {}).get(s)) for s in "135"]
+    cols = [col for m in METRICS.values() for col in m.columns]
     table.add_column("mode", style="bold")
     for name, _ in cols:
         table.add_column(name, justify="right")
@@ -262,13 +354,8 @@ def report_table(report: dict[str, Any]) -> Any:
     for mode, r in report["modes"].items():
         cells = [f"{100 * v:.2f}" if v is not None else "–" for v in (get(r) for _, get in cols)]
         table.add_row(mode, *cells, str(r["test_images"]))
-    notes = []
-    for mode, r in report["modes"].items():
-        if r.get("corruption", {}).get("generated"):
-            notes.append(f"{mode}: CA from GENERATED corruptions ({len(r['corruption']['corruptions'])} of 15), not CIFAR-C files")
-        if r.get("autoattack"):
-            aa = r["autoattack"]
-            notes.append(f"{mode}: AutoAttack {aa['version']} ({', '.join(aa['attacks'])}) on {aa['images']} images")
+    notes = [note for mode, r in report["modes"].items() for m in METRICS.values()
+             if m.notes is not None and r.get(m.key) for note in m.notes(mode, r)]
     p = next(iter(report["modes"].values()))["pgd"]
     notes.insert(0, f"PGD-{p['steps']} {p['norm']} ε {p['eps'] * (255 if p['norm'] == 'linf' else 1):.3g}"
                     f"{'/255' if p['norm'] == 'linf' else ''}")

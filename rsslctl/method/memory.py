@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rsslctl.runtime.checkpoint import load_optimizer_tensors, optimizer_tensors
 from rsslctl.runtime.distributed import all_reduce_with_grad, collective, gather_with_grad, world_size
 from rsslctl.nn.losses import fp32, pair_rows
 from rsslctl.method.base import Method
@@ -141,17 +142,14 @@ class LearnableBank(nn.Module):
     def run_state(self, prefix: str) -> dict[str, Tensor]:
         """The bank optimizer's tensors (SGD's momentum buffer), for the method's ``run_state``."""
         self._track_weight()
-        state = self.optimizer.state.get(self.weight, {})
-        return {f"{prefix}.{k}": v for k, v in state.items() if isinstance(v, Tensor)}
+        return optimizer_tensors(self.optimizer, prefix + ".")
 
     def load_run_state(self, state: dict[str, Tensor], prefix: str) -> None:
-        """Restore what ``run_state(prefix)`` returned (nothing saved: a fresh optimizer, as before its first step)."""
-        mine = {k[len(prefix) + 1:]: v.to(self.weight.device, copy=True) for k, v in state.items()
-                if k.startswith(prefix + ".")}
+        """Restore what ``run_state(prefix)`` returned (nothing saved: a fresh optimizer, as before its first step);
+        also the layout of earlier releases, ``{prefix}.momentum_buffer``."""
         self._track_weight()
         self.optimizer.state.clear()
-        if mine:
-            self.optimizer.state[self.weight] = mine
+        load_optimizer_tensors(self.optimizer, state, prefix + ".")  # copies, on the bank's device
 
 
 class BankMethod(Method):

@@ -114,53 +114,52 @@ def refuse_nonfinite(tensors: dict[str, torch.Tensor], where: str) -> None:
                         "before this checkpoint — resume from an earlier one or retrain with a lower optimizer.lr")
 
 
-def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer state dict into tensors (for safetensors) and JSON-able rest."""
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{idx}.{key}"] = value
-            else:
-                scalars[f"{idx}.{key}"] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = value
-    for name, value in rest["scalars"].items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in rest["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """A method's own optimizer state as tensors only (for ``Method.run_state``): per-parameter state, numbers as
-    0-d float64 tensors. Hyper-parameters are not stored: the recipe rebuilds them."""
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str = "") -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state as tensors only, named ``{prefix}{parameter index}.{key}``: numbers as
+    0-d float64 tensors, absent buffers (``None``, e.g. SGD without momentum) left out. The one serialiser of every
+    optimizer state (the engine's, with prefix ``optim.``; a method's own in ``Method.run_state``). Hyper-parameters
+    are not in it: the recipe rebuilds them (the engine also records them, see ``optimizer_groups``)."""
     out = {}
     for idx, state in opt.state_dict()["state"].items():
         for key, value in state.items():
-            if value is None:  # e.g. SGD without momentum keeps no buffer
+            if value is None:
                 continue
-            out[f"{idx}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
+            out[f"{prefix}{idx}.{key}"] = value if isinstance(value, torch.Tensor) else \
+                torch.tensor(float(value), dtype=torch.float64)
     return out
 
 
-def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    """Restore what ``optimizer_tensors`` returned into ``opt`` (built with the same parameters and options)."""
+def optimizer_groups(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The optimizer's param groups (hyper-parameters and parameter indices) as JSON-able dicts."""
+    groups = opt.state_dict()["param_groups"]
+    return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in groups]
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str = "",
+                           groups: list[dict[str, Any]] | None = None, scalars: dict[str, Any] | None = None) -> None:
+    """Restore what ``optimizer_tensors(opt, prefix)`` returned into ``opt`` (built with the same parameters and
+    options), as copies; tensors without ``prefix`` are ignored. ``groups``: param groups recorded by
+    ``optimizer_groups`` (None = keep ``opt``'s). ``scalars``: ``{"idx.key": value}``, where engine checkpoints of
+    earlier releases kept non-tensor values (meta.json). A key without a parameter index (``prefix`` + ``key``, the
+    earlier layout of a one-parameter optimizer such as a memory bank's) belongs to parameter 0."""
     state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    for name, value in [*((n[len(prefix):], v) for n, v in tensors.items() if n.startswith(prefix)),
+                        *(scalars or {}).items()]:
+        idx, _, key = name.partition(".")
+        if not idx.isdigit():
+            idx, key = "0", name
+        state.setdefault(int(idx), {})[key] = value.clone() if isinstance(value, torch.Tensor) else value  # own copy
+    if groups is None:
+        groups = opt.state_dict()["param_groups"]
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def load_checkpoint_optimizer(opt: torch.optim.Optimizer, state: dict[str, torch.Tensor], meta: dict[str, Any]
+                              ) -> None:
+    """Restore the optimizer of an engine checkpoint (``state.safetensors`` and ``meta.json`` as loaded)."""
+    rest = meta["optimizer"]
+    load_optimizer_tensors(opt, state, "optim.", rest["param_groups"], rest.get("scalars"))
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -212,12 +211,12 @@ def save_checkpoint(run_dir: Path, epoch: int, model: torch.nn.Module, optimizer
                                "epoch; lower optimizer.lr or set engine.grad_clip, then resume with --resume")
     try:
         tmp.mkdir()
-        opt_tensors, opt_rest = optimizer_to_flat(optimizer)
+        opt_tensors = optimizer_tensors(optimizer, "optim.")
         save_file_like_open({k: _plain(v) for k, v in model_state.items()}, tmp / "model.safetensors",
                             metadata={"epoch": str(epoch), "format": "pt"})
         save_file_like_open({k: _plain(v) for k, v in {**opt_tensors, **rng_state(), **(extra or {})}.items()},
                             tmp / "state.safetensors")
-        meta = dict(meta, epoch=epoch, position=position, optimizer=opt_rest,
+        meta = dict(meta, epoch=epoch, position=position, optimizer={"param_groups": optimizer_groups(optimizer)},
                     sha256={f: sha256(tmp / f) for f in ("model.safetensors", "state.safetensors")})
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, default=str))
         if final.exists():  # re-saving the same epoch (after a resume): the new one replaces it

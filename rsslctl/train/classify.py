@@ -19,7 +19,7 @@ import math
 import sys
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Literal, Mapping, TextIO
+from typing import Any, Callable, Iterator, Literal, Mapping, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -38,25 +38,69 @@ from rsslctl.run.recipe import shipped_defaults
 from rsslctl.base.console import err_console, progress_bar
 
 MODES = ("SLF", "ALF", "AFF")
-#: the columns of the fine-tuning hyper-parameter tables (a dataset plugin names its own in
-#: ``Dataset.hyperparameter_column``; other datasets use the first)
-FINETUNE_COLUMNS = ("CIFAR-10", "CIFAR-100", "STL-10 96px", "STL-10 32px")
-
-
 # -- hyper-parameters ------------------------------------------------------------------------------------------------
-def cells(c10: tuple | None, c100: tuple | None, stl96: tuple | None, stl32: tuple | None,
-          **common: Any) -> dict[str, dict[str, Any]]:
-    """One table cell per column of ``FINETUNE_COLUMNS``; a cell is (batch_size, lr[, extra settings])."""
-    out = {}
-    for key, cell in zip(FINETUNE_COLUMNS, (c10, c100, stl96, stl32)):
-        if cell is not None:
-            out[key] = {"batch_size": cell[0], "lr": cell[1], **common, **(cell[2] if len(cell) > 2 else {})}
-    return out
+def finetune_columns() -> tuple[str, ...]:
+    """The columns of the fine-tuning hyper-parameter tables, in their positional layout: what the installed
+    dataset plugins declare (``Dataset.finetune_columns``, ordered by ``finetune_order``, then size, largest first)."""
+    found = set()
+    for info in registry.registry().entries("dataset").values():
+        cls = info[0].cls
+        found |= {(cls.finetune_order, -size, title) for title, size in cls.finetune_columns.items()}
+    titles: list[str] = []
+    for _, _, title in sorted(found):
+        if title not in titles:
+            titles.append(title)
+    return tuple(titles)
 
 
-def every_column(**values: Any) -> dict[str, dict[str, Any]]:
+class TableCells(Mapping[str, dict[str, Any]]):
+    """One mode's cells of a fine-tuning table, column title → settings. Cells given by position (``cells``) or for
+    every column (``every_column``) are matched to the columns on first use: method plugins build their tables when
+    they are imported, before the dataset plugins are known. ``table | {title: cell}`` replaces single columns."""
+
+    def __init__(self, per_column: tuple | None, every: dict[str, Any] | None, common: dict[str, Any],
+                 overrides: Mapping[str, dict[str, Any]] = MappingProxyType({})) -> None:
+        self._per_column, self._every, self._common, self._overrides = per_column, every, common, dict(overrides)
+        self._resolved: dict[str, dict[str, Any]] | None = None
+
+    def _cells(self) -> dict[str, dict[str, Any]]:
+        if self._resolved is None:
+            out = {}
+            if self._every is not None:
+                out = {key: dict(self._every) for key in finetune_columns()}
+            else:
+                for key, cell in zip(finetune_columns(), self._per_column or ()):
+                    if cell is not None:
+                        out[key] = {"batch_size": cell[0], "lr": cell[1], **self._common,
+                                    **(cell[2] if len(cell) > 2 else {})}
+            self._resolved = {**out, **self._overrides}
+        return self._resolved
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        return self._cells()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._cells())
+
+    def __len__(self) -> int:
+        return len(self._cells())
+
+    def __or__(self, other: Mapping[str, dict[str, Any]]) -> "TableCells":
+        return TableCells(self._per_column, self._every, self._common, {**self._overrides, **other})
+
+    def __repr__(self) -> str:
+        return f"TableCells({dict(self)!r})"
+
+
+def cells(*per_column: tuple | None, **common: Any) -> TableCells:
+    """One table cell per column, in the tables' positional layout (``finetune_columns``, declared by the dataset
+    plugins); a cell is (batch_size, lr[, extra settings]) or None (no entry); ``common`` goes into every cell."""
+    return TableCells(per_column, None, common)
+
+
+def every_column(**values: Any) -> TableCells:
     """The same cell in every column."""
-    return {key: dict(values) for key in FINETUNE_COLUMNS}
+    return TableCells(None, values, {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +142,7 @@ def resolve_config(mode: str, rows: FinetuneRows, row: str, column: str,
     unknown = set(user) - set(USER_KEYS)
     if unknown:
         raise ValueError(f"unknown fine-tuning settings {sorted(unknown)}")
-    key = column or FINETUNE_COLUMNS[0]
+    key = column or next(iter(finetune_columns()), "")
     cell = rows.get(row, {}).get(mode, {}).get(key)
     source = f"hyper-parameter table: {row} {mode} {key}" if cell else "defaults (no table entry)"
     if cell and not column:

@@ -26,14 +26,14 @@ from rsslctl.runtime import distributed as dist
 from rsslctl.run.build import (autocast, build_method, compile_step, load_weights, open_train_split, plugin_versions,
     setup_device, uses_bf16)
 from rsslctl.runtime.checkpoint import (CorruptCheckpoint, atomic_write_text, checkpoints, derive_seed,
-    latest_checkpoint, load_checkpoint, optimizer_from_flat, read_meta, refuse_nonfinite, remove_stale_temporaries,
-    rng_state, save_checkpoint, set_rng_state)
-from rsslctl.method.coreset import CoresetRun, method_target
+    latest_checkpoint, load_checkpoint, load_checkpoint_optimizer, read_meta, refuse_nonfinite,
+    remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from rsslctl.base.errors import TrainingDiverged, UserError
 from rsslctl.run.logs import RunLogger, duration
 from rsslctl.train.monitor import monitor_accuracies, monitor_splits
 from rsslctl.nn.optim import StepClock, lr_at, make_optimizer
 from rsslctl.run.recipe import Recipe
+from rsslctl.run.validate import check_run
 from rsslctl.data.stream import epoch_batches, on_device
 from rsslctl.base.console import console, err_console, progress_bar, summary_table
 
@@ -55,20 +55,14 @@ class Trainer:
         torch.manual_seed(recipe.run.seed)
         self.train = open_train_split(recipe, self.device)  # resident ImageData or a StreamSplit
         self.batch_size = recipe.schedule.batch_size  # the global batch: each rank trains on its share
-        dist.local_batch(self.batch_size)  # refuses a batch that does not divide by the number of ranks
-        self.steps_per_epoch = len(self.train) // self.batch_size
-        if self.steps_per_epoch == 0:
-            raise UserError(f"schedule.batch_size = {self.batch_size} exceeds the {len(self.train)} training images; "
-                            "lower schedule.batch_size")
-        self.method = build_method(recipe, self.device)
+        # the refusals `rsslctl recipe show` makes too (batch vs data and ranks, device, model, coreset)
+        plan = check_run(recipe, self.device, len(self.train), lambda: build_method(recipe, self.device))
+        self.method, self.coreset, self.steps_per_epoch = plan.method, plan.coreset, plan.steps_per_epoch
         self._distribute()
         self.training_step = self._training_step()
         self.params = self.method.optimizer_parameters()
         self.optimizer = make_optimizer(self.params, recipe.optimizer)
         self.replays = self.method.replays
-        self.coreset = self._make_coreset()
-        if self.coreset:  # the validation split is held out for the whole run
-            self.steps_per_epoch = len(self.coreset.pool) // self.batch_size
         # the LR schedule counts optimizer steps, so replayed minibatches (free AT) stay aligned with it;
         # coreset epochs are shorter, and the clock keeps the schedule aligned with training progress
         epoch_steps = self.coreset.epoch_steps() if self.coreset else [self.steps_per_epoch] * recipe.schedule.epochs
@@ -130,7 +124,7 @@ class Trainer:
             raise UserError(f"{exc}; {hint} (nothing was deleted)") from None
         load_weights(self.method, model, ckpt)
         try:
-            optimizer_from_flat(self.optimizer, state, meta["optimizer"])
+            load_checkpoint_optimizer(self.optimizer, state, meta)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise UserError(f"{ckpt}: optimizer state does not match the recipe ({str(exc)[:120]})") from None
         saved_world = int(meta.get("world_size", 1))
@@ -162,22 +156,8 @@ class Trainer:
 
     def _training_step(self) -> Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]:
         """The method's training step, compiled when the recipe asks (see ``build.compile_step``)."""
-        e = self.recipe.engine
-        if e.cuda_graphs and not (e.compile and self.device.type == "cuda"):
-            raise UserError("engine.cuda_graphs needs engine.compile = true and a CUDA device "
-                            f"(device here: {self.device})")
+        e = self.recipe.engine  # check_run has refused cuda_graphs without compile on CUDA
         return compile_step(self.method, e.cuda_graphs) if e.compile else self.method.training_step
-
-    def _make_coreset(self) -> CoresetRun | None:
-        """The [coreset] schedule, or None when the run trains on the whole split every epoch."""
-        r = self.recipe
-        if r.selector.cls is None and not r.coreset.indices_file:
-            return None
-        selector = r.selector.build() if r.selector.cls else None
-        if selector is not None and selector.needs_target:
-            method_target(self.method)  # fail now, not after the warm-up
-        return CoresetRun(r.coreset, selector, len(self.train), self.batch_size, r.schedule.epochs, r.run.seed,
-                          r.dataset.name)
 
     def _truncate_metrics(self, first_lost_step: int) -> None:
         """Drop records a killed run wrote after its last checkpoint, so the log matches the weights."""
