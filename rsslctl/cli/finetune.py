@@ -4,7 +4,6 @@ Every mode starts from the ``pgd`` route of a dual-BN checkpoint; the saved mode
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -30,7 +29,7 @@ from rsslctl.nn.encoder import IMAGENET_MEAN, IMAGENET_STD, collapse_bn_state, s
 from rsslctl.base.errors import TrainingDiverged, UserError
 from rsslctl.method.base import FinetuneRows
 from rsslctl.run.recipe import Recipe, resolve, shipped_defaults
-from rsslctl.run.directory import RECIPE_FILE, RunLock, load_run_recipe, refuse_existing
+from rsslctl.run.directory import RECIPE_FILE, load_run_recipe, refuse_existing
 from rsslctl.eval.suite import evaluate_finetuned
 from rsslctl.base.console import console
 from rsslctl.cli.common import SET, parse_eps, show_report, suite_from_flags, suite_options, user_errors
@@ -196,15 +195,8 @@ def _train_mode(cfg: FinetuneConfig, source: Pretrained, net: Classifier, subset
 
 def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConfig, ...], out_dir: Path,
              force: bool = False, quiet: bool = False) -> dict[str, dict[str, Any]]:
-    """Run each config; write <out_dir>/finetune/<MODE>/{model.safetensors, config.json, metrics.jsonl}. One
-    process at a time fine-tunes into a directory: a second one is refused in one line naming the first."""
+    """Run each config; write <out_dir>/finetune/<MODE>/{model.safetensors, config.json, metrics.jsonl}."""
     out_dir = Path(out_dir)
-    with RunLock(out_dir / "finetune", "fine-tuning") if distributed.is_main() else contextlib.nullcontext():
-        return _run_finetune(source, recipe, configs, out_dir, force, quiet)
-
-
-def _run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConfig, ...], out_dir: Path,
-                  force: bool, quiet: bool) -> dict[str, dict[str, Any]]:
     for c in configs:
         refuse_existing(mode_dir(out_dir, c.mode), "fine-tuning output", force)
     device = setup_device(recipe)  # under torchrun: every rank trains on its part of each minibatch, rank 0 writes
