@@ -28,11 +28,12 @@ def api_markdown() -> str:
         groups[module.split(".")[1]].append((public, f"{module}.{attribute or public}"))
     lines = []
     for layer, entries in groups.items():
-        lines += [f"## {LAYERS[layer]} (`rsslctl.{layer}`)", ""]
+        lines += [f"## {LAYERS[layer]} (`rsslctl.{layer}`)", "", "| `from rsslctl import …` | defined in |", "|---|---|"]
         for public, path in entries:
-            alias = "" if path.endswith(f".{public}") else f" (defined as `{path.rsplit('.', 1)[1]}`)"
-            lines += [f"::: {path}", "    options:", f"      heading: \"{public}\"", f"      toc_label: \"{public}\"", "",
-                      f"`from rsslctl import {public}`{alias} · defined in `{path.rsplit('.', 1)[0]}`", ""]
+            lines.append(f"| [`{public}`](#{path}) | `{path}` |")
+        lines.append("")
+        for public, path in entries:
+            lines += [f"::: {path}", "    options:", f"      heading: \"{public}\"", f"      toc_label: \"{public}\"", ""]
     return "\n".join(lines)
 
 
