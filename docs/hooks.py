@@ -28,12 +28,14 @@ def api_markdown() -> str:
         groups[module.split(".")[1]].append((public, f"{module}.{attribute or public}"))
     lines = []
     for layer, entries in groups.items():
-        lines += [f"## {LAYERS[layer]} (`rsslctl.{layer}`)", "", "| `from rsslctl import …` | defined in |", "|---|---|"]
+        lines += [f"## {LAYERS[layer]} (`rsslctl.{layer}`)", "",
+                  "| `from rsslctl import …` | defined in |", "|---|---|"]
         for public, path in entries:
             lines.append(f"| [`{public}`](#{path}) | `{path}` |")
         lines.append("")
         for public, path in entries:
-            lines += [f"::: {path}", "    options:", f"      heading: \"{public}\"", f"      toc_label: \"{public}\"", ""]
+            lines += [f"::: {path}", "    options:", f"      heading: \"{public}\"",
+                      f"      toc_label: \"{public}\"", ""]
     return "\n".join(lines)
 
 
