@@ -1,6 +1,6 @@
 """Bytes each rank communicates per ACL step under torchrun, from the real models, and a gloo check on the CPU.
 
-    python benchmarks/bench_ddp.py              # table for docs/scaling.md (counts only, no training)
+    python benchmarks/bench_ddp.py              # table for docs/distributed.md (counts only, no training)
     python benchmarks/bench_ddp.py --measure    # + 1 and 2 gloo processes on the tiny digits model: time per step,
                                                 #   and bytes counted in the collectives vs the formula
 

@@ -5,7 +5,7 @@ digits with one small budget, then evaluate each (linear probe on frozen feature
 Usage: python benchmarks/bench_methods_digits.py [--epochs 6] [--image-size 16] [--limit 640] [--eval-limit 200]
        [--out runs/bench_issue3] [--only LABEL ...] (--methods is the same; e.g. --only RoCL MAE "SimCLR (ViT)")
 Each method starts from its paper recipe (recipes/<name>.toml) with the same digits overrides: the quickstart
-model's stage widths (narrow ResNet-18, channels 16-32-64-128; timm's 64-channel stem, as when the README table was
+model's stage widths (narrow ResNet-18, channels 16-32-64-128; timm's 64-channel stem, as when its earlier table was
 measured: the quickstart recipes now also set backbone.stem_width = 16), batch 128, 3-step training attack, 50-epoch
 probe.
 ACL-family methods use the quickstart optimiser (SGD lr 0.5); EMP-SSL methods keep their SGD lr 0.3.

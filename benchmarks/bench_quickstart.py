@@ -1,5 +1,7 @@
-"""The README's quickstart table: both quickstart recipes over several seeds, mean ± spread of clean and PGD-20
-accuracy and of the pretraining wall time, each run through the CLI exactly as a user runs it.
+"""The README's quickstart table: both quickstart recipes over several seeds, clean and PGD-20 accuracy as
+mean ± standard deviation over the seeds and per seed, each run through the CLI exactly as a user runs it.
+It prints the table exactly as README.md shows it (markdown), then the conditions line that goes under it.
+Pretraining wall times are printed per run (not in the table: they depend on what else runs on the machine).
 
     .venv/bin/python benchmarks/bench_quickstart.py --seeds 0 1 2 --out /tmp/qs
 """
@@ -7,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
+
+import torch
 
 RECIPES = ("quickstart", "quickstart_simclr")
 
@@ -21,12 +26,23 @@ def run(args: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "rsslctl.cli", *args], check=True, stdout=subprocess.DEVNULL)
 
 
+def method_label(run_dir: Path) -> str:
+    """The method as the run's resolved recipe names it, e.g. ``acl (variant ds)``."""
+    method = tomllib.loads((run_dir / "recipe.toml").read_text())["method"]
+    return f"{method['name']} (variant {method['variant']})" if "variant" in method else method["name"]
+
+
+def mean_std(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f} %"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quickstart"))
     args = parser.parse_args()
-    rows: dict[str, list[tuple[float, float, float]]] = {r: [] for r in RECIPES}
+    rows: dict[str, list[tuple[float, float]]] = {r: [] for r in RECIPES}
+    methods: dict[str, str] = {}
     for seed in args.seeds:
         for recipe in RECIPES:
             run_dir = args.out / f"{recipe}-seed{seed}"
@@ -35,20 +51,21 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             run(["evaluate", str(run_dir), "--json"])
             result = json.loads((run_dir / "eval.json").read_text())
-            rows[recipe].append((100 * result["clean_accuracy"], 100 * result["robust_accuracy"], seconds))
+            rows[recipe].append((100 * result["clean_accuracy"], 100 * result["robust_accuracy"]))
+            methods[recipe] = method_label(run_dir)
             print(f"{recipe} seed {seed}: clean {rows[recipe][-1][0]:.2f} %, PGD-20 {rows[recipe][-1][1]:.2f} %, "
-                  f"pretraining {seconds:.0f} s", flush=True)
-    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}; seeds {args.seeds}")
-    print("| recipe | clean accuracy | PGD-20 accuracy | pretraining wall time |")
-    print("|---|---|---|---|")
+                  f"pretraining wall time {seconds:.0f} s", flush=True)
+    print()
+    print("| recipe | method | clean accuracy | PGD-20 accuracy | per seed (clean / PGD-20) |")
+    print("|---|---|---|---|---|")
     for recipe, values in rows.items():
-        cells = []
-        for i, unit in ((0, "%"), (1, "%"), (2, "s")):
-            xs = [v[i] for v in values]
-            spread = statistics.stdev(xs) if len(xs) > 1 else 0.0
-            cells.append(f"{statistics.mean(xs):.2f} ± {spread:.2f} {unit} (min {min(xs):.2f}, max {max(xs):.2f})"
-                         if unit == "%" else f"{statistics.mean(xs):.0f} ± {spread:.0f} s")
-        print(f"| `{recipe}.toml` | " + " | ".join(cells) + " |")
+        per_seed = ", ".join(f"{clean:.2f} / {robust:.2f}" for clean, robust in values)
+        print(f"| `{recipe}.toml` | {methods[recipe]} | {mean_std([v[0] for v in values])} "
+              f"| {mean_std([v[1] for v in values])} | {per_seed} |")
+    print()
+    print(f"Seeds {', '.join(map(str, args.seeds))}; `benchmarks/bench_quickstart.py --seeds "
+          f"{' '.join(map(str, args.seeds))}`; torch {torch.__version__}, {platform.machine()} CPU, "
+          f"{torch.get_num_threads()} threads.")
 
 
 if __name__ == "__main__":
