@@ -12,7 +12,7 @@ At ``s = 1`` this is the SimCLR CIFAR pipeline with crop scale (0.1, 1). Every r
 sample, on the CPU, from torch's global RNG (so ``torch.manual_seed`` and ``torch.get_rng_state`` reproduce it);
 the images stay on their device and are processed in one batched call. Nothing is ever read back from the device:
 whether a sample is jittered, flipped or greyed is a ``torch.where`` on a mask copied to the device, not a Python
-branch, so a CUDA step never waits here (tests/test_sync.py checks it for every method).
+branch, so a CUDA step never waits here (tests/train/test_sync.py checks it for every method).
 
 Known difference from torchvision: one random order of the four colour-jitter steps is drawn per batch (on the
 CPU, with the other parameters), not per image; the jitter factors themselves are per image. A per-image order

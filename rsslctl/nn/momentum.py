@@ -4,7 +4,7 @@ A momentum copy ξ of an online module θ is updated after each optimizer step a
 only: its BatchNorm buffers come from its own forwards (MoCo, BYOL, DynACL's key encoder). The copy is an ordinary
 sub-module of the method, so it is checkpointed with the model state and resumes exactly. The cosine schedule of
 BYOL (Grill et al., NeurIPS 2020) raises m from m₀ to 1 over training; its step counter is a persistent buffer, so
-it resumes exactly too. Everything here runs on the device with no host read (tests/test_sync.py).
+it resumes exactly too. Everything here runs on the device with no host read (tests/train/test_sync.py).
 """
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ def test_recipes_ship_inside_the_wheel_and_are_found_by_name(tmp_path: Path) -> 
     import subprocess
     import sys
     import pytest
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                             str(tmp_path / "whl"), str(root)], capture_output=True, text=True)
     if built.returncode != 0:

@@ -8,7 +8,7 @@ import pytest
 
 from rsslctl.run.recipe import load
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 EMP = ["empssl", "empssl_adv", "empssl_adv_patch", "cf_amc_ssl"]
 
 

@@ -158,7 +158,7 @@ def test_empssl_bag_of_features_averages_views(tiny_recipe: Path) -> None:
     torch.testing.assert_close(m.eval_features(x, "normal"), m.pre_feature(m.encoder.features(x)))
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("recipe", ["simclr_adv.toml", "simclr_free_adv.toml"])

@@ -17,7 +17,7 @@ from rsslctl.base.registry import registry
 from rsslctl.run.directory import prepare_run_dir
 
 # the quickstart recipes already train on digits and are exercised by test_cli/test_engine
-RECIPES = sorted(p for p in Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.toml")
+RECIPES = sorted(p for p in Path(__file__).resolve().parents[2].joinpath("recipes").glob("*.toml")
                  if not p.stem.startswith("quickstart"))
 TINY = ["data.name=digits", "data.limit=32", "data.image_size=16", "schedule.epochs=1", "schedule.warmup_epochs=0",
         "schedule.batch_size=16",
@@ -63,7 +63,7 @@ def test_recipe_trains_on_digits(path: Path, tmp_path: Path, request: pytest.Fix
 def test_cf_amc_ssl_without_cifar_gives_missing_data_error(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "rsslctl.cli", "pretrain", "recipes/cf_amc_ssl.toml", "--set", f"data.root={tmp_path}",
            "--set", f"run.output_dir={tmp_path / 'runs'}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 2
     assert "CIFAR-10" in res.stderr or "cifar10" in res.stderr
     assert "not found" in res.stderr and "Traceback" not in res.stderr
