@@ -56,7 +56,7 @@ class AdCoOptions:
                                  "bank updates averaged (--sym 1)")
     joint_forward: bool = opt(False, "symmetric: both views through each encoder as one interleaved 2N batch (BN "
                                      "statistics over both views; the earlier rsslctl behaviour) instead of one "
-                                     "forward per view, as the authors")
+                                     "forward per view, as the authors", earlier=True)
 
 
 class AdCo(BankMethod):

@@ -65,7 +65,7 @@ class ADIOSOptions:
     momentum: float = opt(0.99, "BYOL form: EMA rate τ of the target encoder", min=0, max=1)
     joint_forward: bool = opt(False, "SimCLR form: forward both views as one interleaved 2N batch (BN statistics over "
                                      "both views; the earlier rsslctl behaviour) instead of one forward per view, as "
-                                     "the authors")
+                                     "the authors", earlier=True)
 
 
 def sparsity_penalty(masks: Tensor) -> Tensor:

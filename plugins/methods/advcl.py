@@ -83,7 +83,7 @@ class AdvCLOptions:
     base_temperature: float = opt(0.07, "SupCon's base temperature: the contrastive term is scaled by τ / base "
                                         "(reference 0.07; set it to τ for the unscaled NT-Xent)", min=1e-3)
     attack_bn: Literal["train", "eval"] = opt("train", "BN mode of the attack forwards: train = batch statistics "
-                                                       "(reference), eval = running statistics")
+                                                       "(reference), eval = running statistics", earlier="eval")
     radius: float = opt(8.0, "radius of the low-frequency disc removed for the high-frequency view", min=0)
     padding: int = opt(4, "random-crop padding of the original view", min=0)
     kmeans_seed: int = opt(0, "random_state of k-means", min=0)

@@ -44,9 +44,10 @@ class BYORLOptions:
     pred_hidden: int = opt(4096, "predictor hidden width (Linear → BN → ReLU → Linear)", min=1)
     clean_weight: float = opt(0.0, "weight of an extra BYOL loss on the clean views (0 = adversarial only)", min=0)
     average_directions: bool = opt(False, "the mean of the two directions' BYOL losses (the earlier rsslctl "
-                                          "behaviour) instead of their sum, as BYOL")
+                                          "behaviour) instead of their sum, as BYOL", earlier=True)
     joint_forward: bool = opt(False, "both views through each network as one interleaved 2N batch (BN statistics "
-                                     "over both views; the earlier rsslctl behaviour) instead of one forward per view")
+                                     "over both views; the earlier rsslctl behaviour) instead of one forward per view",
+                                     earlier=True)
 
 
 class BYORL(Method):

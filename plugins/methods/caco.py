@@ -59,10 +59,10 @@ class CaCoOptions:
     init_from_keys: bool = opt(True, "fill the bank with the first K keys of training (--ad_init)")
     momentum: float = opt(0.99, "m₀: EMA factor of the key encoder at the start (--moco_m)", min=0, max=1)
     cosine_momentum: bool = opt(True, "raise the key encoder's momentum from m₀ to 1 on a cosine over epochs, as the "
-                                      "authors' commands (--moco_m_decay 1); false: constant m₀")
+                                      "authors' commands (--moco_m_decay 1); false: constant m₀", earlier=False)
     joint_forward: bool = opt(False, "both views through each encoder as one interleaved 2N batch (BN statistics over "
                                      "both views; the earlier rsslctl behaviour) instead of one forward per view, as "
-                                     "the authors")
+                                     "the authors", earlier=True)
 
 
 class CaCo(BankMethod):

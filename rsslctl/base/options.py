@@ -20,10 +20,20 @@ class Number(float):
     """A float that may be written in a recipe as a fraction string, e.g. ``"8/255"``."""
 
 
+#: ``opt(earlier=...)`` left out: the option behaves the same in runs saved before it existed
+NOT_GIVEN: Any = object()
+
+
 def opt(default: Any, help: str = "", *, min: float | None = None, max: float | None = None,
-        choices: typing.Sequence[Any] | None = None) -> Any:
-    """Declare an option with a default, a one-line help text and optional bounds/choices."""
+        choices: typing.Sequence[Any] | None = None, earlier: Any = NOT_GIVEN) -> Any:
+    """Declare an option with a default, a one-line help text and optional bounds/choices.
+
+    ``earlier`` is for an option added to change a behaviour: the value that gives the behaviour of runs saved before
+    the option existed. A saved run whose recipe lacks the option keeps that value when it is resumed or evaluated,
+    so a new default never changes a run half-way."""
     meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None}
+    if earlier is not NOT_GIVEN:
+        meta["earlier"] = earlier
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

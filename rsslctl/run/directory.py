@@ -142,7 +142,9 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path | None, force: bool, lock: Run
 
 
 def load_run_recipe(run_dir: Path, overrides: list[str] = (), only: Collection[str] | None = None) -> Recipe:
+    """The resolved recipe a run directory holds (+ overrides); options added since the run was written keep the
+    behaviour it was made with (see ``opt(earlier=...)``)."""
     path = Path(run_dir) / RECIPE_FILE
     if not path.is_file():
         raise UserError(f"{run_dir}: not a run directory (no {RECIPE_FILE}); pass the directory `rsslctl pretrain` created")
-    return load(path, overrides, only)
+    return load(path, overrides, only, saved=True)

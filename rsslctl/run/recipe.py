@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Collection, Literal
 
+from rsslctl.base.console import err_console
 from rsslctl.base import registry
 from rsslctl.adversary.attack import make_attack
 from rsslctl.data.augment import AugmentOptions
@@ -223,8 +224,10 @@ def _plugin_name(value: Any, where: str) -> str:
     return value
 
 
-def _plugin_table(table: str, values: dict[str, Any], name: str, where: str) -> tuple[Any, Slot, dict[str, Any]]:
-    """(core options, plugin slot, resolved table) of one plugin table."""
+def _plugin_table(table: str, values: dict[str, Any], name: str, where: str,
+                  saved: bool = False) -> tuple[Any, Slot, dict[str, Any]]:
+    """(core options, plugin slot, resolved table) of one plugin table; ``saved``: the table comes from a run
+    directory, so options it predates keep their ``earlier`` value."""
     core_cls = CORE[table]
     kind = PLUGIN_TABLES[table][0]
     core_keys = {f.name for f in dataclasses.fields(core_cls)} if core_cls else set()
@@ -238,15 +241,31 @@ def _plugin_table(table: str, values: dict[str, Any], name: str, where: str) -> 
         if key not in everything:
             valid = sorted(everything)
             raise UserError(f"{where}: unknown key '{key}'{closest(key, valid)}; valid keys: {', '.join(valid)}")
+    if saved:
+        values = {**earlier_values(cls.Options, values, f"{where}"), **values}
     core = validate(core_cls, {k: v for k, v in values.items() if k in core_keys}, where) if core_cls else None
     options = validate(cls.Options, {k: v for k, v in values.items() if k in plugin_keys}, where)
     cls.check_options(options, where)
     return core, Slot(name, cls, options), {"name": name, **(as_dict(core) if core else {}), **as_dict(options)}
 
 
+def earlier_values(options_cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """The ``earlier`` value of every option a saved table lacks (it predates them), with a note on stderr."""
+    kept = {f.name: f.metadata["earlier"] for f in dataclasses.fields(options_cls)
+            if "earlier" in f.metadata and f.name not in values}
+    for key, value in kept.items():
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)
+        err_console.print(f"note: {where}: saved before '{key}' existed; keeping the behaviour it was made with "
+                          f"({key} = {shown})", markup=False, highlight=False)
+    return kept
+
+
 def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "",
-            only: Collection[str] | None = None) -> Recipe:
+            only: Collection[str] | None = None, saved: bool = False) -> Recipe:
     """Validate ``raw`` (+ overrides) completely; raise UserError with one line on the first problem.
+
+    ``saved``: ``raw`` is the recipe of a run directory; options added since it was written keep the behaviour the
+    run was made with (their ``earlier`` value) rather than the current default.
 
     ``only`` limits validation to those tables (plus run, data, engine and evaluation, which every command uses):
     evaluating a fine-tuned classifier, for instance, needs no pretraining method installed.
@@ -279,7 +298,7 @@ def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "",
             name = _plugin_name(names[table], f"{table}.name")
             if name == NONE and table not in OPTIONAL:
                 raise UserError(f"{where}: {table}.name cannot be \"none\"; name a {kind} plugin")
-            core, parts[slot], resolved[table] = _plugin_table(table, values, name, f"{where}: {table}")
+            core, parts[slot], resolved[table] = _plugin_table(table, values, name, f"{where}: {table}", saved)
             if core_cls is not None:
                 parts[table] = core
         else:
@@ -306,8 +325,10 @@ def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "",
 RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)} - {"resolved"}
 
 
-def load(path: str | Path, overrides: list[str] = (), only: Collection[str] | None = None) -> Recipe:
-    return resolve(load_raw(path), list(overrides), str(path), only)
+def load(path: str | Path, overrides: list[str] = (), only: Collection[str] | None = None,
+         saved: bool = False) -> Recipe:
+    """Read, resolve and validate a recipe file (``saved``: the ``recipe.toml`` of a run directory)."""
+    return resolve(load_raw(path), list(overrides), str(path), only, saved)
 
 
 def dumps_toml(resolved: dict[str, dict[str, Any]]) -> str:
