@@ -86,3 +86,21 @@ def test_importing_the_api_imports_no_torch() -> None:
     code = "import sys, rsslctl; from rsslctl import hookimpl; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('rsslctl.')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_public_name_is_documented() -> None:
+    """The API page is generated from docstrings (functions, classes) and ``#:`` comments (constants)."""
+    import importlib
+    import inspect
+    import re
+    bare = []
+    for public, target in rsslctl._EXPORTS.items():
+        module_name, _, attribute = target.partition(":")
+        module = importlib.import_module(module_name)
+        obj = getattr(module, attribute or public)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            if not (obj.__doc__ or "").strip():
+                bare.append(public)
+        elif not re.search(r"#:[^\n]*\n(#:[^\n]*\n)*" + re.escape(attribute or public) + r"\b", inspect.getsource(module)):
+            bare.append(public)
+    assert not bare, f"public names without a docstring or #: comment: {bare}"

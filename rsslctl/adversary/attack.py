@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from rsslctl.runtime.distributed import input_grad_scale
 from rsslctl.base.options import Plugin, validate
 
+#: what an attack maximises: a function of the (perturbed) input batch returning a scalar loss
 Objective = Callable[[Tensor], Tensor]
 
 

@@ -8,7 +8,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+#: rich console for results on stdout (tables, progress)
 console = Console()
+#: rich console for notes and warnings on stderr
 err_console = Console(stderr=True)
 
 
@@ -22,6 +24,7 @@ def progress_bar(quiet: bool = False) -> Iterator[Progress]:
 
 
 def summary_table(title: str, rows: dict[str, Any]) -> Table:
+    """A two-column rich table (bold key, value) with ``title``, e.g. the end-of-run summary."""
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column()

@@ -23,8 +23,9 @@ MAX_SEED = 2**32 - 1
 #: ceilings of the size keys (inclusive); beyond them a run cannot finish on any machine this tool targets
 MAX_EPOCHS = 100_000
 MAX_BATCH = 65_536
-MAX_IMAGE_SIZE = 1024
 MAX_STEPS = 100_000
+#: the largest image side (pixels) a recipe may ask for; larger sizes are refused as absurd
+MAX_IMAGE_SIZE = 1024
 #: option names (in model_kwargs tables) through which a backbone library could load a file, i.e. unpickle
 _FILE_KEYS = re.compile(r"checkpoint|pretrained|path|file|url|cache|weights|hub|load", re.I)
 #: a run name: one path component, no separators, no control characters, not hidden, at most 100 characters

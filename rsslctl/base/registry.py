@@ -209,4 +209,6 @@ def registry() -> Registry:
 
 
 def get(kind: str, name: str, where: str = "") -> type:
+    """The plugin class registered as ``name`` for ``kind`` (e.g. "method"); UserError naming ``where`` and the
+    closest names when there is none."""
     return registry().get(kind, name, where)

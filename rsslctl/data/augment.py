@@ -30,6 +30,7 @@ from torch import Tensor
 
 from rsslctl.base.options import Number, opt
 
+#: the weakest augmentation strength a schedule may reach (strength 0 would make the views identical)
 MIN_STRENGTH = 0.01
 
 

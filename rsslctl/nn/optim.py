@@ -76,6 +76,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def make_optimizer(params: list[Tensor], o: OptimizerOptions) -> torch.optim.Optimizer:
+    """The torch optimizer the ``[optimizer]`` table describes, over ``params``."""
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
                                weight_decay=o.weight_decay)

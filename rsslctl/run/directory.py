@@ -15,6 +15,7 @@ from rsslctl.runtime.checkpoint import atomic_write_text
 from rsslctl.base.errors import UserError
 from rsslctl.run.recipe import Recipe, dumps_toml, load
 
+#: the resolved recipe of a run, written at creation (every default filled in)
 RECIPE_FILE = "recipe.toml"
 #: written into every run directory at creation; ``--force`` replaces only directories that hold it
 MARKER = ".rsslctl-run"

@@ -37,6 +37,7 @@ from rsslctl.base.options import validate
 from rsslctl.run.recipe import shipped_defaults
 from rsslctl.base.console import err_console, progress_bar
 
+#: the fine-tuning protocols: standard linear, adversarial linear, adversarial full fine-tuning
 MODES = ("SLF", "ALF", "AFF")
 # -- hyper-parameters ------------------------------------------------------------------------------------------------
 def finetune_columns() -> tuple[str, ...]:
