@@ -7,15 +7,15 @@ torch's thread count is left as is.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 from rsslctl.data.augment import AugmentOptions, ViewAugment, multi_view
+from timing import load_average, spread
 
 
-def views_per_second(device: str, batch: int, repeats: int, n_views: int = 2) -> float:
+def views_per_second(device: str, batch: int, repeats: int, n_views: int = 2) -> list[float]:
     x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     augment = ViewAugment(32, AugmentOptions())  # ACL: s = 1, bicubic
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -28,7 +28,7 @@ def views_per_second(device: str, batch: int, repeats: int, n_views: int = 2) ->
         multi_view(x, augment, n_views)
         sync()
         times.append(time.perf_counter() - start)
-    return batch * n_views / statistics.median(times)
+    return [batch * n_views / t for t in times]
 
 
 def main() -> None:
@@ -36,11 +36,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=512)
     args = parser.parse_args()
+    print(load_average())
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         where = f"{device} ({torch.get_num_threads()} threads)" if device == "cpu" else torch.cuda.get_device_name()
-        rate = views_per_second(device, args.batch, args.repeats)
-        print(f"{where}: {rate:,.0f} views/s  (2 views x {args.batch} images, 32x32 uint8, median of {args.repeats})")
+        rates = views_per_second(device, args.batch, args.repeats)
+        print(f"{where}: {spread(rates, digits=0)} views/s  (2 views x {args.batch} images, 32x32 uint8)")
+    print(f"after: {load_average()}")
 
 
 if __name__ == "__main__":

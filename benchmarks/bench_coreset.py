@@ -22,6 +22,7 @@ from rsslctl.train.engine import Trainer
 from rsslctl.cli.evaluate import evaluate_run
 from rsslctl.run.recipe import load
 from rsslctl.run.directory import prepare_run_dir
+from timing import load_average
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
 
@@ -61,6 +62,7 @@ def main() -> None:
               f"run.seed={args.seed}", "engine.device='cpu'", f"engine.threads={args.threads}",
               f"engine.checkpoint_every={args.epochs}"]
     core = [f"coreset.warmup_epochs={args.warmup}", f"coreset.every={args.every}"]
+    print(f"before: {load_average()}")
     rows = [run("acl-full", common, root)]
     for f in args.fractions:
         for selector in ("rcs", "random"):
@@ -81,6 +83,7 @@ def main() -> None:
     (root / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                    "rows": rows}, indent=2))
     print(f"results: {root / 'results.json'}")
+    print(f"after: {load_average()} (one run per row: wall times vary with the load; compare rows of one run)")
 
 
 if __name__ == "__main__":

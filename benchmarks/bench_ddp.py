@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from timing import load_average, spread
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -115,7 +117,7 @@ def rank_worker(recipe_path: str) -> None:
     w, rows, k = dist.world_size(), 32 * 2 // dist.world_size(), 5
     expected = 0 if w == 1 else ((k + 2) * (1 + w) * rows * c["dim"] * 4 + 4 * c["params"]
                                  + 2 * 4 * 4 * c["bn_channels"])  # gathers + all-to-all, gradients, CPU sync BN
-    print(f"median s/step {sorted(times)[len(times) // 2]:.3f} (global batch 32, PGD-5, sync BN); bytes handed to "
+    print(f"s/step {spread(times, digits=3)} (global batch 32, PGD-5, sync BN; {load_average()}); bytes handed to "
           f"collectives per step by one rank: counted {counted['bytes']:,}, formula {expected:,} (params "
           f"{c['params']:,}, {c['bn_layers']} BN layers / {c['bn_channels']} channels per route)")
     dist.shutdown()
