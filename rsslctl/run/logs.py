@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import opt
 from rsslctl.base.console import console
+from rsslctl.runtime.distributed import is_main
 
 
 @dataclasses.dataclass
@@ -34,6 +35,11 @@ class LoggingOptions:
     monitor_limit: int = opt(2000, "images of each split used by the kNN / probe monitors (0 = all)", min=0)
     plain_every_minutes: float = opt(5.0, "without a terminal: a progress line at least this often inside an epoch",
                                      min=0.1, max=1e6)
+
+
+def main_only(logging: LoggingOptions) -> LoggingOptions:
+    """The [logging] options on rank 0; on the other ranks the same with every writer switched off."""
+    return logging if is_main() else dataclasses.replace(logging, tensorboard=False, csv=False, wandb=False)
 
 
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:

@@ -25,11 +25,12 @@ from torch import Tensor
 from rsslctl.runtime import distributed as dist
 from rsslctl.run.build import (autocast, build_method, compile_step, load_weights, open_train_split, plugin_versions,
     setup_device, uses_bf16)
-from rsslctl.runtime.checkpoint import (CorruptCheckpoint, atomic_write_text, checkpoints, derive_seed,
-    latest_checkpoint, load_checkpoint, load_checkpoint_optimizer, read_meta, refuse_nonfinite,
+from rsslctl.runtime.checkpoint import (CorruptCheckpoint, atomic_write_text, checkpoints, latest_checkpoint,
+    load_checkpoint, load_checkpoint_optimizer, own_state, rank_states, read_meta, refuse_nonfinite,
     remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
+from rsslctl.runtime.seeding import derive_seed
 from rsslctl.base.errors import TrainingDiverged, UserError
-from rsslctl.run.logs import RunLogger, duration
+from rsslctl.run.logs import RunLogger, duration, main_only
 from rsslctl.train.monitor import monitor_accuracies, monitor_splits
 from rsslctl.nn.optim import StepClock, lr_at, make_optimizer
 from rsslctl.run.recipe import Recipe
@@ -132,7 +133,7 @@ class Trainer:
             raise UserError(f"{ckpt}: written by a run of {saved_world} process(es), resumed with "
                             f"{dist.world_size()}; resume with the same number (torchrun --nproc_per_node and "
                             "--nnodes), since each rank's random streams and share of the batch are part of the state")
-        state = dist.own_state(state)  # ranks > 0 keep their RNG and run state under rank<r>.
+        state = own_state(state)  # ranks > 0 keep their RNG and run state under rank<r>.
         set_rng_state(state)
         self.epoch, self.position = int(meta["epoch"]), int(meta.get("position", 0))
         if self.position:
@@ -180,7 +181,7 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch, "torch": torch.__version__, "world_size": dist.world_size()}
 
     def _checkpoint(self, epoch: int, summary: dict[str, Any], position: int = 0) -> None:
-        extra = dist.rank_states({f"method.{k}": v.cpu() for k, v in self.method.run_state().items()}, rng_state)
+        extra = rank_states({f"method.{k}": v.cpu() for k, v in self.method.run_state().items()}, rng_state)
         if self.coreset and self.coreset.indices is not None:
             extra["coreset.indices"] = self.coreset.indices
         dist.rank0_does(lambda: save_checkpoint(self.run_dir, epoch, self.method, self.optimizer, self._meta(summary),
@@ -206,7 +207,7 @@ class Trainer:
         images, labels = on_device(self.train, self.device)
         summary: dict[str, Any] = {}
         self._t_run, self._steps_at_start = time.perf_counter(), self.clock.step(self.epoch + 1, self.position)
-        self.logger = RunLogger(self.run_dir, dist.main_only(r.logging), r.resolved, self.quiet,
+        self.logger = RunLogger(self.run_dir, main_only(r.logging), r.resolved, self.quiet,
                                 purge_step=self._steps_at_start)
         try:  # ranks > 0 write no logs: no writers, and their metrics lines go nowhere
             with open(self.metrics_path if dist.is_main() else os.devnull, "a") as log, progress_bar(self.quiet or self.logger.plain) as bar:
