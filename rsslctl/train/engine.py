@@ -9,6 +9,9 @@ atomic checkpoints and exact resume (model, optimizer, RNG states, step counter)
 Under torchrun (``rsslctl.runtime.distributed``) every rank holds the split, takes its contiguous share of each global
 minibatch (``schedule.batch_size`` is the global batch), averages gradients with the other ranks after each
 backward, and rank 0 alone logs and writes checkpoints (with every rank's RNG and run state).
+
+``Trainer.fit`` reads top to bottom (resume, epochs, steps, end of epoch, finish); the pieces it calls live beside it:
+``step`` (one optimizer step, shared with ``classify.train_classifier``), ``resume``, ``progress`` and ``divergence``.
 """
 from __future__ import annotations
 
