@@ -45,8 +45,8 @@ _EXPORTS: dict[str, str] = {
     "all_gather_objects": "rsslctl.runtime.distributed",
     "rank": "rsslctl.runtime.distributed",
     "world_size": "rsslctl.runtime.distributed",
+    "derive_seed": "rsslctl.runtime.seeding",
     "atomic_write_text": "rsslctl.runtime.checkpoint",
-    "derive_seed": "rsslctl.runtime.checkpoint",
     "load_optimizer_tensors": "rsslctl.runtime.checkpoint",
     "optimizer_tensors": "rsslctl.runtime.checkpoint",
     "save_checkpoint": "rsslctl.runtime.checkpoint",
@@ -153,7 +153,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from rsslctl.base.console import console, err_console, summary_table
     from rsslctl.base.registry import get as get_plugin
     from rsslctl.runtime.distributed import all_gather_objects, rank, world_size
-    from rsslctl.runtime.checkpoint import atomic_write_text, derive_seed, load_optimizer_tensors, optimizer_tensors, save_checkpoint, save_tensors
+    from rsslctl.runtime.seeding import derive_seed
+    from rsslctl.runtime.checkpoint import atomic_write_text, load_optimizer_tensors, optimizer_tensors, save_checkpoint, save_tensors
     from rsslctl.nn.encoder import apply_cifar_stem, Backbone, Encoder
     from rsslctl.nn.losses import fp32, global_similarities, nt_xent, pair_rows, positive_columns, self_mask
     from rsslctl.nn.momentum import ema_update, mlp_head, momentum_copy, MomentumSchedule

@@ -11,7 +11,8 @@ import torch
 from rsslctl import __version__
 from rsslctl.runtime import distributed
 from rsslctl.run.build import build_method, load_train_split, load_weights, setup_device
-from rsslctl.runtime.checkpoint import CKPT_DIR, derive_seed, load_latest, refuse_nonfinite
+from rsslctl.runtime.checkpoint import CKPT_DIR, load_latest, refuse_nonfinite
+from rsslctl.runtime.seeding import derive_seed
 from rsslctl.method.coreset import CoresetRun, SelectionContext, encoder_sha256, run_selector, save_selection
 from rsslctl.base.errors import UserError
 from rsslctl.run.recipe import NONE, load_raw, resolve, shipped_defaults

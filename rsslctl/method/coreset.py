@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from rsslctl.runtime.checkpoint import atomic_write_text, derive_seed, save_tensors
+from rsslctl.runtime.checkpoint import atomic_write_text, save_tensors
+from rsslctl.runtime.seeding import derive_seed
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import Number, Plugin, opt
 

@@ -1,4 +1,5 @@
-"""Optimisers (SGD, Adam, AdamW, LARS) and the per-iteration cosine schedule with linear warm-up."""
+"""Optimisers (SGD, Adam, AdamW, LARS) and the one per-iteration LR schedule (``LRSchedule``: linear warm-up, then
+cosine, exponential, constant or multi-step)."""
 from __future__ import annotations
 
 import dataclasses
@@ -151,3 +152,53 @@ class StepClock:
         per_epoch = self.epoch_steps[epoch - 1] * self.replays
         return ((epoch - 1) * per_epoch + i * self.replays + rep, len(self.epoch_steps) * per_epoch,
                 round(self.warmup_epochs * per_epoch))
+
+
+@dataclasses.dataclass
+class LRSchedule:
+    """The one learning-rate schedule of a training loop, pretraining's and ``train_classifier``'s alike: ``at``
+    is the LR of optimizer step ``rep`` of minibatch ``i`` (0-based) of ``epoch`` (1-based) (``optimizer_step`` sets
+    it). ``lr_at`` over ``clock``'s positions; ``kind = "multistep"``: ``peak`` × 0.1 after each of
+    ``milestones`` (epochs), no warm-up; ``kind = "annealing"``: torch's CosineAnnealingLR to 0 stepped after every
+    optimizer step, peak·½(1 + cos(π·step/total)) (the value ``lr_at`` gives up to rounding: written as torch
+    writes it, so supervised runs keep their exact numbers). ``in_minibatches``: the free-AT reference quirk, a
+    schedule sized in minibatches but stepped once per optimizer step, so the cosine runs past its end (``lr_at``'s
+    ``periodic``).
+    """
+
+    peak: float
+    options: ScheduleOptions
+    clock: StepClock
+    in_minibatches: bool = False
+    kind: Literal["recipe", "multistep", "annealing"] = "recipe"
+    milestones: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        # the quirk's length and warm-up: the same epochs counted in minibatches (one step each)
+        self._minibatches = StepClock(self.clock.epoch_steps, 1, self.clock.warmup_epochs, self.clock.by)
+
+    @classmethod
+    def per_batch(cls, peak: float, epochs: int, steps_per_epoch: int, kind: Literal["multistep", "cosine"],
+                  milestones: tuple[int, ...] = ()) -> "LRSchedule":
+        """A supervised loop's schedule: multi-step, or torch's CosineAnnealingLR to 0 stepped after every batch."""
+        return cls(peak, ScheduleOptions(epochs=epochs, warmup_epochs=0), StepClock([steps_per_epoch] * epochs),
+                   kind="multistep" if kind == "multistep" else "annealing", milestones=tuple(milestones))
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps the run takes."""
+        return self.clock.total_steps
+
+    def position(self, epoch: int, i: int, rep: int = 0) -> tuple[float, float, float]:
+        """(position, length, warm-up) of a step on the schedule, in the units ``lr_at`` expects."""
+        if not self.in_minibatches:
+            return self.clock.lr_position(epoch, i, rep)
+        _, total, warm = self._minibatches.lr_position(epoch, i)
+        return self.clock.step(epoch, i, rep), total, warm
+
+    def at(self, epoch: int, i: int, rep: int = 0) -> float:
+        if self.kind == "multistep":
+            return self.peak * 0.1 ** sum(m < epoch for m in self.milestones)
+        if self.kind == "annealing":
+            return self.peak * 0.5 * (1 + math.cos(math.pi * self.clock.step(epoch, i, rep) / self.total_steps))
+        return lr_at(*self.position(epoch, i, rep), self.peak, self.options, periodic=self.in_minibatches)

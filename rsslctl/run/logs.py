@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -18,6 +19,7 @@ from typing import Any, Callable, Literal
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import opt
 from rsslctl.base.console import console
+from rsslctl.runtime.distributed import is_main
 
 
 @dataclasses.dataclass
@@ -34,6 +36,11 @@ class LoggingOptions:
     monitor_limit: int = opt(2000, "images of each split used by the kNN / probe monitors (0 = all)", min=0)
     plain_every_minutes: float = opt(5.0, "without a terminal: a progress line at least this often inside an epoch",
                                      min=0.1, max=1e6)
+
+
+def main_only(logging: LoggingOptions) -> LoggingOptions:
+    """The [logging] options on rank 0; on the other ranks the same with every writer switched off."""
+    return logging if is_main() else dataclasses.replace(logging, tensorboard=False, csv=False, wandb=False)
 
 
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +87,43 @@ def filter_csv(path: Path, keep: Callable[[dict[str, str]], bool], fields: list[
         raise
     os.replace(tmp, path)
     return header
+
+
+#: longest line of a JSON-lines log this run wrote (a record is a few hundred bytes)
+MAX_JSONL_LINE = 1 << 20
+
+
+def filter_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrite the JSON-lines log ``path`` atomically with the records ``keep`` accepts, streaming line by line (a
+    log of any length costs one line of memory, at most ``MAX_JSONL_LINE`` bytes). Lines that are not a JSON object
+    (the partial last line of a killed run) are dropped; no log, nothing to do. One line (UserError) for a file that
+    is not regular, or one this run did not write (undecodable, or a line longer than the limit)."""
+    if not regular_log(path):
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            while line := src.readline(MAX_JSONL_LINE + 1):
+                if len(line) > MAX_JSONL_LINE:
+                    raise ValueError(f"a line longer than {MAX_JSONL_LINE} bytes")
+                try:
+                    record = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and keep(record):
+                    dst.write(line.rstrip(b"\r\n") + b"\n")
+            dst.flush()
+            os.fsync(dst.fileno())
+    except (UnicodeDecodeError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: not a metrics log this run wrote ({type(exc).__name__}: {str(exc)[:80]}); move it "
+                        "away, then retry") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 class CsvLog:

@@ -15,12 +15,12 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load as load_bytes, save_file as _save_file
 
-from rsslctl.runtime.distributed import launched
+from rsslctl.runtime.distributed import gather_to_main, is_main, launched, rank
 from rsslctl.base.errors import UserError
 
 CKPT_DIR = "checkpoints"
@@ -162,12 +162,6 @@ def load_checkpoint_optimizer(opt: torch.optim.Optimizer, state: dict[str, torch
     load_optimizer_tensors(opt, state, "optim.", rest["param_groups"], rest.get("scalars"))
 
 
-def derive_seed(seed: int, index: int) -> int:
-    """The seed of part ``index`` (an epoch, a minibatch, a selection round) of a run seeded with ``seed``: distinct
-    for every (seed, index) pair a run can meet, so parts never share random streams."""
-    return seed * 1_000_003 + index
-
-
 def rng_state() -> dict[str, torch.Tensor]:
     """This process's random states: the CPU's and, alone, every CUDA device's; under torchrun (one GPU per rank) only
     its own device's, as ``rng.cuda`` (querying the others would open a CUDA context on every GPU from every rank)."""
@@ -189,6 +183,25 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def rank_states(mine: dict[str, torch.Tensor], rng: Callable[[], dict[str, torch.Tensor]]
+                ) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores besides rank 0's own state: on rank 0, ``mine`` plus every other rank's ``mine`` and
+    random state (``rng()``) under ``rank<r>.``; ``mine`` alone on the other ranks (they write nothing)."""
+    ranks = gather_to_main(mine if is_main() else {**rng(), **mine})
+    out = dict(mine)
+    for r, state in list(enumerate(ranks or []))[1:]:
+        out.update({f"rank{r}.{k}": v for k, v in state.items()})
+    return out
+
+
+def own_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's part of a checkpoint's state tensors (see ``rank_states``): all of it on rank 0."""
+    if is_main():
+        return state
+    prefix = f"rank{rank()}."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def save_checkpoint(run_dir: Path, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

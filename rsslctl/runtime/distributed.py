@@ -314,30 +314,6 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     return out
 
 
-def rank_states(mine: dict[str, Tensor], rng: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
-    """What a checkpoint stores besides rank 0's own state: on rank 0, ``mine`` plus every other rank's ``mine`` and
-    random state (``rng()``) under ``rank<r>.``; ``mine`` alone on the other ranks (they write nothing)."""
-    ranks = gather_to_main(mine if is_main() else {**rng(), **mine})
-    out = dict(mine)
-    for r, state in list(enumerate(ranks or []))[1:]:
-        out.update({f"rank{r}.{k}": v for k, v in state.items()})
-    return out
-
-
-def own_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """This rank's part of a checkpoint's state tensors (see ``rank_states``): all of it on rank 0."""
-    if is_main():
-        return state
-    prefix = f"rank{rank()}."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def main_only(logging: Any) -> Any:
-    """The [logging] options on rank 0; on the other ranks the same with every writer switched off."""
-    import dataclasses
-    return logging if is_main() else dataclasses.replace(logging, tensorboard=False, csv=False, wandb=False)
-
-
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` on every rank, in rank order (picklable objects; tensors best on the CPU); ``[obj]``
     alone. Used to merge work sharded across ranks, e.g. coreset gradients."""

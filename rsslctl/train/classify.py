@@ -29,6 +29,8 @@ from rsslctl.runtime import distributed as dist
 from rsslctl.base import registry
 from rsslctl.adversary.attack import eval_mode, projected_ascent
 from rsslctl.run.build import autocast
+from rsslctl.nn.optim import LRSchedule
+from rsslctl.runtime.seeding import derive_seed
 from rsslctl.nn.encoder import Encoder, EncoderOptions
 from rsslctl.base.errors import TrainingDiverged, UserError
 from rsslctl.base.limits import MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_STEPS, check_number
@@ -36,6 +38,7 @@ from rsslctl.method.base import FinetuneRows
 from rsslctl.base.options import validate
 from rsslctl.run.recipe import shipped_defaults
 from rsslctl.base.console import err_console, progress_bar
+from rsslctl.train.step import optimizer_step
 
 #: the fine-tuning protocols: standard linear, adversarial linear, adversarial full fine-tuning
 MODES = ("SLF", "ALF", "AFF")
@@ -305,15 +308,15 @@ def train_classifier(params: list[Tensor], inputs: Tensor, labels: Tensor, step_
                      title: str = "train", quiet: bool = True) -> dict[str, float]:
     """Train ``params`` with SGD on (``inputs``, ``labels``) on ``device``; ``prepare`` augments a minibatch (with the
     loop's seeded generator). Metrics are read back once per epoch. Returns the last epoch's summary."""
-    torch.manual_seed(s.seed if dist.rank() == 0 else s.seed * 1_000_003 - dist.rank())  # attacks: a stream per rank
+    torch.manual_seed(s.seed if dist.rank() == 0 else derive_seed(s.seed, -dist.rank()))  # attacks: a stream per rank
     g = torch.Generator().manual_seed(s.seed)  # batches and their augmentation: the same on every rank
     opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     n = len(labels)
     per_epoch = n // s.batch_size if s.drop_last else math.ceil(n / s.batch_size)
-    total = s.epochs * per_epoch
+    schedule = LRSchedule.per_batch(s.lr, s.epochs, per_epoch, s.schedule, s.milestones)
     summary: dict[str, float] = {}
     with progress_bar(quiet) as bar:
-        task = bar.add_task(title, total=total, info="")
+        task = bar.add_task(title, total=schedule.total_steps, info="")
         for epoch in range(1, s.epochs + 1):
             if on_epoch_start is not None:
                 on_epoch_start()
@@ -322,25 +325,16 @@ def train_classifier(params: list[Tensor], inputs: Tensor, labels: Tensor, step_
             seen = 0
             perm = torch.randperm(n, generator=g)[: per_epoch * s.batch_size if s.drop_last else n]
             for b, idx in enumerate(perm.to(device).split(s.batch_size)):
-                step = (epoch - 1) * per_epoch + b
-                lr = (s.lr * 0.1 ** sum(m < epoch for m in s.milestones) if s.schedule == "multistep"
-                      else s.lr * 0.5 * (1 + math.cos(math.pi * step / total)))  # CosineAnnealingLR, stepped per batch
-                for group in opt.param_groups:
-                    group["lr"] = lr
+                lr = schedule.at(epoch, b)
                 if len(idx) < dist.world_size():  # a last partial batch smaller than the number of ranks: skipped
                     continue
                 x, y = inputs[idx], labels[idx]
                 if prepare is not None:
                     x = prepare(x, g)
                 (x, y), share = dist.split_batch(x, y)  # under torchrun: this rank's part of the minibatch
-                with autocast(device, precision), dist.data_parallel_step():
-                    loss, logits = step_loss(x, y)
-                opt.zero_grad(set_to_none=True)
-                with dist.data_parallel_step():
-                    (loss * share if share != 1.0 else loss).backward()
-                dist.all_reduce_gradients(params)
-                opt.step()
-                loss_sum += loss.detach() * len(y)
+                loss, logits = optimizer_step(lambda: step_loss(x, y), opt, params, device, precision, lr=lr,
+                                              scale=share)
+                loss_sum += loss * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
                 bar.update(task, advance=1)

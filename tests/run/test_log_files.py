@@ -1,7 +1,9 @@
-"""Log files read back on resume: streamed (bounded memory), regular files only, one line for undecodable ones."""
+"""Log files read back on resume (the CSVs and metrics.jsonl): streamed (bounded memory), regular files only, one line
+for undecodable ones."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import tracemalloc
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rsslctl.base.errors import UserError
-from rsslctl.run.logs import CsvLog
+from rsslctl.run.logs import CsvLog, filter_jsonl
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -68,3 +70,50 @@ def test_an_undecodable_log_is_one_line_and_left_as_it_was(tmp_path: Path, conte
         CsvLog(path, 10)
     assert "\n" not in str(caught.value)
     assert path.read_bytes() == content and not list(tmp_path.glob(".*.tmp"))
+
+
+# -- metrics.jsonl -----------------------------------------------------------------------------------------------------
+def _steps(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_jsonl_resume_keeps_the_records_before_the_purge_step_and_drops_a_partial_line(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"kind": "step", "step": i}) + "\n" for i in range(6)) + '{"kind": "st')
+    filter_jsonl(path, lambda r: r["step"] < 4)
+    assert _steps(path) == [0, 1, 2, 3] and path.read_text().endswith("}\n")
+    filter_jsonl(tmp_path / "absent.jsonl", lambda r: True)  # no log yet: nothing to do
+    assert not (tmp_path / "absent.jsonl").exists() and not list(tmp_path.glob(".*.tmp-*"))
+
+
+def test_a_long_jsonl_log_is_filtered_in_bounded_memory(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps({"kind": "step", "step": i, "loss": 0.123456789}) + "\n" for i in range(200_000))
+    tracemalloc.start()
+    filter_jsonl(path, lambda r: r["step"] < 150_000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1_000_000, f"peak {peak} bytes: the log was read into memory"
+    assert sum(1 for _ in open(path)) == 150_000
+
+
+@pytest.mark.parametrize("device", ["/dev/full", "/dev/zero"])
+def test_a_jsonl_log_that_links_to_a_device_is_refused(tmp_path: Path, device: str) -> None:
+    if not os.path.exists(device):
+        pytest.skip(f"no {device} here")
+    path = tmp_path / "metrics.jsonl"
+    path.symlink_to(device)
+    with pytest.raises(UserError, match="metrics.jsonl: not a regular file") as caught:
+        filter_jsonl(path, lambda r: True)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("content", [b'{"step": 1}\n\xff\xfe\x00\x01binary\n' * 50, b'{"step": 1}\n' + b"9" * (2 << 20)])
+def test_an_undecodable_jsonl_log_is_one_line_and_left_as_it_was(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="metrics.jsonl: not a metrics log this run wrote") as caught:
+        filter_jsonl(path, lambda r: True)
+    assert "\n" not in str(caught.value)
+    assert path.read_bytes() == content and not list(tmp_path.glob(".*.tmp-*"))

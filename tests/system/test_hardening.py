@@ -194,6 +194,15 @@ def test_resume_without_checkpoints_says_so_and_drops_stale_records(trained: Pat
     assert steps == sorted(set(steps))  # each step once, no duplicates from the killed attempt
 
 
+def test_resume_refuses_a_metrics_log_linked_to_a_device(trained: Path) -> None:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    (trained / "metrics.jsonl").unlink()
+    (trained / "metrics.jsonl").symlink_to("/dev/full")  # read back whole, it would never end
+    one_line(run("pretrain", "--resume", str(trained), "--quiet"), "metrics.jsonl: not a regular file")
+    assert os.readlink(trained / "metrics.jsonl") == "/dev/full"
+
+
 def test_corrupt_newest_checkpoint_offers_the_previous_one(trained: Path) -> None:
     newest = trained / "checkpoints" / "epoch-0002"
     (newest / "model.safetensors").write_bytes(b"\x00" * 16)
