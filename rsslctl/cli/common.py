@@ -42,7 +42,9 @@ def os_error_message(exc: OSError) -> str:
 def _out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
-    import torch
+    torch = sys.modules.get("torch")
+    if torch is None:  # not imported: the error cannot be torch's
+        return False
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
@@ -52,12 +54,13 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     with code 2, an interrupt (SIGINT or SIGTERM) with 128 + the signal, anything unexpected with 1."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from rsslctl.runtime import distributed
-        distributed.mute_other_ranks()  # under torchrun only rank 0 prints, errors included
+        _mute_other_ranks()  # under torchrun only rank 0 prints, errors included
         try:
             with interrupts_as_keyboard_interrupt():
                 out = fn(*args, **kwargs)
-            distributed.shutdown()
+            distributed = sys.modules.get("rsslctl.runtime.distributed")
+            if distributed is not None:  # not imported = no process group to leave (and no torch to import)
+                distributed.shutdown()
             return out
         except UserError as exc:
             fail(str(exc), exc.exit_code)
@@ -82,6 +85,13 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail(f"internal error: {type(exc).__name__}: {exc} (please report it; RSSLCTL_TRACEBACK=1 shows the "
                  "traceback)", 1)
     return wrapper
+
+
+def _mute_other_ranks() -> None:
+    """``distributed.mute_other_ranks`` without importing torch when no launcher started this process."""
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        from rsslctl.runtime import distributed
+        distributed.mute_other_ranks()
 
 
 @contextlib.contextmanager

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from rsslctl.runtime import distributed
-from rsslctl.train.engine import Trainer
 from rsslctl.base.errors import UserError
 from rsslctl.run.recipe import load
 from rsslctl.run.directory import RunLock, check_replaceable, load_run_recipe, prepare_run_dir, refuse_existing
@@ -35,6 +33,8 @@ def pretrain(recipe_file: Path | None, overrides: tuple[str, ...], run_dir: Path
         if not Path(resume_dir).is_dir():
             raise UserError(f"{resume_dir}: run directory not found")
         recipe = load_run_recipe(resume_dir)
+        from rsslctl.runtime import distributed
+        from rsslctl.train.engine import Trainer
         with (RunLock(resume_dir, "resuming pretraining") if distributed.is_main() else contextlib.nullcontext()):
             Trainer(recipe, resume_dir, quiet=quiet).fit(resume=True, from_checkpoint=from_checkpoint)
         return
@@ -42,7 +42,9 @@ def pretrain(recipe_file: Path | None, overrides: tuple[str, ...], run_dir: Path
         raise UserError("--from-checkpoint goes with --resume RUN_DIR")
     if recipe_file is None:
         raise UserError("missing RECIPE_FILE; e.g. `rsslctl pretrain recipes/quickstart.toml` (or --resume RUN_DIR)")
-    recipe = load(recipe_file, list(overrides))
+    recipe = load(recipe_file, list(overrides))  # a typo is refused here, before torch is imported
+    from rsslctl.runtime import distributed
+    from rsslctl.train.engine import Trainer
     run_dir = Path(run_dir) if run_dir else Path(recipe.run.output_dir) / recipe.run.name
     refuse_existing(run_dir, "run directory", force, f", --resume {run_dir} to continue it, or --set run.name=NEW")
     check_replaceable(run_dir, [Path(recipe.run.output_dir)])
