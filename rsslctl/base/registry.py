@@ -57,27 +57,36 @@ class Declared:
 class PluginInfo:
     kind: str
     name: str
-    cls: type | None
+    _cls: type | None
     package: str
     version: str
     doc: str
     error: str = ""
-    #: the lazy declaration while the implementing module is not imported yet (``cls`` is None until then)
+    #: the lazy declaration of a plugin whose module was not imported when this entry was made
     declared: Declared | None = None
+    _registry: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def cls(self) -> type | None:
+        """The plugin's class (None when broken, and for verbs); a declared plugin's module is imported on first
+        access, so code that only lists, cites or validates reads ``options``, ``citation`` and ``doc`` instead."""
+        if self._cls is None and self.declared is not None and self.kind != "command" and self._registry is not None:
+            self._cls = self._registry.load_declared(self)._cls
+        return self._cls
 
     @property
     def options(self) -> type:
-        """The plugin's Options dataclass (from the declaration while the class is not loaded)."""
-        return self.cls.Options if self.cls is not None else self.declared.options  # type: ignore[union-attr]
+        """The plugin's Options dataclass (the declared one: no import)."""
+        return self.declared.options if self.declared is not None else self.cls.Options  # type: ignore[union-attr]
 
     @property
     def citation(self) -> str:
-        return getattr(self.cls, "citation", "") if self.cls is not None else self.declared.citation  # type: ignore
+        return self.declared.citation if self.declared is not None else getattr(self.cls, "citation", "")
 
     @property
     def needs_attack(self) -> bool:
-        return bool(getattr(self.cls, "needs_attack", False)) if self.cls is not None \
-            else self.declared.needs_attack  # type: ignore[union-attr]
+        return self.declared.needs_attack if self.declared is not None else bool(getattr(self.cls, "needs_attack",
+                                                                                              False))
 
 
 def _first_line(cls: type) -> str:
@@ -121,13 +130,17 @@ class Registry:
     def _load_entry_points(self) -> None:
         for ep in md.entry_points(group=DECLARATION_GROUP):
             self._load(ep, f"{DECLARATION_GROUP}:{ep.name}")
-        declared = {(package, d.entry_point) for d, _, package, _ in self._declarations()}
+        declared = {(package, d.entry_point) for d, _, package, _ in self.declarations()}
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
             key = (_package(ep)[0], ep.name)
             if key in declared:
                 self._deferred[key] = ep
             else:
                 self._load(ep)
+        for d, plugin, package, version in self.declarations():  # a declaration naming no entry point is a bug
+            if (package, d.entry_point) not in self._deferred:
+                self.broken.append(PluginInfo(d.kind, d.name, None, package, version, "", f"declared by '{plugin}' "
+                                              f"as entry point '{d.entry_point}', which package '{package}' lacks"))
 
     def _load(self, ep: Any, name: str = "") -> bool:
         """Import an entry point's module and register it; False (and the error recorded) when that fails."""
@@ -155,7 +168,7 @@ class Registry:
         if info.kind == "command":
             found = [i for _, i in self.command_entries() if i.name == info.name and i.package == info.package]
         else:
-            found = [i for i in self.entries(info.kind).get(info.name, []) if i.package == info.package and i.cls]
+            found = [i for i in self.entries(info.kind).get(info.name, []) if i.package == info.package and i._cls]
         if not found:
             error = next((b.error for b in self.broken if b.name == info.declared.entry_point), "")
             raise UserError(f"{info.kind} '{info.name}' of package '{info.package}' failed to load: "
@@ -193,11 +206,11 @@ class Registry:
     def _clear(self) -> None:
         self.entries.cache_clear()
         self.command_entries.cache_clear()
-        self._declarations.cache_clear()
+        self.declarations.cache_clear()
         self._pending.cache_clear()
 
     @functools.lru_cache(maxsize=None)
-    def _declarations(self) -> list[tuple[Declared, str, str, str]]:
+    def declarations(self) -> list[tuple[Declared, str, str, str]]:
         """(declaration, plugin, package, version) of every ``rsslctl_declarations`` hook (bad ones go to broken)."""
         out = []
         for obj, plugin, package, version in self._call("rsslctl_declarations", "declared"):
@@ -211,8 +224,8 @@ class Registry:
     @functools.lru_cache(maxsize=None)
     def _pending(self, kind: str) -> list[PluginInfo]:
         """Declared plugins of ``kind`` whose module is not imported yet."""
-        return [PluginInfo(kind, d.name, None, package, version, d.doc, declared=d)
-                for d, _, package, version in self._declarations()
+        return [PluginInfo(kind, d.name, None, package, version, d.doc, declared=d, _registry=self)
+                for d, _, package, version in self.declarations()
                 if d.kind == kind and (package, d.entry_point) in self._deferred]
 
     def _call(self, hook_name: str, kind: str) -> list[tuple[Any, str, str, str]]:

@@ -74,8 +74,8 @@ class OneLineGroup(click.Group):
             command = self.commands.get(name)
             if command is not None and command.hidden:
                 continue
-            text = command.get_short_help_str(limit) if command is not None else \
-                click.utils.make_default_short_help(self.lazy[name][1], limit)
+            shown = command if command is not None else click.Command(name, help=self.lazy[name][1])
+            text = shown.get_short_help_str(limit)
             rows.append((name, text))
         with formatter.section("Commands"):
             formatter.write_dl(rows)

@@ -144,7 +144,7 @@ def _flag_default(s: Any) -> Any:
 
 def _suite_settings() -> list[Any]:
     from rsslctl.eval.metrics import declared
-    from rsslctl.eval.suite import SuiteOptions
+    from rsslctl.eval.options import SuiteOptions
     return [s for s in declared(SuiteOptions) if s.flag != "-"]
 
 
@@ -166,7 +166,7 @@ def suite_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def suite_from_flags(kw: dict[str, Any]) -> Any:
     """The ``SuiteOptions`` of the suite's flags (``kw`` holds them by parameter name), each checked."""
-    from rsslctl.eval.suite import SuiteOptions
+    from rsslctl.eval.options import SuiteOptions
     scale = 255 if kw["norm"] == "linf" else 1
     fields = {f.name for f in dataclasses.fields(SuiteOptions)}
     values: dict[str, Any] = {}

@@ -25,7 +25,7 @@ def plugins(show_options: bool) -> None:
     for col in ("kind", "name", "package", "version", "description"):
         table.add_column(col)
     for info in registry().all():
-        usable = info.cls is not None or info.declared is not None  # declared: not imported, not failed
+        usable = info.declared is not None or info.cls is not None  # declared: not imported, not failed
         desc = f"[red]{'failed to load: ' if info.kind != 'command' and not usable else ''}{escape(info.error)}[/]" \
             if info.error else escape(info.doc)
         table.add_row(info.kind, info.name, info.package, info.version, desc)
