@@ -329,8 +329,12 @@ class Registry:
 
 def _package(ep: Any) -> tuple[str, str]:
     """(distribution name, version) an entry point comes from."""
-    dist = ep.dist
-    return (dist.metadata["Name"], dist.version) if dist else ("?", "?")
+    return _distribution(ep.dist) if ep.dist else ("?", "?")
+
+
+@functools.lru_cache(maxsize=None)
+def _distribution(dist: Any) -> tuple[str, str]:
+    return dist.metadata["Name"], dist.version  # parses the METADATA file: once per distribution, not per plugin
 
 
 @functools.lru_cache(maxsize=1)

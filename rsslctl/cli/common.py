@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import click
-from rich.markup import escape
 
 from rsslctl.base.errors import UserError
 from rsslctl.base.limits import check_number
-from rsslctl.base.console import console, err_console
 
 
 def _one_line(text: str) -> str:
@@ -24,6 +22,9 @@ def _one_line(text: str) -> str:
 
 def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` as one line on stderr and exit with ``code``."""
+    from rich.markup import escape  # rich is imported when there is something to print: `--help` stays cheap
+
+    from rsslctl.base.console import err_console
     err_console.print(f"[bold red]error:[/] {escape(_one_line(message))}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
@@ -65,6 +66,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as exc:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt as exc:
+            from rsslctl.base.console import err_console
             signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
             name = signal.Signals(signum).name
             err_console.print(f"interrupted ({name}); whatever was checkpointed is kept: continue a pretraining run "
@@ -203,6 +205,7 @@ def suite_from_flags(kw: dict[str, Any]) -> Any:
 def show_report(report: dict[str, Any], out_dir: Path, as_json: bool) -> None:
     import json
 
+    from rsslctl.base.console import console
     from rsslctl.eval.suite import report_table
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -38,13 +38,15 @@ def _probe(*args: str, cwd: Path | None = None) -> tuple[int, list[str], str]:
 
 def test_the_installed_metadata_declares_the_builtin_plugins() -> None:
     names = {ep.name for ep in md.entry_points(group="rsslctl.declarations")}
-    assert "rsslctl_methods" in names, "stale install: rerun `pip install -e . -e tests/example_plugin --no-deps`"
+    assert {"rsslctl_methods", "example"} <= names, \
+        "stale install metadata: rerun `pip install --no-deps -e . -e tests/example_plugin`"
 
 
 @pytest.mark.parametrize("args", [
     ["--help"], ["pretrain", "--help"], ["select-coreset", "--help"], ["export", "--help"], ["cite", "--help"],
     ["recipe", "--help"], ["recipe", "show", "--help"], ["recipe", "list"], ["plugins"], ["plugins", "--options"],
-    ["evaluate", "--help"], ["import", "--help"], ["no-such-verb"],
+    ["evaluate", "--help"], ["finetune", "--help"], ["import", "--help"], ["dynacl-pp", "--help"],
+    ["count-params", "--help"], ["no-such-verb"],
 ])
 def test_help_and_listing_import_no_torch(args: list[str]) -> None:
     code, heavy, _ = _probe(*args)
