@@ -329,7 +329,13 @@ class Registry:
 
 def _package(ep: Any) -> tuple[str, str]:
     """(distribution name, version) an entry point comes from."""
-    return _distribution(ep.dist) if ep.dist else ("?", "?")
+    dist = ep.dist
+    if not dist:
+        return "?", "?"
+    try:
+        return _distribution(dist)
+    except TypeError:  # an unhashable stand-in for a distribution: read it uncached
+        return dist.metadata["Name"], dist.version
 
 
 @functools.lru_cache(maxsize=None)
