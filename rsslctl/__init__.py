@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "err_console": "rsslctl.base.console",
     "summary_table": "rsslctl.base.console",
     "get_plugin": "rsslctl.base.registry:get",
+    "Declared": "rsslctl.base.registry",
     # runtime: processes and checkpoint files
     "all_gather_objects": "rsslctl.runtime.distributed",
     "rank": "rsslctl.runtime.distributed",
@@ -73,7 +74,7 @@ _EXPORTS: dict[str, str] = {
     "missing_data": "rsslctl.data.dataset",
     "safe_unpickle": "rsslctl.data.dataset",
     "HostRandom": "rsslctl.data.augment",
-    "MIN_STRENGTH": "rsslctl.data.augment",
+    "MIN_STRENGTH": "rsslctl.data.options",
     "multi_view": "rsslctl.data.augment",
     "npz_memmap": "rsslctl.data.stream",
     # adversary: attacks
@@ -87,7 +88,7 @@ _EXPORTS: dict[str, str] = {
     "projected_ascent": "rsslctl.adversary.attack",
     "random_start": "rsslctl.adversary.attack",
     "AdversarialTraining": "rsslctl.adversary.training",
-    "AdvTrainingOptions": "rsslctl.adversary.training",
+    "AdvTrainingOptions": "rsslctl.adversary.options",
     # method: methods, memory, coreset selection
     "Method": "rsslctl.method.base",
     "BankMethod": "rsslctl.method.memory",
@@ -151,7 +152,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from rsslctl.base.options import as_dict, closest, Number, opt, parse_number, validate
     from rsslctl.base.limits import check_allocation, check_model_kwargs, MAX_IMAGE_SIZE
     from rsslctl.base.console import console, err_console, summary_table
-    from rsslctl.base.registry import get as get_plugin
+    from rsslctl.base.registry import Declared, get as get_plugin
     from rsslctl.runtime.distributed import all_gather_objects, rank, world_size
     from rsslctl.runtime.seeding import derive_seed
     from rsslctl.runtime.checkpoint import atomic_write_text, load_optimizer_tensors, optimizer_tensors, save_checkpoint, save_tensors
@@ -160,10 +161,12 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from rsslctl.nn.momentum import ema_update, mlp_head, momentum_copy, MomentumSchedule
     from rsslctl.nn.optim import make_optimizer
     from rsslctl.data.dataset import Dataset, ImageData, ImageSource, missing_data, safe_unpickle
-    from rsslctl.data.augment import HostRandom, MIN_STRENGTH, multi_view
+    from rsslctl.data.augment import HostRandom, multi_view
+    from rsslctl.data.options import MIN_STRENGTH
     from rsslctl.data.stream import npz_memmap
     from rsslctl.adversary.attack import Attack, eval_mode, input_grad, loss_and_grad, make_attack, Objective, project, projected_ascent, random_start
-    from rsslctl.adversary.training import AdversarialTraining, AdvTrainingOptions
+    from rsslctl.adversary.options import AdvTrainingOptions
+    from rsslctl.adversary.training import AdversarialTraining
     from rsslctl.method.base import Method
     from rsslctl.method.memory import BankMethod, NegativeQueue, normalized_rows_grad, softmax_logit_grad
     from rsslctl.method.coreset import CoresetSelector, CoresetTarget, SelectionContext

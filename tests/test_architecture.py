@@ -7,12 +7,13 @@ import dataclasses
 import importlib.metadata as md
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rsslctl import hookimpl
 from rsslctl.base.errors import UserError
-from rsslctl.base.registry import Registry, registry
+from rsslctl.base.registry import Declared, Registry, registry
 
 CORE = Path(__file__).resolve().parents[1] / "rsslctl"
 MODULES = sorted(CORE.rglob("*.py"))
@@ -181,7 +182,7 @@ def test_an_entry_point_that_exits_at_import_is_reported(monkeypatch: pytest.Mon
         def load(self) -> None:
             raise SystemExit(3)
 
-    monkeypatch.setattr(md, "entry_points", lambda group: [ExitingEntryPoint()])
+    monkeypatch.setattr(md, "entry_points", lambda group: [ExitingEntryPoint()] if group == "rsslctl" else [])
     reg = Registry()
     assert [(i.name, i.error) for i in reg.all()] == [("exits", "SystemExit: 3")]
 
@@ -192,3 +193,46 @@ def test_recipe_validation_runs_the_plugins_checks(tmp_path: Path) -> None:
     path.write_text('[backbone]\nname = "timm"\nmodel = "resnet19"\n')
     with pytest.raises(UserError, match="unknown timm model 'resnet19'.*did you mean 'resnet18'"):
         load(path)
+
+
+# -- lazy declarations --------------------------------------------------------------------------------------------
+class _EntryPoint:
+    """A stand-in for an installed entry point: ``load`` counts imports and returns (or raises) what it is given."""
+
+    def __init__(self, name: str, module: Any, group: str) -> None:
+        self.name, self.module, self.group, self.loads = name, module, group, 0
+        self.dist = types.SimpleNamespace(metadata={"Name": "lazypkg"}, version="1")
+
+    def load(self) -> Any:
+        self.loads += 1
+        if isinstance(self.module, BaseException):
+            raise self.module
+        return self.module
+
+
+def _lazy_registry(monkeypatch: pytest.MonkeyPatch, implementation: Any) -> tuple[Registry, _EntryPoint]:
+    declared = Declared("method", "fine", "impl", "fine test class", _Opts, citation="@misc{x}")
+    light = _EntryPoint("light", _module("light", rsslctl_declarations=lambda: [declared]), "rsslctl.declarations")
+    heavy = _EntryPoint("impl", implementation, "rsslctl")
+    monkeypatch.setattr(md, "entry_points", lambda group: [e for e in (light, heavy) if e.group == group])
+    return Registry(), heavy
+
+
+def test_a_declared_plugin_is_listed_and_validated_without_importing_its_module(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reg, heavy = _lazy_registry(monkeypatch, _module("impl", rsslctl_methods=lambda: [_method("fine")]))
+    info = reg.info("method", "fine")
+    assert (info.options, info.citation, info.doc, heavy.loads) == (_Opts, "@misc{x}", "fine test class", 0)
+    assert [i.name for i in reg.all()] == ["fine"] and heavy.loads == 0
+    assert reg.get("method", "fine").name == "fine" and heavy.loads == 1
+    reg.get("method", "fine")
+    assert heavy.loads == 1 and reg.names("method") == ["fine"]  # loaded once; the class replaced its declaration
+
+
+def test_a_declared_plugin_whose_module_fails_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    reg, _ = _lazy_registry(monkeypatch, ImportError("no such thing"))
+    with pytest.raises(UserError, match="method 'fine' of package 'lazypkg' failed to load: ImportError: no such"):
+        reg.get("method", "fine")
+    reg, _ = _lazy_registry(monkeypatch, _module("impl"))  # imports fine, provides nothing
+    with pytest.raises(UserError, match="does not provide it"):
+        reg.get("method", "fine")

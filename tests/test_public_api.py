@@ -12,14 +12,15 @@ import rsslctl
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: API 1.2 (1.1 added load_raw; 1.2 added opt(earlier=...)). Changing this list is an API change: bump ``rsslctl.__api_version__`` (MAJOR when a
+#: API 1.2 (1.1 added load_raw; 1.2 Declared and opt(earlier=...)). Changing this list is an API change: bump
+#: ``rsslctl.__api_version__`` (MAJOR when a
 #: name goes or changes meaning, MINOR when one is added) and say so in docs/plugins.md.
 API = {
     "__api_version__", "__version__", "hookimpl",
     # base
     "TrainingDiverged", "UserError", "as_dict", "closest", "Number", "opt", "parse_number", "validate",
     "check_allocation", "check_model_kwargs", "MAX_IMAGE_SIZE", "console", "err_console", "summary_table",
-    "get_plugin",
+    "get_plugin", "Declared",
     # runtime
     "all_gather_objects", "rank", "world_size", "atomic_write_text", "derive_seed", "load_optimizer_tensors",
     "optimizer_tensors", "save_checkpoint", "save_tensors",

@@ -18,13 +18,14 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
-from torch import Tensor
 
-from rsslctl import hookimpl, atomic_write_text, check_replaceable, Classifier, console, crop_flip, extract_features, load_run_recipe, load_train_split, load_trained_method, LoopSettings, MARKER, RECIPE_FILE, refuse_existing, RunLock, save_checkpoint, save_tensors, setup_device, trades_adversary, trades_loss, train_classifier, train_linear_probe, user_errors, UserError
+from rsslctl import hookimpl, console, user_errors, UserError
+
+if TYPE_CHECKING:  # torch is imported by the functions that run: `rsslctl dynacl-pp --help` stays instant
+    from torch import Tensor
 
 #: fine-tuning row of a post-processed run, by the source run's row
 POST_PROCESSED_ROWS = {"DynACL": "DynACL++", "DynACL-AIR": "DynACL-AIR++"}
@@ -47,6 +48,7 @@ class PostprocessOptions:
 
 
 def kmeans_labels(features: Tensor, clusters: int, seed: int) -> Tensor:
+    import torch
     from sklearn.cluster import KMeans
     km = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(features.cpu().double().numpy())
     return torch.from_numpy(km.labels_).long()
@@ -55,6 +57,12 @@ def kmeans_labels(features: Tensor, clusters: int, seed: int) -> Tensor:
 def dynacl_pp(run_dir: Path, out_dir: Path, options: PostprocessOptions = PostprocessOptions(), force: bool = False,
               quiet: bool = True) -> dict[str, Any]:
     """Post-process the newest checkpoint of ``run_dir`` into the new run directory ``out_dir``."""
+    import torch
+
+    from rsslctl import (atomic_write_text, check_replaceable, Classifier, crop_flip, extract_features,
+                         load_run_recipe, load_train_split, load_trained_method, LoopSettings, MARKER, RECIPE_FILE,
+                         refuse_existing, RunLock, save_checkpoint, save_tensors, setup_device, trades_adversary,
+                         trades_loss, train_classifier, train_linear_probe)
     run_dir, out_dir, o = Path(run_dir), Path(out_dir), options
     recipe = load_run_recipe(run_dir)
     if out_dir.resolve() == run_dir.resolve():

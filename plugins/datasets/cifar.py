@@ -1,13 +1,13 @@
 """CIFAR-10 and CIFAR-100 from the official python (pickled) or binary releases."""
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from rsslctl import hookimpl, Dataset, ImageData, missing_data, opt, safe_unpickle, UserError
+from rsslctl import hookimpl, Dataset, ImageData, missing_data, safe_unpickle, UserError
+from rsslctl_plugins.datasets.options import CITATION, Cifar100Options
 
 
 def _get(d: dict, key: str) -> Any:
@@ -76,17 +76,10 @@ class Cifar10(_Cifar):
 
     name, title, pydir, bindir = "cifar10", "CIFAR-10", "cifar-10-batches-py", "cifar-10-batches-bin"
     finetune_columns, finetune_order = {"CIFAR-10": 0}, 10
-    citation = ("@techreport{krizhevsky2009cifar, "
-                "title={Learning Multiple Layers of Features from Tiny Images}, author={Krizhevsky, Alex}, "
-                "institution={University of Toronto}, year={2009}}")
+    citation = CITATION["cifar10"]
     corruption_folder = "CIFAR-10-C"
     files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
     metas = ("batches.meta", "batches.meta.txt")
-
-
-@dataclasses.dataclass
-class Cifar100Options:
-    labels: Literal["fine", "coarse"] = opt("fine", "'fine' (100 classes) or 'coarse' (20 superclasses)")
 
 
 class Cifar100(_Cifar):
@@ -94,9 +87,7 @@ class Cifar100(_Cifar):
 
     name, title, pydir, bindir = "cifar100", "CIFAR-100", "cifar-100-python", "cifar-100-binary"
     finetune_columns, finetune_order = {"CIFAR-100": 0}, 20
-    citation = ("@techreport{krizhevsky2009cifar, "
-                "title={Learning Multiple Layers of Features from Tiny Images}, author={Krizhevsky, Alex}, "
-                "institution={University of Toronto}, year={2009}}")
+    citation = CITATION["cifar100"]
     corruption_folder = "CIFAR-100-C"
     files, metas = {"train": ["train"], "test": ["test"]}, ("meta", "{kind}_label_names.txt")
     Options = Cifar100Options

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from rsslctl import hookimpl, Dataset, ImageData, UserError
+from rsslctl_plugins.datasets.options import CITATION
 
 
 class Digits(Dataset):
@@ -19,8 +20,7 @@ class Digits(Dataset):
     """
 
     name = "digits"
-    citation = ("@misc{alpaydin1998digits, title={Optical Recognition of Handwritten Digits}, author={Alpaydin, "
-                "E. and Kaynak, C.}, howpublished={UCI Machine Learning Repository}, year={1998}}")
+    citation = CITATION["digits"]
     splits = ("train", "test")
 
     def load(self, split: str) -> ImageData:

@@ -1,23 +1,16 @@
 """Any image collection in torchvision ImageFolder layout: <root>/<path>/<split>/<class>/<images>."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rsslctl import hookimpl, check_allocation, Dataset, ImageData, ImageSource, MAX_IMAGE_SIZE, missing_data, opt, UserError
+from rsslctl import hookimpl, check_allocation, Dataset, ImageData, ImageSource, missing_data, UserError
+from rsslctl_plugins.datasets.options import ImageFolderOptions
 
 _EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-
-
-@dataclasses.dataclass
-class ImageFolderOptions:
-    path: str = opt("", "folder under data.root holding one sub-folder per split")
-    image_size: int = opt(32, "images are resized to this square size", min=8, max=MAX_IMAGE_SIZE)
-    follow_symlinks: bool = opt(False, "read symlinked files and class folders that point outside the dataset folder")
 
 
 class ImageFolder(Dataset):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from rsslctl import hookimpl, Dataset, ImageData, ImageSource, missing_data, npz_memmap, safe_unpickle, UserError
+from rsslctl_plugins.datasets.options import CITATION
 
 
 def _check_images(path: Path, dtype: Any, shape: tuple) -> None:
@@ -93,10 +94,7 @@ class Imagenet32(Dataset):
     """ImageNet at 32x32: 1,281,167 train / 50,000 val colour images in 1,000 classes."""
 
     name = "imagenet32"
-    citation = ("@article{chrabaszcz2017imagenet32, "
-                "title={A Downsampled Variant of ImageNet as an Alternative to the CIFAR datasets}, "
-                "author={Chrabaszcz, Patryk and Loshchilov, Ilya and Hutter, Frank}, "
-                "journal={arXiv:1707.08819}, year={2017}}")
+    citation = CITATION["imagenet32"]
     splits = ("train", "val")
 
     def _paths(self, split: str) -> list[Path]:

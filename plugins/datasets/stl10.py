@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from rsslctl import hookimpl, Dataset, ImageData, missing_data, UserError
+from rsslctl_plugins.datasets.options import CITATION
 
 _CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 _PIXELS = 3 * 96 * 96
@@ -14,9 +15,7 @@ class Stl10(Dataset):
     """STL-10: 96x96 colour images, 5,000 train / 8,000 test in 10 classes and 100,000 unlabeled."""
 
     name = "stl10"
-    citation = ("@inproceedings{coates2011stl10, "
-                "title={An Analysis of Single-Layer Networks in Unsupervised Feature Learning}, author={Coates, "
-                "Adam and Ng, Andrew and Lee, Honglak}, booktitle={AISTATS}, year={2011}}")
+    citation = CITATION["stl10"]
     splits = ("train", "test", "unlabeled")
 
     #: the fine-tuning tables distinguish STL-10 at its own size (self-task) from STL-10 at 32 px (cross-task)

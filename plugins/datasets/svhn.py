@@ -5,16 +5,14 @@ import numpy as np
 import torch
 
 from rsslctl import hookimpl, Dataset, ImageData, missing_data, UserError
+from rsslctl_plugins.datasets.options import CITATION
 
 
 class Svhn(Dataset):
     """SVHN: 32x32 colour house-number digits, 73,257 train / 26,032 test / 531,131 extra, 10 classes."""
 
     name = "svhn"
-    citation = ("@inproceedings{netzer2011svhn, "
-                "title={Reading Digits in Natural Images with Unsupervised Feature Learning}, author={Netzer, "
-                "Yuval and Wang, Tao and Coates, Adam and Bissacco, Alessandro and Wu, Bo and Ng, Andrew Y.}, "
-                "booktitle={NIPS Workshop on Deep Learning and Unsupervised Feature Learning}, year={2011}}")
+    citation = CITATION["svhn"]
     splits = ("train", "test", "extra")
 
     def load(self, split: str) -> ImageData:

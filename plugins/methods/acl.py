@@ -1,24 +1,16 @@
 """ACL (Jiang et al., NeurIPS 2020): adversarial contrastive learning, dual-stream by default."""
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, Attack, cells, CoresetTarget, eval_mode, every_column, Method, multi_view, nt_xent, opt, pair_rows, UserError
+from rsslctl import hookimpl, Attack, cells, CoresetTarget, eval_mode, every_column, Method, multi_view, nt_xent, pair_rows, UserError
+from rsslctl_plugins.methods.options import CITATION, ACLOptions
 
 #: SLF/ALF cells of the ACL-family rows of the RobustSSL benchmark's fine-tuning table
 LINEAR_CELLS = cells((512, 0.01), (512, 0.05), (512, 0.1), (128, 0.01), milestones=(10, 20))
-
-
-@dataclasses.dataclass
-class ACLOptions:
-    variant: Literal["ds", "a2a", "a2s"] = opt("ds", "ds: clean pair (normal BN) + adversarial pair (pgd BN); "
-                                                     "a2a: adversarial pair only; a2s: adversarial view vs clean view")
-    weight: float = opt(0.0, "ω in ½[(1−ω)·L_nat + (1+ω)·L_adv] (ds only)", min=-1, max=1)
-    temperature: float = opt(0.5, "NT-Xent temperature τ", min=1e-3)
 
 
 class ContrastiveTarget(CoresetTarget):
@@ -63,9 +55,7 @@ class ACL(Method):
     """ACL: contrastive PGD on the views (eval mode, pgd BN), NT-Xent on clean and adversarial pairs."""
 
     name = "acl"
-    citation = ("@inproceedings{jiang2020acl, title={Robust Pre-Training by Adversarial Contrastive Learning}, "
-                "author={Jiang, Ziyu and Chen, Tianlong and Chen, Ting and Wang, Zhangyang}, "
-                "booktitle={NeurIPS}, year={2020}}")
+    citation = CITATION["acl"]
     Options = ACLOptions
     needs_attack = True
     wants_dual_bn = True

@@ -14,13 +14,12 @@ the other images' keys as extra negatives.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, BankMethod, fp32, multi_view, normalized_rows_grad, opt, softmax_logit_grad
+from rsslctl import hookimpl, BankMethod, fp32, multi_view, normalized_rows_grad, softmax_logit_grad
+from rsslctl_plugins.methods.options import CITATION, AdCoOptions
 
 
 def adco_logits(q: Tensor, k: Tensor, bank: Tensor, batch_keys: bool = False) -> tuple[Tensor, Tensor]:
@@ -41,31 +40,11 @@ def adco_loss(logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(logits / temperature, labels)
 
 
-@dataclasses.dataclass
-class AdCoOptions:
-    temperature: float = opt(0.12, "τ: the encoder's InfoNCE temperature (--moco_t)", min=1e-3)
-    bank_temperature: float = opt(0.02, "τ_n: temperature of the bank's ascent objective (--mem_t)", min=1e-3)
-    bank_size: int = opt(16384, "K: learnable negatives (--cluster)", min=1)
-    bank_lr: float = opt(3.0, "the bank's own constant SGD learning rate (--memory_lr)", min=0)
-    bank_momentum: float = opt(0.9, "the bank's SGD momentum", min=0, max=1)
-    bank_weight_decay: float = opt(1e-4, "the bank's weight decay (--mem_wd)", min=0)
-    init_from_keys: bool = opt(True, "fill the bank with the first K keys of training (--ad_init)")
-    momentum: float = opt(0.999, "EMA factor m of the key encoder (--moco_m)", min=0, max=1)
-    batch_keys: bool = opt(False, "reference quirk: the other images' keys in the batch are extra negatives")
-    symmetric: bool = opt(False, "symmetric loss: both views are queries against the other view's key, losses and "
-                                 "bank updates averaged (--sym 1)")
-    joint_forward: bool = opt(False, "symmetric: both views through each encoder as one interleaved 2N batch (BN "
-                                     "statistics over both views; the earlier rsslctl behaviour) instead of one "
-                                     "forward per view, as the authors", earlier=True)
-
-
 class AdCo(BankMethod):
     """AdCo: MoCo-style encoder against a bank of negatives trained by gradient ascent (own LR and temperature)."""
 
     name = "adco"
-    citation = ("@inproceedings{hu2021adco, title={AdCo: Adversarial Contrast for Efficient Learning of Unsupervised "
-                "Representations from Self-Trained Negative Adversaries}, author={Hu, Qianjiang and Wang, Xiao and "
-                "Hu, Wei and Qi, Guo-Jun}, booktitle={CVPR}, year={2021}}")
+    citation = CITATION["adco"]
     Options = AdCoOptions
 
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -36,36 +36,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsslctl import (hookimpl, Encoder, load_optimizer_tensors, Method, multi_view, nt_xent, opt, optimizer_tensors,
+from rsslctl import (hookimpl, Encoder, load_optimizer_tensors, Method, multi_view, nt_xent, optimizer_tensors,
                      pair_rows)
-
-
-@dataclasses.dataclass
-class ADIOSOptions:
-    num_masks: int = opt(6, "N: masks the occluder splits each image into (authors' default 6)", min=2, max=32)
-    sparsity_weight: float = opt(1.0, "α: weight of the occluder's mask sparsity penalty", min=0)
-    temperature: float = opt(0.1, "NT-Xent temperature τ (authors' default 0.1)", min=1e-3)
-    mask_lr: float = opt(0.1, "occluder learning rate (constant; SGD)", min=0)
-    mask_momentum: float = opt(0.9, "occluder SGD momentum", min=0, max=1)
-    mask_width: int = opt(32, "channels of the occluder U-Net's first level", min=4, max=512)
-    mask_levels: int = opt(0, "U-Net levels (0 = log2(image size) − 1, at least 2)", min=0, max=8)
-    mask_norm: Literal["group", "instance", "none"] = opt("group", "normalisation in the occluder's conv blocks")
-    update: Literal["alternating", "simultaneous"] = opt("alternating", "encoder then occluder step (authors' code), "
-                                                         "or both from one forward pass with a gradient reversal")
-    form: Literal["simclr", "byol"] = opt("simclr", "the SSL objective the occluder attacks")
-    predictor_hidden: int = opt(512, "BYOL form: hidden width of the predictor MLP", min=1)
-    momentum: float = opt(0.99, "BYOL form: EMA rate τ of the target encoder", min=0, max=1)
-    joint_forward: bool = opt(False, "SimCLR form: forward both views as one interleaved 2N batch (BN statistics over "
-                                     "both views; the earlier rsslctl behaviour) instead of one forward per view, as "
-                                     "the authors", earlier=True)
+from rsslctl_plugins.methods.options import CITATION, ADIOSOptions
 
 
 def sparsity_penalty(masks: Tensor) -> Tensor:
@@ -113,8 +92,7 @@ class ADIOS(Method):
     """ADIOS: an occluder network learns N masks adversarially against the SSL loss (SimCLR or BYOL form)."""
 
     name = "adios"
-    citation = ("@inproceedings{shi2022adios, title={Adversarial Masking for Self-Supervised Learning}, author={Shi, "
-                "Yuge and Siddharth, N. and Torr, Philip H. S. and Kosiorek, Adam R.}, booktitle={ICML}, year={2022}}")
+    citation = CITATION["adios"]
     Options = ADIOSOptions
 
     def __init__(self, options: ADIOSOptions, encoder: Encoder, attack, augment) -> None:

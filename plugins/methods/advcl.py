@@ -31,14 +31,13 @@ images, half a bin off on odd or non-square ones).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, crop_flip, err_console, eval_mode, fp32, FrozenTeacher, Method, multi_view, nt_xent, opt, UserError
+from rsslctl import hookimpl, crop_flip, err_console, eval_mode, fp32, FrozenTeacher, Method, multi_view, nt_xent, UserError
+from rsslctl_plugins.methods.options import CITATION, AdvCLOptions
 from rsslctl_plugins.methods.deacl import ADVCL_FAMILY_ROW
 
 
@@ -73,29 +72,11 @@ def nearest_centroid(features: Tensor, centroids: Tensor) -> Tensor:
     return d.argmin(1)
 
 
-@dataclasses.dataclass
-class AdvCLOptions:
-    teacher: str = opt("", "run directory of a finished standard SSL run whose features are clustered")
-    clusters: tuple[int, ...] = opt((2, 10, 50, 100, 500), "k of each pseudo-label granularity (one head each); "
-                                    "capped at the number of training images")
-    ce_weight: float = opt(0.2, "weight of the mean pseudo-label cross-entropy", min=0)
-    temperature: float = opt(0.5, "SupCon / NT-Xent temperature τ", min=1e-3)
-    base_temperature: float = opt(0.07, "SupCon's base temperature: the contrastive term is scaled by τ / base "
-                                        "(reference 0.07; set it to τ for the unscaled NT-Xent)", min=1e-3)
-    attack_bn: Literal["train", "eval"] = opt("train", "BN mode of the attack forwards: train = batch statistics "
-                                                       "(reference), eval = running statistics", earlier="eval")
-    radius: float = opt(8.0, "radius of the low-frequency disc removed for the high-frequency view", min=0)
-    padding: int = opt(4, "random-crop padding of the original view", min=0)
-    kmeans_seed: int = opt(0, "random_state of k-means", min=0)
-
-
 class AdvCL(Method):
     """AdvCL: adversarial SupCon over augmented, adversarial and high-frequency views + cluster pseudo labels."""
 
     name = "advcl"
-    citation = ("@inproceedings{fan2021advcl, title={When Does Contrastive Learning Preserve Adversarial Robustness "
-                "from Pretraining to Finetuning?}, author={Fan, Lijie and Liu, Sijia and Chen, Pin-Yu and Zhang, "
-                "Gaoyuan and Gan, Chuang}, booktitle={NeurIPS}, year={2021}}")
+    citation = CITATION["advcl"]
     Options = AdvCLOptions
     needs_attack = True
     wants_dual_bn = True

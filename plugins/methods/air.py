@@ -10,14 +10,12 @@ official code does (softmax fed where kl_div expects log-probabilities, unnormal
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, cells, every_column, fp32, nt_xent, opt
+from rsslctl import hookimpl, cells, every_column, fp32, nt_xent
+from rsslctl_plugins.methods.options import CITATION, AIROptions
 from rsslctl_plugins.methods.dynacl import DynACL, DynACLOptions
 
 
@@ -47,23 +45,11 @@ def invariance_regularisers(zi: Tensor, zj: Tensor, zo: Tensor, zi_adv: Tensor, 
     return sir, air
 
 
-@dataclasses.dataclass
-class AIROptions(DynACLOptions):
-    dynamic: bool = opt(True, "DynACL-AIR: anneal augmentation and ω (false: ACL-AIR, ω = 0, fixed strength)")
-    lambda1: float = opt(0.5, "λ1, weight of the standard invariant regulariser (SIR)", min=0)
-    lambda2: float = opt(0.5, "λ2, weight of the adversarial invariant regulariser (AIR)", min=0)
-    kl_impl: Literal["true_kl", "reference"] = opt(
-        "true_kl", "true_kl: the paper's KL; reference: the official code's non-KL quantity (parity only)")
-
-
 class AIR(DynACL):
     """ACL-AIR / DynACL-AIR: DynACL losses plus SIR and AIR with the original image as a third input."""
 
     name = "air"
-    citation = ("@inproceedings{xu2023air, "
-                "title={Enhancing Adversarial Contrastive Learning via Adversarial Invariant Regularization}, "
-                "author={Xu, Xilie and Zhang, Jingfeng and Liu, Feng and Sugiyama, Masashi and Kankanhalli, "
-                "Mohan}, booktitle={NeurIPS}, year={2023}}")
+    citation = CITATION["air"]
     Options = AIROptions
     # the ALF cells of the AIR rows do not restate the LR milestones; the SLF ones (10, 20) are used.
     # DynACL-AIR++ is the row of a DynACL-AIR run after `rsslctl dynacl-pp` (it has no STL-10 32px column).

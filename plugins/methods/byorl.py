@@ -15,14 +15,13 @@ interleaved 2N batch. The attack runs in eval mode, where the batch composition 
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from rsslctl import (hookimpl, ema_update, eval_mode, fp32, Method, mlp_head, momentum_copy, MomentumSchedule, multi_view,
-                     opt, pair_rows)
+                     pair_rows)
+from rsslctl_plugins.methods.options import CITATION, BYORLOptions
 
 
 def byol_loss(p: Tensor, z: Tensor) -> Tensor:
@@ -37,26 +36,11 @@ def swap_views(t: Tensor) -> Tensor:
     return t.view(-1, 2, *t.shape[1:]).flip(1).flatten(0, 1)
 
 
-@dataclasses.dataclass
-class BYORLOptions:
-    momentum: float = opt(0.996, "m₀: EMA momentum of the target network at the start", min=0, max=1)
-    cosine_momentum: bool = opt(True, "raise the momentum from m₀ to 1 on BYOL's cosine schedule (false: constant)")
-    pred_hidden: int = opt(4096, "predictor hidden width (Linear → BN → ReLU → Linear)", min=1)
-    clean_weight: float = opt(0.0, "weight of an extra BYOL loss on the clean views (0 = adversarial only)", min=0)
-    average_directions: bool = opt(False, "the mean of the two directions' BYOL losses (the earlier rsslctl "
-                                          "behaviour) instead of their sum, as BYOL", earlier=True)
-    joint_forward: bool = opt(False, "both views through each network as one interleaved 2N batch (BN statistics "
-                                     "over both views; the earlier rsslctl behaviour) instead of one forward per view",
-                                     earlier=True)
-
-
 class BYORL(Method):
     """BYORL: BYOL (online + predictor vs EMA target) trained on PGD views that maximise the BYOL loss."""
 
     name = "byorl"
-    citation = ("@inproceedings{gowal2021byorl, title={Self-supervised Adversarial Robustness for the Low-label, "
-                "High-data Regime}, author={Gowal, Sven and Huang, Po-Sen and van den Oord, Aaron and Mann, Timothy "
-                "and Kohli, Pushmeet}, booktitle={ICLR}, year={2021}}")
+    citation = CITATION["byorl"]
     Options = BYORLOptions
     needs_attack = True
 

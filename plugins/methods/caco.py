@@ -19,14 +19,13 @@ finishing epoch's m instead of the next one's.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import (hookimpl, BankMethod, fp32, MomentumSchedule, multi_view, normalized_rows_grad, opt,
+from rsslctl import (hookimpl, BankMethod, fp32, MomentumSchedule, multi_view, normalized_rows_grad,
                      softmax_logit_grad)
+from rsslctl_plugins.methods.options import CITATION, CaCoOptions
 
 
 def caco_loss(q: Tensor, key_other: Tensor, bank: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -47,31 +46,11 @@ def caco_bank_direction(q: Tensor, weight: Tensor, logits: Tensor, y: Tensor, te
     return normalized_rows_grad(q, weight, g)
 
 
-@dataclasses.dataclass
-class CaCoOptions:
-    temperature: float = opt(0.08, "τ: the encoder's temperature (--moco_t)", min=1e-3)
-    bank_temperature: float = opt(0.08, "τ_n: temperature of the bank's update (--mem_t)", min=1e-3)
-    bank_size: int = opt(16384, "K: learnable bank vectors (--cluster)", min=1)
-    bank_lr: float = opt(3.0, "the bank's own SGD learning rate after its warm-up (--memory_lr)", min=0)
-    bank_warmup_epochs: int = opt(10, "linear warm-up of the bank's LR over these epochs (--warmup_epochs)", min=0)
-    bank_momentum: float = opt(0.9, "the bank's SGD momentum (--mem_momentum)", min=0, max=1)
-    bank_weight_decay: float = opt(0.0, "the bank's weight decay (--mem_wd)", min=0)
-    init_from_keys: bool = opt(True, "fill the bank with the first K keys of training (--ad_init)")
-    momentum: float = opt(0.99, "m₀: EMA factor of the key encoder at the start (--moco_m)", min=0, max=1)
-    cosine_momentum: bool = opt(True, "raise the key encoder's momentum from m₀ to 1 on a cosine over epochs, as the "
-                                      "authors' commands (--moco_m_decay 1); false: constant m₀", earlier=False)
-    joint_forward: bool = opt(False, "both views through each encoder as one interleaved 2N batch (BN statistics over "
-                                     "both views; the earlier rsslctl behaviour) instead of one forward per view, as "
-                                     "the authors", earlier=True)
-
-
 class CaCo(BankMethod):
     """CaCo: learnable positives (cooperative) and negatives (adversarial) in one bank, symmetric MoCo-style loss."""
 
     name = "caco"
-    citation = ("@article{wang2022caco, title={CaCo: Both Positive and Negative Samples are Directly Learnable via "
-                "Cooperative-adversarial Contrastive Learning}, author={Wang, Xiao and Huang, Yuhang and Zeng, Dan "
-                "and Qi, Guo-Jun}, journal={arXiv preprint arXiv:2203.14370}, year={2022}}")
+    citation = CITATION["caco"]
     Options = CaCoOptions
 
     def __init__(self, options: CaCoOptions, encoder, attack, augment) -> None:

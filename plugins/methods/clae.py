@@ -11,12 +11,11 @@ and the adversarial BN's running statistics move during the attack); by default 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from typing import Literal
 
 from torch import Tensor
 
-from rsslctl import hookimpl, eval_mode, Method, multi_view, nt_xent, opt, pair_rows
+from rsslctl import hookimpl, eval_mode, Method, multi_view, nt_xent, pair_rows
+from rsslctl_plugins.methods.options import CITATION, CLAEOptions
 
 
 def clae_loss(z1: Tensor, z2: Tensor, z1_adv: Tensor, temperature: float, alpha: float) -> Tensor:
@@ -25,19 +24,11 @@ def clae_loss(z1: Tensor, z2: Tensor, z1_adv: Tensor, temperature: float, alpha:
     return nt_xent(pair_rows(z1, z2), temperature) + alpha * nt_xent(pair_rows(z1, z1_adv), temperature)
 
 
-@dataclasses.dataclass
-class CLAEOptions:
-    temperature: float = opt(0.5, "NT-Xent temperature τ", min=1e-3)
-    alpha: float = opt(1.0, "α: weight of the adversarial-positive term", min=0)
-    attack_bn: Literal["eval", "train"] = opt("eval", "BN mode of the attack forward; train = reference quirk")
-
-
 class CLAE(Method):
     """CLAE: SimCLR plus an adversarial (FGSM/PGD) copy of view 1 as a harder positive, through its own BN."""
 
     name = "clae"
-    citation = ("@inproceedings{ho2020clae, title={Contrastive Learning with Adversarial Examples}, "
-                "author={Ho, Chih-Hui and Vasconcelos, Nuno}, booktitle={NeurIPS}, year={2020}}")
+    citation = CITATION["clae"]
     Options = CLAEOptions
     needs_attack = True
     wants_dual_bn = True

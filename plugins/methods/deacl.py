@@ -19,13 +19,12 @@ classifier on detached eval-mode features (a monitor, no gradient into the stude
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, crop_flip, eval_mode, every_column, fp32, FrozenTeacher, Method, opt
+from rsslctl import hookimpl, crop_flip, eval_mode, every_column, fp32, FrozenTeacher, Method
+from rsslctl_plugins.methods.options import CITATION, DeACLOptions
 
 #: RobustSSL benchmark fine-tuning row shared by AdvCL, A-InfoNCE and DeACL (AFF single-BN: --dualBN 0)
 ADVCL_FAMILY_ROW = {"SLF": every_column(batch_size=512, lr=0.01, milestones=(15, 20)),
@@ -41,21 +40,11 @@ def deacl_loss(f_clean: Tensor, f_adv: Tensor, t_clean: Tensor, beta: float) -> 
         return -F.cosine_similarity(f, t, dim=1).mean() - beta * F.cosine_similarity(fa, f, dim=1).mean()
 
 
-@dataclasses.dataclass
-class DeACLOptions:
-    teacher: str = opt("", "run directory of the finished stage-1 SSL run whose evaluated encoder is the teacher")
-    beta: float = opt(2.0, "β: weight of the adversarial-vs-clean student term (reference --trades_k)", min=0)
-    padding: int = opt(4, "weak augmentation: random-crop padding in pixels (then a horizontal flip)", min=0)
-
-
 class DeACL(Method):
     """DeACL: adversarial distillation of a frozen standard-SSL teacher (stage 2 of two)."""
 
     name = "deacl"
-    citation = ("@inproceedings{zhang2022deacl, title={Decoupled Adversarial Contrastive Learning for "
-                "Self-supervised Adversarial Robustness}, author={Zhang, Chaoning and Zhang, Kang and Zhang, "
-                "Chenshuang and Niu, Axi and Feng, Jiu and Yoo, Chang D. and Kweon, In So}, booktitle={ECCV}, "
-                "year={2022}}")
+    citation = CITATION["deacl"]
     Options = DeACLOptions
     needs_attack = True
     finetune_rows = {"DeACL": ADVCL_FAMILY_ROW}

@@ -7,13 +7,11 @@ re-implementations use a single encoder (``momentum_encoder = false``).
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Literal
-
 import torch
 from torch import Tensor
 
-from rsslctl import hookimpl, ema_update, Encoder, eval_mode, every_column, Method, MIN_STRENGTH, momentum_copy, multi_view, nt_xent, Number, opt, pair_rows
+from rsslctl import hookimpl, ema_update, Encoder, eval_mode, every_column, Method, MIN_STRENGTH, momentum_copy, multi_view, nt_xent, pair_rows
+from rsslctl_plugins.methods.options import CITATION, DynACLOptions
 from rsslctl_plugins.methods.acl import LINEAR_CELLS
 
 
@@ -48,26 +46,11 @@ _AFF = every_column(batch_size=128, lr=0.1, milestones=(15, 20)) | {
     "STL-10 96px": {"batch_size": 128, "lr": 0.1, "milestones": (10, 20)}}
 
 
-@dataclasses.dataclass
-class DynACLOptions:
-    temperature: float = opt(0.5, "NT-Xent temperature τ", min=1e-3)
-    period: int = opt(50, "K: epochs between strength/weight steps (--reload_frequency)", min=1)
-    anneal_augment: bool = opt(True, "anneal the augmentation strength s(e) (false: keep [augment] strength)")
-    swap: Number = opt(2 / 3, "λ of the weight schedule (--swap_param)", min=0, max=1.5)
-    weight_form: Literal["air", "official"] = opt(
-        "air", "air: ω = λ(1−s(e)) (AIR/RCS); official: ω = min(⌊e/K⌋·K/E·λ, 1) (PKU-ML/DYNACL)")
-    momentum_encoder: bool = opt(False, "official DynACL: EMA key encoder on view 2, evaluated instead of the "
-                                        "trained encoder")
-    momentum: float = opt(0.99, "EMA factor of the key encoder", min=0, max=1)
-
-
 class DynACL(Method):
     """DynACL: dual-stream ACL with annealed augmentation and ω; optional EMA key encoder."""
 
     name = "dynacl"
-    citation = ("@inproceedings{luo2023dynacl, "
-                "title={Rethinking the Effect of Data Augmentation in Adversarial Contrastive Learning}, "
-                "author={Luo, Rundong and Wang, Yifei and Wang, Yisen}, booktitle={ICLR}, year={2023}}")
+    citation = CITATION["dynacl"]
     Options = DynACLOptions
     needs_attack = True
     wants_dual_bn = True

@@ -13,14 +13,13 @@ augmented views of each image (0 = the whole image once).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, AdversarialTraining, AdvTrainingOptions, Encoder, fp32, HostRandom, Method, opt
+from rsslctl import hookimpl, AdversarialTraining, Encoder, fp32, HostRandom, Method
+from rsslctl_plugins.methods.options import CITATION, EMPOptions, EMPAdvOptions
 
 
 def coding_rate(z: Tensor, eps: float = 0.2) -> Tensor:
@@ -46,27 +45,11 @@ def emp_loss(z: Tensor, n_views: int, eps: float = 0.2, inv_weight: float = 200.
         return -tcr_weight * tcr - inv_weight * inv, tcr, inv
 
 
-@dataclasses.dataclass
-class EMPOptions:
-    n_views: int = opt(20, "views (patches or crops) per image", min=2)
-    tcr_eps: float = opt(0.2, "ε of the coding rate (used directly, EMP-SSL convention)", min=1e-6)
-    inv_weight: float = opt(200.0, "λ, weight of the invariance term (--patch_sim)", min=0)
-    tcr_weight: float = opt(1.0, "weight of the total coding rate (--tcr)", min=0)
-    pre_dim: int = opt(4096, "pre-feature width (the evaluated representation)", min=1)
-    hidden_dim: int = opt(4096, "projector hidden width", min=1)
-    z_dim: int = opt(1024, "embedding width", min=1)
-    blur_p: float = opt(0.1, "Gaussian blur probability (σ in [0.1, 2])", min=0, max=1)
-    solarize_p: float = opt(0.1, "solarisation probability", min=0, max=1)
-    eval_views: int = opt(16, "bag-of-features views per image at evaluation (0 = whole image)", min=0)
-
-
 class EMPSSL(Method):
     """EMP-SSL: many views per image, total coding rate + invariance to the mean view."""
 
     name = "empssl"
-    citation = ("@article{tong2023empssl, "
-                "title={EMP-SSL: Towards Self-Supervised Learning in One Training Epoch}, author={Tong, "
-                "Shengbang and Chen, Yubei and Ma, Yi and LeCun, Yann}, journal={arXiv:2304.03977}, year={2023}}")
+    citation = CITATION["empssl"]
     Options = EMPOptions
 
     def __init__(self, options: EMPOptions, encoder: Encoder, attack, augment) -> None:
@@ -102,11 +85,6 @@ class EMPSSL(Method):
         return feats.view(n, x.shape[0], -1).mean(0)
 
 
-@dataclasses.dataclass
-class EMPAdvOptions(EMPOptions, AdvTrainingOptions):
-    pass
-
-
 class EMPSSLAdv(AdversarialTraining, EMPSSL):
     """Robust EMP-SSL: the EMP loss on adversarial views only, PGD-AT or free AT (free + crops = CF-AMC-SSL).
 
@@ -114,9 +92,7 @@ class EMPSSLAdv(AdversarialTraining, EMPSSL):
     reference: BN statistics also see the attack's forwards)."""
 
     name = "empssl_adv"
-    citation = ("@article{ghofrani2025cfamcssl, "
-                "title={Rapid Learning of Adversarially Robust Representations with Cost-Free Adversarial Multi-Crop Self-Supervised Learning}, "
-                "author={Ghofrani, Ali and Jamshidi, Fatemeh}, journal={arXiv:2501.03507}, year={2025}}")
+    citation = CITATION["empssl_adv"]
     Options = EMPAdvOptions
     needs_attack = True
 

@@ -7,13 +7,13 @@ as its estimate; the result is clamped below at N·e^{−1/τ}, its theoretical 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 from torch import Tensor
 
-from rsslctl import hookimpl, global_similarities, Method, multi_view, opt, positive_columns, self_mask
+from rsslctl import hookimpl, global_similarities, Method, multi_view, positive_columns, self_mask
+from rsslctl_plugins.methods.options import CITATION, HCLOptions
 
 
 def hcl_loss(z: Tensor, temperature: float = 0.5, beta: float = 1.0, tau_plus: float = 0.1,
@@ -39,21 +39,11 @@ def hcl_loss(z: Tensor, temperature: float = 0.5, beta: float = 1.0, tau_plus: f
     return -(pos / (pos + ng)).log().mean()
 
 
-@dataclasses.dataclass
-class HCLOptions:
-    temperature: float = opt(0.5, "temperature τ", min=1e-3)
-    beta: float = opt(1.0, "β: hardness of the negative re-weighting (0 = debiased contrastive loss)", min=0)
-    tau_plus: float = opt(0.1, "τ⁺: class prior, the expected share of same-class 'negatives'", min=0, max=0.99)
-    clamp: bool = opt(True, "clamp the negative term below at N·e^{−1/τ} (as the paper and its code)")
-
-
 class HCL(Method):
     """HCL: SimCLR with hard-negative re-weighting (β) and the debiased negative term (τ⁺)."""
 
     name = "hcl"
-    citation = ("@inproceedings{robinson2021hard, title={Contrastive Learning with Hard Negative Samples}, "
-                "author={Robinson, Joshua and Chuang, Ching-Yao and Sra, Suvrit and Jegelka, Stefanie}, "
-                "booktitle={ICLR}, year={2021}}")
+    citation = CITATION["hcl"]
     Options = HCLOptions
 
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -8,13 +8,12 @@ forward or backward pass. Here it is built on SimCLR's NT-Xent (two views, 2N �
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, global_similarities, Method, multi_view, opt, positive_columns, self_mask
+from rsslctl import hookimpl, global_similarities, Method, multi_view, positive_columns, self_mask
+from rsslctl_plugins.methods.options import CITATION, IFMOptions
 
 
 def ifm_nt_xent(z: Tensor, temperature: float = 0.5, epsilon: float = 0.1) -> Tensor:
@@ -30,21 +29,11 @@ def ifm_nt_xent(z: Tensor, temperature: float = 0.5, epsilon: float = 0.1) -> Te
     return F.cross_entropy(logits, pos[:, 0])
 
 
-@dataclasses.dataclass
-class IFMOptions:
-    temperature: float = opt(0.5, "NT-Xent temperature τ", min=1e-3)
-    epsilon: float = opt(0.1, "ε: budget of the implicit embedding-space perturbation (cosine units)", min=0, max=1)
-    alpha: float = opt(1.0, "α: loss = (L + α·L_ifm)/(1 + α) (the reference's --alpha)", min=0)
-    ifm_only: bool = opt(False, "train on L_ifm alone (the reference's --method ifm_only)")
-
-
 class IFM(Method):
     """IFM: SimCLR with implicit feature modification (closed-form ε-perturbation of the logits)."""
 
     name = "ifm"
-    citation = ("@inproceedings{robinson2021shortcuts, title={Can contrastive learning avoid shortcut solutions?}, "
-                "author={Robinson, Joshua and Sun, Li and Yu, Ke and Batmanghelich, Kayhan and Jegelka, Stefanie "
-                "and Sra, Suvrit}, booktitle={NeurIPS}, year={2021}}")
+    citation = CITATION["ifm"]
     Options = IFMOptions
 
     def training_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -17,15 +17,15 @@ Evaluation uses the full, unmasked ViT with its own pooling (``encoder.features`
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, Encoder, eval_mode, fp32, loss_and_grad, Method, multi_view, nt_xent, Number, opt, UserError
+from rsslctl import hookimpl, Encoder, eval_mode, fp32, loss_and_grad, Method, multi_view, nt_xent, UserError
+from rsslctl_plugins.methods.options import CITATION, MAEOptions
 
 
 def random_masking(n: int, length: int, ratio: float, device: torch.device | str = "cpu"
@@ -129,37 +129,11 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(self.blocks(x)))[:, self.prefix:]
 
 
-@dataclasses.dataclass
-class MAEOptions:
-    mask_ratio: float = opt(0.75, "fraction r of the patches masked per image", min=0.0, max=0.99)
-    norm_pix_loss: bool = opt(True, "target = per-patch normalised pixels (the paper's best setting)")
-    sincos_pos_embed: bool = opt(True, "replace the ViT's learned positional embedding by a fixed 2-D sin-cos one "
-                                       "(as the paper; needed by AdPE's coordinate mode)")
-    decoder_width: int = opt(128, "decoder embedding width (paper: 512)", min=4)
-    decoder_depth: int = opt(2, "decoder transformer blocks (paper: 8)", min=1, max=32)
-    decoder_heads: int = opt(4, "decoder attention heads (paper: 16)", min=1)
-    adversarial_weight: float = opt(0.5, "with an [attack]: a in (1 − a)·L(clean) + a·L(adversarial)", min=0, max=1)
-    contrastive_weight: float = opt(0.0, "λ of an NT-Xent term on two views' pooled encoder features (0 = off)",
-                                    min=0)
-    temperature: float = opt(0.5, "NT-Xent temperature τ of the contrastive term", min=1e-3)
-    adpe: Literal["off", "embedding", "coordinate"] = opt(
-        "off", "AdPE: perturb the positional embeddings (embedding) or the patch coordinates (coordinate)")
-    adpe_eps: Number = opt(0.5, "AdPE L∞ bound (embedding units, or patches in coordinate mode)", min=0)
-    adpe_step_size: Number = opt(0.25, "AdPE ascent step size", min=0)
-    adpe_steps: int = opt(1, "AdPE sign-gradient ascent steps per training step", min=1, max=100)
-    adpe_shared: bool = opt(False, "one perturbation for all patches (coordinate mode: a global shift of the grid, as "
-                                   "the authors' code) instead of one per patch")
-    adpe_persistent: bool = opt(False, "carry the AdPE perturbation over from step to step (warm start, kept in "
-                                       "checkpoints) instead of starting each step from 0")
-
-
 class MAE(Method):
     """MAE on a timm ViT; optional pixel-space PGD on the reconstruction (adversarial MIM), contrastive term, AdPE."""
 
     name = "mae"
-    citation = ("@inproceedings{he2022mae, title={Masked Autoencoders Are Scalable Vision Learners}, author={He, "
-                "Kaiming and Chen, Xinlei and Xie, Saining and Li, Yanghao and Doll{\\'a}r, Piotr and Girshick, Ross}, "
-                "booktitle={CVPR}, year={2022}}")
+    citation = CITATION["mae"]
     Options = MAEOptions
     backbone_kind = "vit"
 

@@ -12,13 +12,12 @@ MoCo's shuffle-BN across GPUs (identical on one device).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, ema_update, fp32, Method, momentum_copy, multi_view, NegativeQueue, opt, UserError
+from rsslctl import hookimpl, ema_update, fp32, Method, momentum_copy, multi_view, NegativeQueue, UserError
+from rsslctl_plugins.methods.options import CITATION, MoCHiOptions
 
 
 def mochi_negatives(q: Tensor, queue: Tensor, n_hard: int, s1: int, s2: int, beta_max: float = 0.5) -> Tensor:
@@ -51,25 +50,11 @@ def moco_loss(q: Tensor, k: Tensor, negatives: Tensor, temperature: float, extra
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
-@dataclasses.dataclass
-class MoCHiOptions:
-    temperature: float = opt(0.2, "InfoNCE temperature τ (MoCo v2: 0.2)", min=1e-3)
-    queue_size: int = opt(16384, "K: queue length (keep it well above the batch size)", min=1)
-    momentum: float = opt(0.999, "EMA factor m of the key encoder", min=0, max=1)
-    n_hard: int = opt(1024, "N: hardest queue negatives per query that are mixed", min=1)
-    s1: int = opt(1024, "s: synthetic negatives mixing two hard negatives", min=0)
-    s2: int = opt(512, "s′: synthetic negatives mixing the query with a hard negative", min=0)
-    beta_max: float = opt(0.5, "β of the query mixes is drawn from U(0, β_max)", min=0, max=0.5)
-    mix_from_epoch: int = opt(1, "first epoch with synthetic negatives (earlier epochs: plain MoCo v2)", min=1)
-
-
 class MoCHi(Method):
     """MoCHi: MoCo v2 with hard negatives synthesised by mixing the hardest queue entries (and the query)."""
 
     name = "mochi"
-    citation = ("@inproceedings{kalantidis2020mochi, title={Hard Negative Mixing for Contrastive Learning}, "
-                "author={Kalantidis, Yannis and Sariyildiz, Mert Bulent and Pion, Noe and Weinzaepfel, Philippe "
-                "and Larlus, Diane}, booktitle={NeurIPS}, year={2020}}")
+    citation = CITATION["mochi"]
     Options = MoCHiOptions
 
     @classmethod

@@ -29,20 +29,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, get_plugin, as_dict, Encoder, Method, opt, parse_number, UserError, validate
+from rsslctl import hookimpl, get_plugin, as_dict, Encoder, Method, parse_number, UserError, validate
+from rsslctl_plugins.methods.options import CITATION, MultitaskOptions
 
 #: keys of a task table handled here; every other key is an option of the task's method
 TASK_KEYS = ("weight", "method")
 #: modules every task holds by reference to the shared ones (stored once, under the multi-task method's own keys)
 SHARED = ("encoder", "augment")
 LABEL = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-
-
-@dataclasses.dataclass
-class MultitaskOptions:
-    tasks: dict[str, Any] = opt({"simclr": {"weight": 1.0}, "rotation": {"weight": 1.0}, "jigsaw": {"weight": 1.0}},
-                                "one table per task, [method.tasks.NAME]: weight (≥ 0), method (default NAME) and "
-                                "that method's options")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +88,7 @@ class Multitask(Method):
     """Multi-task pretraining: Σ_i w_i · L_i over registered methods sharing one encoder, each with its own heads."""
 
     name = "multitask"
-    citation = ("@misc{jaiswal_fan_multitask, title={Multi-task Self-supervised Transfer Learning for "
-                "Adversarial Robustness}, author={Jaiswal and Fan}}")
+    citation = CITATION["multitask"]
     Options = MultitaskOptions
 
     @classmethod

@@ -9,7 +9,6 @@ recipes set ``encoder.head_layers = 0``.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from typing import Callable
 
@@ -17,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, Attack, CoresetTarget, Encoder, eval_mode, fp32, Method, opt, UserError
+from rsslctl import hookimpl, Attack, CoresetTarget, Encoder, eval_mode, fp32, Method, UserError
+from rsslctl_plugins.methods.options import CITATION, SATOptions, JigsawOptions
 
 
 class ClassificationTask(Method):
@@ -77,19 +77,11 @@ class ClassifierTarget(CoresetTarget):
             return F.cross_entropy(self.head(f, "normal").float(), labels, reduction="none")
 
 
-@dataclasses.dataclass
-class SATOptions:
-    num_classes: int = opt(10, "number of classes of the training labels", min=2)
-
-
 class SAT(ClassificationTask):
     """Supervised adversarial training (Madry et al.): PGD-AT with the true labels."""
 
     name = "sat"
-    citation = ("@inproceedings{madry2018pgd, "
-                "title={Towards Deep Learning Models Resistant to Adversarial Attacks}, author={Madry, "
-                "Aleksander and Makelov, Aleksandar and Schmidt, Ludwig and Tsipras, Dimitris and Vladu, "
-                "Adrian}, booktitle={ICLR}, year={2018}}")
+    citation = CITATION["sat"]
     Options = SATOptions
     needs_attack = True
 
@@ -109,21 +101,13 @@ class Rotation(ClassificationTask):
     """Rotation prediction (Gidaris et al., 2018): every image in all four rotations, 4-way classification."""
 
     name = "rotation"
-    citation = ("@inproceedings{gidaris2018rotation, "
-                "title={Unsupervised Representation Learning by Predicting Image Rotations}, author={Gidaris, "
-                "Spyros and Singh, Praveer and Komodakis, Nikos}, booktitle={ICLR}, year={2018}}")
+    citation = CITATION["rotation"]
     num_outputs = 4
 
     def task(self, views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         x = torch.cat([torch.rot90(views, k, dims=(2, 3)) for k in range(4)])
         y = torch.arange(4, device=views.device).repeat_interleave(views.shape[0])
         return x, y
-
-
-@dataclasses.dataclass
-class JigsawOptions:
-    grid: int = opt(2, "tiles per side (the image size must be divisible by it)", min=2, max=4)
-    permutations: int = opt(24, "number of tile permutations to classify (fixed set, seeded)", min=2)
 
 
 def permutation_set(tiles: int, count: int, seed: int = 0) -> Tensor:
@@ -145,9 +129,7 @@ class Jigsaw(ClassificationTask):
     classify which permutation was applied."""
 
     name = "jigsaw"
-    citation = ("@inproceedings{noroozi2016jigsaw, "
-                "title={Unsupervised Learning of Visual Representations by Solving Jigsaw Puzzles}, "
-                "author={Noroozi, Mehdi and Favaro, Paolo}, booktitle={ECCV}, year={2016}}")
+    citation = CITATION["jigsaw"]
     Options = JigsawOptions
 
     def __init__(self, options: JigsawOptions, encoder: Encoder, attack, augment) -> None:

@@ -17,12 +17,11 @@ regulariser and attack see only the local batch's negatives (here the global bat
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
-from rsslctl import hookimpl, eval_mode, every_column, Method, MODES, multi_view, nt_xent, opt, pair_rows
+from rsslctl import hookimpl, eval_mode, every_column, Method, MODES, multi_view, nt_xent, pair_rows
+from rsslctl_plugins.methods.options import CITATION, RoCLOptions
 
 
 def instance_loss(z1: Tensor, z2: Tensor, z_adv: Tensor, temperature: float, one_sided: bool = False) -> Tensor:
@@ -42,20 +41,11 @@ def rocl_loss(z1: Tensor, z2: Tensor, z_adv: Tensor, temperature: float, lamda: 
             + nt_xent(pair_rows(za_reg, z2_reg), temperature, one_sided=one_sided) / lamda)
 
 
-@dataclasses.dataclass
-class RoCLOptions:
-    temperature: float = opt(0.5, "NT-Xent temperature τ", min=1e-3)
-    lamda: float = opt(256.0, "λ: the regulariser NT-Xent(x̃₁, x₂) is weighted 1/λ (reference --lamda)", min=1e-6)
-    one_sided: bool = opt(False, "reference quirk: similarities against a detached copy, gradients through one side "
-                                 "(in the loss and the attack objective)")
-
-
 class RoCL(Method):
     """RoCL: instance-wise PGD on view 1 against view 2; original, other view and adversarial view are positives."""
 
     name = "rocl"
-    citation = ("@inproceedings{kim2020rocl, title={Adversarial Self-Supervised Contrastive Learning}, "
-                "author={Kim, Minseon and Tack, Jihoon and Hwang, Sung Ju}, booktitle={NeurIPS}, year={2020}}")
+    citation = CITATION["rocl"]
     Options = RoCLOptions
     needs_attack = True
     # RobustSSL benchmark: RoCL has no row of its own, so it gets the table's default cell in every mode

@@ -11,30 +11,17 @@ classifiers are trained on. ``pre_dim = 0`` keeps the [encoder] head as the proj
 """
 from __future__ import annotations
 
-import dataclasses
-
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, AdversarialTraining, AdvTrainingOptions, Method, multi_view, nt_xent, opt, pair_rows, UserError
-
-
-@dataclasses.dataclass
-class SimCLRAdvOptions(AdvTrainingOptions):
-    temperature: float = opt(0.07, "NT-Xent temperature τ (CF-AMC-SSL: 0.07)", min=1e-3)
-    pre_dim: int = opt(0, "method-owned pre-feature width, the evaluated representation (CF-AMC-SSL: 4096; needs "
-                          "encoder.head_layers = 0); 0 = the [encoder] head projects, backbone features are evaluated",
-                       min=0)
-    hidden_dim: int = opt(4096, "with pre_dim: projector hidden width (Linear+BN+ReLU)", min=1)
-    z_dim: int = opt(128, "with pre_dim: embedding width (last Linear, no BN)", min=1)
+from rsslctl import hookimpl, AdversarialTraining, Method, multi_view, nt_xent, pair_rows, UserError
+from rsslctl_plugins.methods.options import CITATION, SimCLRAdvOptions
 
 
 class SimCLRAdv(AdversarialTraining, Method):
     """SimCLR with PGD-AT (or free AT) on the second view."""
 
     name = "simclr_adv"
-    citation = ("@article{ghofrani2025cfamcssl, "
-                "title={Rapid Learning of Adversarially Robust Representations with Cost-Free Adversarial Multi-Crop Self-Supervised Learning}, "
-                "author={Ghofrani, Ali and Jamshidi, Fatemeh}, journal={arXiv:2501.03507}, year={2025}}")
+    citation = CITATION["simclr_adv"]
     Options = SimCLRAdvOptions
     needs_attack = True
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, all_gather_objects, world_size, Attack, CoresetSelector, CoresetTarget, derive_seed, eval_mode, fp32, make_attack, Number, opt, rank, SelectionContext, UserError
+from rsslctl import hookimpl, all_gather_objects, world_size, Attack, CoresetSelector, CoresetTarget, derive_seed, eval_mode, fp32, make_attack, rank, SelectionContext, UserError
+from rsslctl_plugins.selectors.options import CITATION, RCSOptions
 
 
 def representational_divergence(nat: Tensor, adv: Tensor, kind: str) -> Tensor:
@@ -152,26 +153,6 @@ def differentiate_only(target: CoresetTarget) -> Iterator[None]:
             p.requires_grad_(w)
 
 
-@dataclasses.dataclass
-class RCSOptions:
-    unit: int = opt(0, "images per selection unit; 0 = one training minibatch (reference); finer units must divide "
-                       "the batch size", min=0)
-    head_lr: float = opt(0.01, "learning rate of the one-step layer update after each pick (Coreset_lr); "
-                               "0 = no update (plain top-k by gradient match, no full gradients kept)", min=0)
-    double_step: bool = opt(False, "reference behaviour: the update is applied twice (effective 2·head_lr)")
-    divergence: Literal["auto", "minmax_kl", "softmax_kl"] = opt(
-        "auto", "RD: minmax_kl (small-scale ACL-RCS), softmax_kl (ImageNet, SAT-RCS); auto = the target's default")
-    attack: str = opt("pgd", "attack plugin maximising RD on the validation set")
-    eps: Number = opt(8 / 255, "RD attack radius", min=0)
-    step_size: Number = opt(2 / 153, "RD attack step (reference: (10/255)/3)", min=0)
-    steps: int = opt(3, "RD attack iterations (reference: 3; ImageNet variants: 1)", min=1)
-    reattack: bool = opt(True, "regenerate the adversarial validation examples after each pick (reference); "
-                               "false = attack once per round, recompute only the gradient")
-    clamp_start: bool = opt(True, "clip the RD attack's random start into [0, 1] (false = reference PGD)")
-    chunk: int = opt(0, "greedy search locally within chunks of this many units, budget split proportionally, "
-                        "layers reset after each chunk (ImageNet variant); 0 = one global search", min=0)
-
-
 def greedy(sketches: Tensor, picks: int, val_sketch: Callable[[], Tensor], step: Callable[[int], None]) -> list[int]:
     """Pick ``picks`` rows of ``sketches`` [U, D] one at a time by largest dot product with the current validation
     sketch; after each pick but the last, ``step(row)`` updates the model and the validation sketch is recomputed."""
@@ -203,10 +184,7 @@ class RCS(CoresetSelector):
     """RCS: greedy selection matching training gradients to the validation RD gradient (robustness-aware)."""
 
     name = "rcs"
-    citation = ("@inproceedings{xu2023rcs, "
-                "title={Efficient Adversarial Contrastive Learning via Robustness-Aware Coreset Selection}, "
-                "author={Xu, Xilie and Zhang, Jingfeng and Liu, Feng and Sugiyama, Masashi and Kankanhalli, "
-                "Mohan}, booktitle={NeurIPS}, year={2023}}")
+    citation = CITATION["rcs"]
     Options = RCSOptions
     needs_validation = True
     needs_target = True

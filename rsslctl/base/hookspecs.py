@@ -37,3 +37,9 @@ def rsslctl_datasets() -> list[type]:
 @hookspec
 def rsslctl_commands() -> list:
     """Extra CLI verbs: ``click.Command`` objects added to ``rsslctl`` (e.g. a method's post-processing step)."""
+
+
+@hookspec
+def rsslctl_declarations() -> list:
+    """Lazy declarations (``rsslctl.base.registry.Declared``) of plugins implemented in other modules of the same
+    distribution, from a torch-free module in the ``rsslctl.declarations`` entry-point group."""

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from rsslctl.base import registry
-from rsslctl.run.recipe import PLUGIN_TABLES, Recipe
+from rsslctl.run.recipe import OFF, PLUGIN_TABLES, Recipe
 from rsslctl.run.directory import load_run_recipe
 from rsslctl.cli.common import user_errors
 
@@ -32,14 +32,16 @@ def format_bibtex(entry: str) -> str:
 
 def run_citations(recipe: Recipe) -> list[tuple[str, str]]:
     """(what, BibTeX) for each plugin the recipe uses, plus the evaluation attacks; duplicates once."""
-    used = [(f"{kind} '{getattr(recipe, slot).name}'", getattr(recipe, slot).cls)
-            for kind, slot in PLUGIN_TABLES.values() if getattr(recipe, slot) is not None and getattr(recipe, slot).cls]
+    reg = registry.registry()  # citations are declared: no plugin module is imported for them
+    used = [(kind, getattr(recipe, slot).name) for kind, slot in PLUGIN_TABLES.values()
+            if getattr(recipe, slot) is not None and getattr(recipe, slot) is not OFF]
+    used = [(f"{kind} '{name}'", reg.info(kind, name).citation) for kind, name in used]
     for name in (recipe.evaluation.attack, recipe.evaluation.single_step_attack):
-        used.append((f"evaluation attack '{name}'", registry.get("attack", name)))
+        used.append((f"evaluation attack '{name}'", reg.info("attack", name).citation))
     out: dict[str, list[str]] = {}
-    for what, cls in used:
-        if cls.citation:
-            out.setdefault(cls.citation, []).append(what)
+    for what, citation in used:
+        if citation:
+            out.setdefault(citation, []).append(what)
     return [(", ".join(whats), bib) for bib, whats in out.items()]
 
 
@@ -48,6 +50,6 @@ def run_citations(recipe: Recipe) -> list[tuple[str, str]]:
 @user_errors
 def cite(run_dir: Path) -> None:
     """Print the BibTeX of the methods, attacks, backbone and datasets RUN_DIR used (and of rsslctl)."""
-    for what, bib in run_citations(load_run_recipe(run_dir)):
+    for what, bib in run_citations(load_run_recipe(run_dir, load_plugins=False)):
         click.echo(f"% {what}\n{format_bibtex(bib)}\n")
     click.echo(f"% the toolkit\n{format_bibtex(SELF)}")

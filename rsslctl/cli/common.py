@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import click
-from rich.markup import escape
 
 from rsslctl.base.errors import UserError
 from rsslctl.base.limits import check_number
-from rsslctl.base.console import console, err_console
 
 
 def _one_line(text: str) -> str:
@@ -24,6 +22,9 @@ def _one_line(text: str) -> str:
 
 def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` as one line on stderr and exit with ``code``."""
+    from rich.markup import escape  # rich is imported when there is something to print: `--help` stays cheap
+
+    from rsslctl.base.console import err_console
     err_console.print(f"[bold red]error:[/] {escape(_one_line(message))}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
@@ -42,7 +43,9 @@ def os_error_message(exc: OSError) -> str:
 def _out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
-    import torch
+    torch = sys.modules.get("torch")
+    if torch is None:  # not imported: the error cannot be torch's
+        return False
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
@@ -52,16 +55,18 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     with code 2, an interrupt (SIGINT or SIGTERM) with 128 + the signal, anything unexpected with 1."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from rsslctl.runtime import distributed
-        distributed.mute_other_ranks()  # under torchrun only rank 0 prints, errors included
+        _mute_other_ranks()  # under torchrun only rank 0 prints, errors included
         try:
             with interrupts_as_keyboard_interrupt():
                 out = fn(*args, **kwargs)
-            distributed.shutdown()
+            distributed = sys.modules.get("rsslctl.runtime.distributed")
+            if distributed is not None:  # not imported = no process group to leave (and no torch to import)
+                distributed.shutdown()
             return out
         except UserError as exc:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt as exc:
+            from rsslctl.base.console import err_console
             signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
             name = signal.Signals(signum).name
             err_console.print(f"interrupted ({name}); whatever was checkpointed is kept: continue a pretraining run "
@@ -82,6 +87,13 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail(f"internal error: {type(exc).__name__}: {exc} (please report it; RSSLCTL_TRACEBACK=1 shows the "
                  "traceback)", 1)
     return wrapper
+
+
+def _mute_other_ranks() -> None:
+    """``distributed.mute_other_ranks`` without importing torch when no launcher started this process."""
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        from rsslctl.runtime import distributed
+        distributed.mute_other_ranks()
 
 
 @contextlib.contextmanager
@@ -134,7 +146,7 @@ def _flag_default(s: Any) -> Any:
 
 def _suite_settings() -> list[Any]:
     from rsslctl.eval.metrics import declared
-    from rsslctl.eval.suite import SuiteOptions
+    from rsslctl.eval.options import SuiteOptions
     return [s for s in declared(SuiteOptions) if s.flag != "-"]
 
 
@@ -156,7 +168,7 @@ def suite_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def suite_from_flags(kw: dict[str, Any]) -> Any:
     """The ``SuiteOptions`` of the suite's flags (``kw`` holds them by parameter name), each checked."""
-    from rsslctl.eval.suite import SuiteOptions
+    from rsslctl.eval.options import SuiteOptions
     scale = 255 if kw["norm"] == "linf" else 1
     fields = {f.name for f in dataclasses.fields(SuiteOptions)}
     values: dict[str, Any] = {}
@@ -193,6 +205,7 @@ def suite_from_flags(kw: dict[str, Any]) -> Any:
 def show_report(report: dict[str, Any], out_dir: Path, as_json: bool) -> None:
     import json
 
+    from rsslctl.base.console import console
     from rsslctl.eval.suite import report_table
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -6,16 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
-from rsslctl.runtime import distributed
-from rsslctl.run.build import load_split, load_trained_method, setup_device
-from rsslctl.runtime.checkpoint import atomic_write_text
-from rsslctl.train.classify import Classifier, accuracy, extract_features, train_linear_probe
 from rsslctl.base.errors import UserError
-from rsslctl.train.monitor import embedding_plot, knn_accuracy
 from rsslctl.run.directory import load_run_recipe, refuse_existing
-from rsslctl.eval.suite import SuiteOptions, evaluate_finetuned
+from rsslctl.eval.options import SuiteOptions
 from rsslctl.base.console import console, summary_table
 from rsslctl.cli.common import SET, show_report, suite_from_flags, suite_options, user_errors
 
@@ -27,6 +21,13 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True, k
                  plot_embedding: bool = False) -> dict[str, Any]:
     """Linear probe + clean/robust accuracy of the newest checkpoint of ``run_dir`` (and, if asked, weighted kNN
     accuracy and a t-SNE plot of the test features); writes eval.json."""
+    import torch  # here, not at the top: `rsslctl evaluate --help` imports no torch
+
+    from rsslctl.runtime import distributed
+    from rsslctl.run.build import load_split, load_trained_method, setup_device
+    from rsslctl.runtime.checkpoint import atomic_write_text
+    from rsslctl.train.classify import Classifier, accuracy, extract_features, train_linear_probe
+    from rsslctl.train.monitor import embedding_plot, knn_accuracy
     run_dir = Path(run_dir)
     refuse_existing(run_dir / EVAL_FILE, "evaluation", force)
     recipe = load_run_recipe(run_dir, overrides)
@@ -91,6 +92,7 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool, mode: str
     if not Path(run_dir).is_dir():
         raise UserError(f"{run_dir}: run directory not found")
     if mode:
+        from rsslctl.eval.suite import evaluate_finetuned
         modes = ["SLF", "ALF", "AFF"] if mode == "ALL" else [mode]
         show_report(evaluate_finetuned(run_dir, modes, suite_from_flags(kw), list(overrides), force), run_dir, as_json)
         return

@@ -6,13 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from rsslctl.base import registry
-from rsslctl.run.build import load_trained_method
-from rsslctl.runtime.checkpoint import CKPT_DIR, atomic_write_text, save_tensors
-from rsslctl.train.classify import load_classifier, mode_dir
-from rsslctl.nn.encoder import single_bn_state
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import validate
 from rsslctl.run.directory import RECIPE_FILE, check_output, load_run_recipe
@@ -24,6 +19,11 @@ def export_encoder(run_dir: Path, out: Path | None = None, route: str = "auto", 
                    ) -> tuple[Path, dict[str, Any]]:
     """Write the backbone alone (one BN route) as safetensors in the backbone library's own key layout, plus its
     description as JSON beside it; existing files are only replaced with ``force``."""
+    import torch  # here, not at the top: `rsslctl export --help` imports no torch
+
+    from rsslctl.nn.encoder import single_bn_state
+    from rsslctl.run.build import load_trained_method
+    from rsslctl.runtime.checkpoint import CKPT_DIR, atomic_write_text, save_tensors
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "encoder.safetensors"
     if out.suffix != ".safetensors":
@@ -52,6 +52,10 @@ def export_encoder(run_dir: Path, out: Path | None = None, route: str = "auto", 
 def export_classifier(run_dir: Path, mode: str, out: Path | None = None, force: bool = False) -> tuple[Path, Path]:
     """Write the fine-tuned classifier of ``run_dir/finetune/<mode>`` in the backbone library's own layout (classifier
     included) plus a Python module with ``load_model(path)``; returns (weights, module)."""
+    import torch
+
+    from rsslctl.runtime.checkpoint import atomic_write_text, save_tensors
+    from rsslctl.train.classify import load_classifier, mode_dir
     out = Path(out) if out else Path(run_dir) / f"classifier_{mode}.safetensors"
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: name a .safetensors file (its loading module is written beside it as .py)")

@@ -10,29 +10,23 @@ import os
 import shutil
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from rsslctl.runtime import distributed
 from rsslctl.base import registry
-from rsslctl.adversary.attack import make_attack
-from rsslctl.run.build import load_train_split, load_trained_method, setup_device
-from rsslctl.runtime.checkpoint import atomic_write_text, nonfinite, pid_alive, refuse_nonfinite, save_tensors
-from rsslctl.train.classify import (Classifier, FinetuneConfig, LoopSettings, balanced_subset, build_backbone,
-    crop_flip, encoder_classifier, load_strict, mode_dir, resolve_configs, trades_adversary, trades_loss,
-    train_classifier)
-from rsslctl.nn.encoder import IMAGENET_MEAN, IMAGENET_STD, collapse_bn_state, single_bn_state
+from rsslctl.nn.options import IMAGENET_MEAN, IMAGENET_STD
 from rsslctl.base.errors import TrainingDiverged, UserError
-from rsslctl.method.base import FinetuneRows
 from rsslctl.run.recipe import Recipe, resolve, shipped_defaults
 from rsslctl.run.directory import RECIPE_FILE, load_run_recipe, refuse_existing
-from rsslctl.eval.suite import evaluate_finetuned
-from rsslctl.base.console import console
 from rsslctl.cli.common import SET, parse_eps, show_report, suite_from_flags, suite_options, user_errors
+
+if TYPE_CHECKING:  # the torch side is imported inside the functions: `rsslctl finetune --help` imports no torch
+    import torch
+    from torch import Tensor
+
+    from rsslctl.method.base import FinetuneRows
+    from rsslctl.train.classify import Classifier, FinetuneConfig
 
 
 def finetune_rows() -> FinetuneRows:
@@ -60,6 +54,8 @@ class Pretrained:
     def net(self, num_classes: int, dual: bool) -> Classifier:
         """Fresh classifier initialised from the ``pgd`` route (or both routes when ``dual``); random weights for the
         no-pretraining baseline."""
+        from rsslctl.nn.encoder import collapse_bn_state
+        from rsslctl.train.classify import build_backbone, encoder_classifier, load_strict
         dual = dual and self.dual_bn
         net = encoder_classifier(build_backbone(self.backbone), self.mean, self.std, num_classes, dual)
         if not self.random_init:
@@ -78,6 +74,9 @@ def random_source(model: str, cifar_stem: bool | None) -> Pretrained:
 def from_run(run_dir: Path, overrides: list[str] = ()) -> Pretrained:
     """The newest checkpoint of a pretraining run (the encoder a method exports for evaluation). A run that a
     post-processing step wrote may name its own hyper-parameter row in the checkpoint's metadata."""
+    import torch
+
+    from rsslctl.run.build import load_trained_method
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir, overrides)
     method, ckpt, meta = load_trained_method(run_dir, recipe, torch.device("cpu"), "fine-tune")
@@ -95,6 +94,8 @@ def from_safetensors(weights: Path, model: str | None, cifar_stem: bool | None) 
     (model, stem, mean/std)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from rsslctl.runtime.checkpoint import refuse_nonfinite
     weights = Path(weights)
     if not weights.is_file():
         raise UserError(f"--weights: file not found: {weights.resolve()}")
@@ -140,6 +141,11 @@ def downstream_recipe(base: dict[str, Any], data: str | None, data_root: str | N
 def train(cfg: FinetuneConfig, net: Classifier, images: Tensor, labels: Tensor, device: torch.device,
           precision: str = "fp32", log: Any = None, quiet: bool = True) -> dict[str, float]:
     """Fine-tune ``net`` in place with ``cfg``; images uint8 on ``device``. Returns the last epoch's metrics."""
+    import torch
+    import torch.nn.functional as F
+
+    from rsslctl.adversary.attack import make_attack
+    from rsslctl.train.classify import LoopSettings, crop_flip, trades_adversary, trades_loss, train_classifier
     encoder = net.body
     clean_route = "normal" if encoder.dual_bn else "pgd"  # AFF, dual BN: clean TRADES term on the normal route
     linear = cfg.mode in ("SLF", "ALF")
@@ -175,6 +181,8 @@ def train(cfg: FinetuneConfig, net: Classifier, images: Tensor, labels: Tensor, 
 def _train_mode(cfg: FinetuneConfig, source: Pretrained, net: Classifier, subset: Any, classes: list[str],
                 num_classes: int, recipe: Recipe, device: torch.device, tmp: Path, quiet: bool) -> dict[str, Any]:
     """Train one mode into the temporary directory ``tmp``; return its config.json record."""
+    from rsslctl.nn.encoder import single_bn_state
+    from rsslctl.runtime.checkpoint import atomic_write_text, nonfinite, save_tensors
     tmp.mkdir(parents=True)
     with open(tmp / "metrics.jsonl", "w") as log:
         summary = train(cfg, net, subset.images.to(device), subset.labels.to(device), device,
@@ -196,6 +204,13 @@ def _train_mode(cfg: FinetuneConfig, source: Pretrained, net: Classifier, subset
 def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConfig, ...], out_dir: Path,
              force: bool = False, quiet: bool = False) -> dict[str, dict[str, Any]]:
     """Run each config; write <out_dir>/finetune/<MODE>/{model.safetensors, config.json, metrics.jsonl}."""
+    import torch
+
+    from rsslctl.base.console import console
+    from rsslctl.runtime import distributed
+    from rsslctl.run.build import load_train_split, setup_device
+    from rsslctl.runtime.checkpoint import pid_alive
+    from rsslctl.train.classify import balanced_subset, mode_dir
     out_dir = Path(out_dir)
     for c in configs:
         refuse_existing(mode_dir(out_dir, c.mode), "fine-tuning output", force)
@@ -278,6 +293,10 @@ def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, we
              out_dir: Path | None, data: str | None, data_root: str | None, image_size: int | None, pretraining: str,
              overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool, then_evaluate: bool, **kw: Any) -> None:
     """Fine-tune a pretrained encoder (SLF / ALF / AFF, see docs/methods.md) and evaluate it."""
+    from rsslctl.adversary.attack import make_attack
+    from rsslctl.eval.suite import evaluate_finetuned
+    from rsslctl.runtime import distributed
+    from rsslctl.train.classify import mode_dir, resolve_configs
     random_init, train_attack = kw.pop("random_init"), kw.pop("train_attack")
     if train_attack is not None:
         if mode in ("SLF", "AFF"):

@@ -4,16 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 from rich.markup import escape
 from rich.table import Table
 
 from rsslctl.base.options import describe
 from rsslctl.base.errors import DataMissing, UserError
 from rsslctl.run.recipe import dumps_toml, load, shipped_recipes
-from rsslctl.run.build import build_method
 from rsslctl.run.directory import refuse_existing
-from rsslctl.run.validate import check_run
 from rsslctl.base.registry import registry
 from rsslctl.base.console import console
 from rsslctl.cli.common import SET, user_errors
@@ -28,11 +25,12 @@ def plugins(show_options: bool) -> None:
     for col in ("kind", "name", "package", "version", "description"):
         table.add_column(col)
     for info in registry().all():
-        desc = f"[red]{'failed to load: ' if info.kind != 'command' and info.cls is None else ''}{escape(info.error)}[/]" \
+        usable = info.declared is not None or info.cls is not None  # declared: not imported, not failed
+        desc = f"[red]{'failed to load: ' if info.kind != 'command' and not usable else ''}{escape(info.error)}[/]" \
             if info.error else escape(info.doc)
         table.add_row(info.kind, info.name, info.package, info.version, desc)
-        if show_options and info.cls is not None:
-            for name, tname, default, help_ in describe(info.cls.Options):
+        if show_options and usable and info.kind != "command":
+            for name, tname, default, help_ in describe(info.options):
                 table.add_row("", f"  .{name}", "", "", f"{tname} = {default!r}  {help_}")
     console.print(table)
 
@@ -50,6 +48,10 @@ def recipe_show(recipe_file: Path, overrides: tuple[str, ...]) -> None:
     """Print the fully resolved recipe (all defaults filled in) after validation: the same checks as `pretrain`
     makes before training (the model is built, the training split's size read; nothing is trained)."""
     resolved = load(recipe_file, list(overrides))
+    import torch
+
+    from rsslctl.run.build import build_method
+    from rsslctl.run.validate import check_run
     try:
         check_run(resolved)
     except DataMissing as exc:  # the recipe may be fine; this machine lacks the files

@@ -6,12 +6,25 @@ from pathlib import Path
 
 import click
 
-from rsslctl.runtime import distributed
-from rsslctl.train.engine import Trainer
 from rsslctl.base.errors import UserError
 from rsslctl.run.recipe import load
 from rsslctl.run.directory import RunLock, check_replaceable, load_run_recipe, prepare_run_dir, refuse_existing
 from rsslctl.cli.common import SET, user_errors
+
+
+def _trainer() -> type:
+    """The engine's ``Trainer``, imported on first use (it imports torch): a module attribute, so a test can stand in
+    for it (``monkeypatch.setattr(pretrain, "Trainer", …)``)."""
+    if "Trainer" not in globals():
+        from rsslctl.train.engine import Trainer
+        globals()["Trainer"] = Trainer
+    return globals()["Trainer"]
+
+
+def __getattr__(name: str) -> type:
+    if name == "Trainer":
+        return _trainer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @click.command()
@@ -35,6 +48,8 @@ def pretrain(recipe_file: Path | None, overrides: tuple[str, ...], run_dir: Path
         if not Path(resume_dir).is_dir():
             raise UserError(f"{resume_dir}: run directory not found")
         recipe = load_run_recipe(resume_dir)
+        from rsslctl.runtime import distributed
+        Trainer = _trainer()  # noqa: N806 — the class, as the tests may have replaced it
         with (RunLock(resume_dir, "resuming pretraining") if distributed.is_main() else contextlib.nullcontext()):
             Trainer(recipe, resume_dir, quiet=quiet).fit(resume=True, from_checkpoint=from_checkpoint)
         return
@@ -42,7 +57,9 @@ def pretrain(recipe_file: Path | None, overrides: tuple[str, ...], run_dir: Path
         raise UserError("--from-checkpoint goes with --resume RUN_DIR")
     if recipe_file is None:
         raise UserError("missing RECIPE_FILE; e.g. `rsslctl pretrain recipes/quickstart.toml` (or --resume RUN_DIR)")
-    recipe = load(recipe_file, list(overrides))
+    recipe = load(recipe_file, list(overrides))  # a typo is refused here, before torch is imported
+    from rsslctl.runtime import distributed
+    Trainer = _trainer()  # noqa: N806
     run_dir = Path(run_dir) if run_dir else Path(recipe.run.output_dir) / recipe.run.name
     refuse_existing(run_dir, "run directory", force, f", --resume {run_dir} to continue it, or --set run.name=NEW")
     check_replaceable(run_dir, [Path(recipe.run.output_dir)])

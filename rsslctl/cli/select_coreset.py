@@ -6,14 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from rsslctl import __version__
-from rsslctl.runtime import distributed
-from rsslctl.run.build import build_method, load_train_split, load_weights, setup_device
-from rsslctl.runtime.checkpoint import CKPT_DIR, load_latest, refuse_nonfinite
-from rsslctl.runtime.seeding import derive_seed
-from rsslctl.method.coreset import CoresetRun, SelectionContext, encoder_sha256, run_selector, save_selection
 from rsslctl.base.errors import UserError
 from rsslctl.run.recipe import NONE, load_raw, resolve, shipped_defaults
 from rsslctl.run.directory import RECIPE_FILE, check_output
@@ -25,6 +19,13 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
                       overrides: list[str] = (), force: bool = False) -> dict[str, Any]:
     """Select a coreset once with the encoder of ``run_dir`` (its newest checkpoint) or, with a recipe, of the
     freshly initialised model; write indices + metadata to ``out``; return the metadata."""
+    import torch  # here, not at the top: `rsslctl select-coreset --help` imports no torch
+
+    from rsslctl.runtime import distributed
+    from rsslctl.run.build import build_method, load_train_split, load_weights, setup_device
+    from rsslctl.runtime.checkpoint import CKPT_DIR, load_latest, refuse_nonfinite
+    from rsslctl.runtime.seeding import derive_seed
+    from rsslctl.method.coreset import CoresetRun, SelectionContext, encoder_sha256, run_selector, save_selection
     if (recipe_file is None) == (run_dir is None):
         raise UserError("select-coreset: pass either a RECIPE file or --run-dir RUN (whose current encoder is used)")
     if not 0 < fraction <= 1:

@@ -12,18 +12,16 @@ do not load as they are; ``rsslctl import`` converts them into a run directory.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from rsslctl.base.errors import UserError
-from rsslctl.base.options import Plugin, opt
+from rsslctl.base.options import Plugin
+from rsslctl.nn.options import IMAGENET_MEAN, IMAGENET_STD, EncoderOptions  # noqa: F401 (re-exported)
 
 ROUTES = ("normal", "pgd")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Backbone(Plugin):
@@ -44,18 +42,6 @@ class Backbone(Plugin):
         """(prefix of the library's own classifier keys, Python source defining ``load_model(path)``) for exporting a
         fine-tuned classifier that loads without rsslctl; ('', '') when the backbone cannot."""
         return "", ""
-
-
-@dataclasses.dataclass
-class EncoderOptions:
-    """The recipe's [encoder] section."""
-
-    dual_bn: Literal["auto", "on", "off"] = opt("auto", "separate BN for clean/adversarial inputs; auto = what the method asks for")
-    head_layers: int = opt(3, "projection-head linear layers (0 = no head)", min=0, max=8)
-    head_hidden: int = opt(0, "hidden width of the head (0 = backbone feature width)", min=0)
-    head_dim: int = opt(0, "output width of the head (0 = backbone feature width)", min=0)
-    mean: tuple[float, float, float] = opt(IMAGENET_MEAN, "per-channel mean used inside the model")
-    std: tuple[float, float, float] = opt(IMAGENET_STD, "per-channel std used inside the model")
 
 
 class DualBatchNorm(nn.Module):

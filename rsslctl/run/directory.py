@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Collection, Iterable
 
-from rsslctl.runtime.checkpoint import atomic_write_text
 from rsslctl.base.errors import UserError
 from rsslctl.run.recipe import Recipe, dumps_toml, load
 
@@ -134,6 +133,7 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path | None, force: bool, lock: Run
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+        from rsslctl.runtime.checkpoint import atomic_write_text  # torch: only when a run directory is written
         atomic_write_text(run_dir / MARKER, json.dumps({"format": "rsslctl-run/1"}) + "\n")
         atomic_write_text(run_dir / RECIPE_FILE, dumps_toml(recipe.resolved))
     finally:
@@ -142,10 +142,11 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path | None, force: bool, lock: Run
     return run_dir
 
 
-def load_run_recipe(run_dir: Path, overrides: list[str] = (), only: Collection[str] | None = None) -> Recipe:
+def load_run_recipe(run_dir: Path, overrides: list[str] = (), only: Collection[str] | None = None,
+                    load_plugins: bool = True) -> Recipe:
     """The resolved recipe a run directory holds (+ overrides); options added since the run was written keep the
     behaviour it was made with (see ``opt(earlier=...)``)."""
     path = Path(run_dir) / RECIPE_FILE
     if not path.is_file():
         raise UserError(f"{run_dir}: not a run directory (no {RECIPE_FILE}); pass the directory `rsslctl pretrain` created")
-    return load(path, overrides, only, saved=True)
+    return load(path, overrides, only, load_plugins, saved=True)

@@ -19,7 +19,6 @@ from typing import Any, Callable, Literal
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import opt
 from rsslctl.base.console import console
-from rsslctl.runtime.distributed import is_main
 
 
 @dataclasses.dataclass
@@ -40,6 +39,7 @@ class LoggingOptions:
 
 def main_only(logging: LoggingOptions) -> LoggingOptions:
     """The [logging] options on rank 0; on the other ranks the same with every writer switched off."""
+    from rsslctl.runtime.distributed import is_main  # torch: only when a run starts, not for recipe checks
     return logging if is_main() else dataclasses.replace(logging, tensorboard=False, csv=False, wandb=False)
 
 

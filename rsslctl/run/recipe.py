@@ -4,6 +4,10 @@ A recipe is a set of tables. Plugin tables (``data``, ``backbone``, ``method``, 
 ``name`` (the plugin) next to the core keys and the plugin's own options, all in one flat table. Names a recipe
 leaves out come from the shipped ``defaults.toml``. The resolved recipe (every default filled in) is what runs and
 what is written to the run directory.
+
+Validation comes in two passes: every key, type and range first, from the plugins' (declared) Options alone, so a
+typo is refused without importing torch or any plugin module; then the plugin classes are loaded and their own
+``check_options`` run (e.g. a timm model name).
 """
 from __future__ import annotations
 
@@ -16,15 +20,13 @@ from typing import Any, Collection, Literal
 
 from rsslctl.base.console import err_console
 from rsslctl.base import registry
-from rsslctl.adversary.attack import make_attack
-from rsslctl.data.augment import AugmentOptions
-from rsslctl.method.coreset import CoresetOptions, check_options as check_coreset
-from rsslctl.nn.encoder import EncoderOptions
+from rsslctl.data.options import AugmentOptions
+from rsslctl.method.options import CoresetOptions, check_options as check_coreset
+from rsslctl.nn.options import EncoderOptions, OptimizerOptions, ScheduleOptions
 from rsslctl.base.errors import UserError
 from rsslctl.base.limits import MAX_BATCH, MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_SEED, MAX_STEPS, check_recipe
 from rsslctl.run.logs import LoggingOptions
 from rsslctl.base.options import Number, as_dict, closest, opt, validate
-from rsslctl.nn.optim import OptimizerOptions, ScheduleOptions
 
 MAX_RECIPE_BYTES = 1 << 20
 NONE = "none"  # the plugin name that switches an optional plugin table off
@@ -226,27 +228,45 @@ def _plugin_name(value: Any, where: str) -> str:
 
 def _plugin_table(table: str, values: dict[str, Any], name: str, where: str,
                   saved: bool = False) -> tuple[Any, Slot, dict[str, Any]]:
-    """(core options, plugin slot, resolved table) of one plugin table; ``saved``: the table comes from a run
-    directory, so options it predates keep their ``earlier`` value."""
+    """(core options, plugin slot, resolved table) of one plugin table, checked against the plugin's Options only:
+    the slot's ``cls`` is None until ``_load_plugins``. ``saved``: the table comes from a run directory, so options
+    it predates keep their ``earlier`` value."""
     core_cls = CORE[table]
     kind = PLUGIN_TABLES[table][0]
     core_keys = {f.name for f in dataclasses.fields(core_cls)} if core_cls else set()
     if name == NONE:  # switched off; its core keys still apply (e.g. coreset.indices_file), other keys are ignored
         core = validate(core_cls, {k: v for k, v in values.items() if k in core_keys}, where) if core_cls else None
         return core, OFF, {"name": NONE, **(as_dict(core) if core else {})}
-    cls = registry.get(kind, name, f"{where}.name")
-    plugin_keys = {f.name for f in dataclasses.fields(cls.Options)}
+    info = registry.registry().info(kind, name, f"{where}.name")  # declared plugins: no import of their module
+    plugin_keys = {f.name for f in dataclasses.fields(info.options)}
     everything = core_keys | plugin_keys | {"name"}
     for key in values:
         if key not in everything:
             valid = sorted(everything)
             raise UserError(f"{where}: unknown key '{key}'{closest(key, valid)}; valid keys: {', '.join(valid)}")
     if saved:
-        values = {**earlier_values(cls.Options, values, f"{where}"), **values}
+        values = {**earlier_values(info.options, values, where), **values}
     core = validate(core_cls, {k: v for k, v in values.items() if k in core_keys}, where) if core_cls else None
-    options = validate(cls.Options, {k: v for k, v in values.items() if k in plugin_keys}, where)
-    cls.check_options(options, where)
-    return core, Slot(name, cls, options), {"name": name, **(as_dict(core) if core else {}), **as_dict(options)}
+    options = validate(info.options, {k: v for k, v in values.items() if k in plugin_keys}, where)
+    return core, Slot(name, None, options), _resolved_table(name, core, options)
+
+
+def _resolved_table(name: str, core: Any, options: Any) -> dict[str, Any]:
+    return {"name": name, **(as_dict(core) if core else {}), **as_dict(options)}
+
+
+def _load_plugins(parts: dict[str, Any], resolved: dict[str, dict[str, Any]], where: str) -> None:
+    """The second pass: load each plugin's class into its slot and run the plugin's own checks (which may fill in
+    options, so the resolved table is written again)."""
+    for table, (kind, slot) in PLUGIN_TABLES.items():
+        part = parts.get(slot)
+        if part is None or part is OFF:
+            continue
+        cls = registry.get(kind, part.name, f"{where}: {table}.name")
+        cls.check_options(part.options, f"{where}: {table}")
+        parts[slot] = Slot(part.name, cls, part.options)
+        core = parts.get(table) if CORE[table] is not None else None  # backbone, method, attack: no core keys
+        resolved[table] = _resolved_table(part.name, core, part.options)
 
 
 def earlier_values(options_cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
@@ -261,14 +281,15 @@ def earlier_values(options_cls: type, values: dict[str, Any], where: str) -> dic
 
 
 def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "",
-            only: Collection[str] | None = None, saved: bool = False) -> Recipe:
+            only: Collection[str] | None = None, load_plugins: bool = True, saved: bool = False) -> Recipe:
     """Validate ``raw`` (+ overrides) completely; raise UserError with one line on the first problem.
 
     ``saved``: ``raw`` is the recipe of a run directory; options added since it was written keep the behaviour the
     run was made with (their ``earlier`` value) rather than the current default.
 
     ``only`` limits validation to those tables (plus run, data, engine and evaluation, which every command uses):
-    evaluating a fine-tuned classifier, for instance, needs no pretraining method installed.
+    evaluating a fine-tuned classifier, for instance, needs no pretraining method installed. ``load_plugins=False``
+    stops after the first pass (keys, types, ranges): the slots' ``cls`` stay None and no plugin module is imported.
     """
     where = source or "recipe"
     raw = _with_overrides(raw, list(overrides), where)
@@ -277,8 +298,9 @@ def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "",
     names = {t: raw.get(t, {}).get("name", defaults.get(t, {}).get("name", NONE)) for t in PLUGIN_TABLES}
     needs_attack = False
     if "method" in wanted:
-        method_cls = registry.get("method", _plugin_name(names["method"], "method.name"), f"{where}: method.name")
-        needs_attack = method_cls.needs_attack
+        method_info = registry.registry().info("method", _plugin_name(names["method"], "method.name"),
+                                               f"{where}: method.name")
+        needs_attack = method_info.needs_attack
         if "name" not in raw.get("attack", {}) and not needs_attack:
             names["attack"] = NONE
         elif names["attack"] == NONE and needs_attack:
@@ -304,31 +326,41 @@ def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "",
         else:
             parts[table] = validate(core_cls, values, f"{where}: {table}")
             resolved[table] = as_dict(parts[table])
-    method = parts.get("method")
-    needs = method.cls.attack_needed(method.options) if method is not None else ""
-    if needs and parts.get("attack") is OFF:
-        raise UserError(f"{where}: attack: {needs} trains adversarially and needs an attack; "
-                        f"set [attack] name = \"{defaults['attack']['name']}\"")
     sched = parts.get("schedule")
     if sched is not None and sched.kind == "exponential" and sched.min_lr <= 0:
         raise UserError(f"{where}: schedule.min_lr = 0 with kind = \"exponential\"; the LR decays geometrically "
                         "towards min_lr, so set it > 0 (e.g. lr / 100)")
     ev = parts["evaluation"]
-    make_attack(ev.attack, f"{where}: evaluation.attack", known_only=True, eps=ev.eps, step_size=ev.step_size,
-                steps=ev.steps, clamp_start=ev.clamp_start)
+    _check_attack_options(ev.attack, f"{where}: evaluation.attack", eps=ev.eps, step_size=ev.step_size,
+                          steps=ev.steps, clamp_start=ev.clamp_start)
     check_recipe(parts, where)
     if parts["coreset"] is not None:
         check_coreset(parts["coreset"], parts["selector"].name, parts["schedule"].epochs, f"{where}: coreset")
+    if load_plugins:
+        _load_plugins(parts, resolved, where)
+        method = parts.get("method")
+        needs = method.cls.attack_needed(method.options) if method is not None else ""
+        if needs and parts.get("attack") is OFF:
+            raise UserError(f"{where}: attack: {needs} trains adversarially and needs an attack; "
+                            f"set [attack] name = \"{defaults['attack']['name']}\"")
     return Recipe(resolved=resolved, **{k: v for k, v in parts.items() if k in RECIPE_FIELDS})
 
 
 RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)} - {"resolved"}
 
 
+def _check_attack_options(name: str, where: str, **values: Any) -> None:
+    """The attack ``name`` is installed and takes these values (those it has no option for are dropped, as
+    ``make_attack(known_only=True)`` does), read from its Options without importing it."""
+    options = registry.registry().info("attack", name, where).options
+    keys = {f.name for f in dataclasses.fields(options)}
+    validate(options, {k: v for k, v in values.items() if k in keys}, where)
+
+
 def load(path: str | Path, overrides: list[str] = (), only: Collection[str] | None = None,
-         saved: bool = False) -> Recipe:
+         load_plugins: bool = True, saved: bool = False) -> Recipe:
     """Read, resolve and validate a recipe file (``saved``: the ``recipe.toml`` of a run directory)."""
-    return resolve(load_raw(path), list(overrides), str(path), only, saved)
+    return resolve(load_raw(path), list(overrides), str(path), only, load_plugins, saved)
 
 
 def dumps_toml(resolved: dict[str, dict[str, Any]]) -> str:

@@ -18,7 +18,7 @@ from rsslctl.train.engine import Trainer
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import validate
 from rsslctl.run.recipe import load
-from rsslctl.base.registry import registry
+from rsslctl.base.registry import Declared, registry
 from rsslctl.run.directory import prepare_run_dir
 
 
@@ -97,6 +97,22 @@ def test_every_selector_returns_its_budget_of_distinct_pool_indices(name: str, t
     assert len(out) == 32 and len(out.unique()) == 32 and out.min() >= 8
 
 
+@pytest.mark.parametrize("declared, package", [(d, p) for d, _, p, _ in registry().declarations()],
+                         ids=lambda v: f"{v.kind}:{v.name}" if isinstance(v, Declared) else "")
+def test_every_lazy_declaration_is_what_its_module_provides(declared: Declared, package: str) -> None:
+    """A declaration stands in for its class until the class is needed: both must say the same."""
+    reg = registry()
+    if declared.kind == "command":
+        command = reg.command(next(i for i in reg.command_infos() if (i.name, i.package) == (declared.name, package)))
+        assert command.name == declared.name and command.help.strip().splitlines()[0] == declared.doc
+        return
+    cls = reg.get(declared.kind, f"{package}:{declared.name}")
+    assert cls.name == declared.name and cls.Options is declared.options
+    assert (cls.__doc__ or "").strip().splitlines()[0] == declared.doc
+    assert cls.citation == declared.citation
+    assert getattr(cls, "needs_attack", False) == declared.needs_attack
+
+
 @pytest.mark.parametrize("name", _names("backbone"))
 def test_every_backbone_builds_with_its_defaults(name: str) -> None:
     cls = registry().get("backbone", name)
@@ -105,7 +121,7 @@ def test_every_backbone_builds_with_its_defaults(name: str) -> None:
 
 
 def test_a_third_party_package_adds_a_method_an_attack_a_selector_and_a_verb(tiny_recipe: Path, tmp_path: Path) -> None:
-    ours = {(i.kind, i.name) for i in registry().all() if i.package == "rsslctl-example-plugin" and i.cls is not None}
+    ours = {(i.kind, i.name) for i in registry().all() if i.package == "rsslctl-example-plugin" and not i.error}
     assert {("method", "align_uniform"), ("attack", "mifgsm"), ("coreset", "kcenter")} <= ours
     run = tmp_path / "run"
     cli = CliRunner()

@@ -1,20 +1,12 @@
 """Alignment + uniformity (Wang & Isola, 2020) as a one-file rsslctl method plugin."""
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, Method, multi_view, opt
-
-
-@dataclasses.dataclass
-class AlignUniformOptions:
-    alpha: float = opt(2.0, "alignment exponent", min=1)
-    t: float = opt(2.0, "uniformity temperature", min=0)
-    weight: float = opt(1.0, "weight of the uniformity term", min=0)
+from rsslctl import hookimpl, Method, multi_view
+from rsslctl_example_plugin.declared import AlignUniformOptions
 
 
 class AlignUniform(Method):

@@ -1,18 +1,12 @@
 """k-center greedy coreset (Sener & Savarese, ICLR 2018) on down-sampled pixels, as a one-file selector plugin."""
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, CoresetSelector, opt, SelectionContext
-
-
-@dataclasses.dataclass
-class KCenterOptions:
-    size: int = opt(8, "images are compared at this size (pixels)", min=1)
+from rsslctl import hookimpl, CoresetSelector, SelectionContext
+from rsslctl_example_plugin.declared import KCenterOptions
 
 
 class KCenter(CoresetSelector):

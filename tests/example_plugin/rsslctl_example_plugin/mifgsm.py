@@ -1,19 +1,11 @@
 """Momentum iterative FGSM (Dong et al., CVPR 2018) as a one-file rsslctl attack plugin."""
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
-from rsslctl import hookimpl, Attack, input_grad, Number, Objective, opt, project
-
-
-@dataclasses.dataclass
-class MIFGSMOptions:
-    eps: Number = opt(8 / 255, "L∞ radius", min=0)
-    steps: int = opt(5, "iterations", min=1)
-    decay: float = opt(1.0, "momentum decay μ", min=0)
+from rsslctl import hookimpl, Attack, input_grad, Objective, project
+from rsslctl_example_plugin.declared import MIFGSMOptions
 
 
 class MIFGSM(Attack):

@@ -4,9 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 
-from rsslctl import hookimpl, load_run_recipe, load_trained_method, user_errors
+from rsslctl import hookimpl, load_run_recipe, user_errors
 
 
 @click.command("count-params")
@@ -14,6 +13,9 @@ from rsslctl import hookimpl, load_run_recipe, load_trained_method, user_errors
 @user_errors
 def count_params(run_dir: Path) -> None:
     """Print the parameter count of a run's method and of its evaluated encoder."""
+    import torch  # here, not at the top: `rsslctl count-params --help` stays instant
+
+    from rsslctl import load_trained_method
     method, _, _ = load_trained_method(run_dir, load_run_recipe(run_dir), torch.device("cpu"), "count")
     total = sum(p.numel() for p in method.parameters())
     encoder = sum(p.numel() for p in method.eval_encoder().parameters())
