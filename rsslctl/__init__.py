@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 __version__ = "0.1.0"
-__api_version__ = "1.1"
+__api_version__ = "1.2"
 
 #: Decorator for plugin hook implementations (the hooks are specified in ``rsslctl.base.hookspecs``).
 hookimpl = pluggy.HookimplMarker("rsslctl")
@@ -70,6 +70,8 @@ _EXPORTS: dict[str, str] = {
     "Dataset": "rsslctl.data.dataset",
     "ImageData": "rsslctl.data.dataset",
     "ImageSource": "rsslctl.data.dataset",
+    "FileSource": "rsslctl.data.dataset",
+    "decode_file": "rsslctl.data.decode",
     "missing_data": "rsslctl.data.dataset",
     "safe_unpickle": "rsslctl.data.dataset",
     "HostRandom": "rsslctl.data.augment",
@@ -158,7 +160,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from rsslctl.nn.losses import fp32, global_similarities, nt_xent, pair_rows, positive_columns, self_mask
     from rsslctl.nn.momentum import ema_update, mlp_head, momentum_copy, MomentumSchedule
     from rsslctl.nn.optim import make_optimizer
-    from rsslctl.data.dataset import Dataset, ImageData, ImageSource, missing_data, safe_unpickle
+    from rsslctl.data.dataset import Dataset, FileSource, ImageData, ImageSource, missing_data, safe_unpickle
+    from rsslctl.data.decode import decode_file
     from rsslctl.data.augment import HostRandom, MIN_STRENGTH, multi_view
     from rsslctl.data.stream import npz_memmap
     from rsslctl.adversary.attack import Attack, eval_mode, input_grad, loss_and_grad, make_attack, Objective, project, projected_ascent, random_start

@@ -51,6 +51,8 @@ class DataOptions:
                        min=0, max=256)
     resident_fraction: float = opt(0.5, "stream = auto: largest share of the device's memory the resident split may "
                                         "take", min=0.01, max=1.0)
+    decode_on_device: bool = opt(False, "streamed path on CUDA: decode JPEG files in batches on the GPU (nvJPEG) "
+                                        "instead of in the workers; pixels may differ slightly from the CPU decoder")
 
 
 @dataclasses.dataclass
