@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rsslctl.base.errors import DataMissing, UserError
-from rsslctl.data.decode import as_path, decode_bytes, decode_file, fit, is_jpeg, read_bytes
+from rsslctl.data.decode import as_path, decode_bytes, decode_file, fit, image_format, is_jpeg, read_bytes
 from rsslctl.base.options import Plugin
 
 
@@ -96,7 +96,9 @@ class FileSource(ImageSource):
     def fetch(self, i: int) -> tuple[str, torch.Tensor]:
         path = as_path(self.files[i])
         data = read_bytes(path)
-        return str(path), data if is_jpeg(data) else fit(decode_bytes(path, data), self.decoded_size)
+        if is_jpeg(data) and image_format(path, data) in ("JPEG", "MPO"):  # header checked here (bombs, junk)
+            return str(path), data
+        return str(path), fit(decode_bytes(path, data), self.decoded_size)
 
 
 class HostSource(ImageSource):
