@@ -137,6 +137,7 @@ def test_every_method_training_step_forward_on_fake_cuda(name: str, tiny_recipe:
     _training_step_forward(name, [], tiny_recipe, fake_cuda, request)
 
 
+@pytest.mark.slow  # ~20 s together on the 2-core CI machine; the registry-wide test above runs by default
 @pytest.mark.parametrize("name, extra", [
     ("acl", ["method.variant='a2s'"]),
     ("dynacl", ["method.momentum_encoder=true"]),
