@@ -2,8 +2,9 @@
 
 Decoding is torchvision.io's (libjpeg-turbo, libpng, libwebp; nvJPEG for batches of JPEGs on CUDA), resizing is
 torchvision's antialiased bicubic resize on tensors: faster than PIL decode + PIL resize (benchmarks/bench_decode.py)
-with the same pixels within rounding. PIL only parses the header first (cheap: it does not decode) for two things torchvision.io
-lacks: its decompression-bomb guard and the formats torchvision.io cannot read (BMP), which PIL then decodes.
+with the same pixels within rounding. PIL only parses the header first (cheap: it does not decode) for two things
+torchvision.io lacks: its decompression-bomb guard and the formats torchvision.io cannot read (BMP), which PIL then
+decodes.
 """
 from __future__ import annotations
 
