@@ -1,4 +1,4 @@
-"""GPU check: the CUDA-marked tests, one ACL ResNet-18 epoch in four engine settings, a torchrun DDP run; one JSON.
+"""GPU check: CUDA-marked tests, an ACL ResNet-18 epoch in four settings, decode rates, a torchrun DDP run; one JSON.
 
   python benchmarks/gpu_check.py                      # on a machine with CUDA (about 5-10 min on one H100/H200)
   python benchmarks/gpu_check.py --cpu-smoke          # the whole flow, tiny, on the CPU (under a minute)
@@ -17,6 +17,9 @@ Each runs ``--epochs`` epochs (default 2); the first includes warm-up (cuDNN aut
 apart, the figure is the median of the later ones, read from the run's metrics.jsonl (the engine's own epoch clock,
 which ends with a read-back of the last step, so all device work is inside it). The target is <= 8 s per epoch on
 one H100/H200-class GPU.
+
+Decode: ``benchmarks/bench_decode.py --device cuda`` (torchvision ImageFolder against the streamed path with CPU
+workers and with nvJPEG), its ratio lines in ``decode``.
 
 DDP: ``torchrun --standalone --nproc_per_node=N --no-python rsslctl pretrain acl ...`` over all N visible GPUs
 (global batch 512), bf16+channels_last. It needs the torch.distributed engine (``rsslctl.runtime.distributed``); without it,
@@ -89,12 +92,17 @@ def last_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def cuda_test_files(tests: Path) -> list[str]:
+    """Test files anywhere under ``tests`` (they mirror the package in sub-folders) that carry the cuda marker."""
+    return sorted(str(f) for f in tests.rglob("test_*.py") if "mark.cuda" in f.read_text(errors="replace"))
+
+
 def run_cuda_tests(timeout: float) -> dict[str, Any]:
     """``pytest -m cuda`` over the test files that carry the marker."""
     tests = ROOT / "tests"
     if not tests.is_dir():
         return {"skipped": f"no tests folder at {tests} (run from a source checkout)"}
-    files = sorted(str(f) for f in tests.glob("test_*.py") if "mark.cuda" in f.read_text(errors="replace"))
+    files = cuda_test_files(tests)
     if not files:
         return {"skipped": "no test file carries the cuda marker"}
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rs", *files]
@@ -108,6 +116,24 @@ def run_cuda_tests(timeout: float) -> dict[str, Any]:
     return {"command": "pytest -m cuda " + " ".join(Path(f).name for f in files), "exit_code": proc.returncode,
             "summary": summary.strip("= "), "counts": counts, "seconds": round(time.perf_counter() - t0, 1),
             **({"output_tail": proc.stdout[-3000:] + proc.stderr[-2000:]} if proc.returncode not in (0, 5) else {})}
+
+
+def decode_benchmark(smoke: bool, timeout: float) -> dict[str, Any]:
+    """``benchmarks/bench_decode.py``: the ratios of the streamed path (CPU workers and, on CUDA, nvJPEG) to
+    torchvision's ImageFolder, which decide ``data.decode_on_device``'s default."""
+    args = ["--images", "32", "--batch", "16", "--rounds", "1", "--sizes", "64"] if smoke else [
+        "--images", "512", "--rounds", "3", "--device", "cuda"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), *args]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"command": " ".join(cmd[1:]), "error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode:
+        return {"command": " ".join(cmd[1:]), "error": last_line(proc.stderr) or f"exit code {proc.returncode}"}
+    lines = proc.stdout.splitlines()
+    return {"command": " ".join(cmd[1:]), "ratios": [line for line in lines if "/ torchvision" in line],
+            "pixels": [line.strip() for line in lines if "max |pixel" in line],
+            "load_average": [line for line in lines if line.startswith("load average")]}
 
 
 def rsslctl_command() -> list[str]:
@@ -170,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-ddp", action="store_true")
+    p.add_argument("--skip-decode", action="store_true", help="skip benchmarks/bench_decode.py")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed to each run")
     a = p.parse_args(argv)
     if not a.cpu_smoke and not torch.cuda.is_available():
@@ -218,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                 result["meets_target"] = result["epoch_s"] <= TARGET_S
             report["acl_epoch"][name] = result
             print(f"{name}: {result.get('epoch_s', result.get('error'))} s/epoch", flush=True)
+        report["decode"] = {"skipped": "--skip-decode"} if a.skip_decode else decode_benchmark(smoke, a.timeout)
+        dec = report["decode"]
+        print(f"decode: {dec.get('ratios', dec.get('skipped', dec.get('error')))}", flush=True)
         report["ddp"] = {"skipped": "--skip-ddp"} if a.skip_ddp else ddp(tmp_path, base, n_gpus, smoke, a.timeout,
                                                                         report["acl_epoch"].get(DDP_CONFIG, {}))
         print(f"ddp: {report['ddp'].get('epoch_s', report['ddp'].get('skipped', report['ddp'].get('error')))}",

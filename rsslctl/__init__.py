@@ -71,6 +71,8 @@ _EXPORTS: dict[str, str] = {
     "Dataset": "rsslctl.data.dataset",
     "ImageData": "rsslctl.data.dataset",
     "ImageSource": "rsslctl.data.dataset",
+    "FileSource": "rsslctl.data.dataset",
+    "decode_file": "rsslctl.data.decode",
     "missing_data": "rsslctl.data.dataset",
     "safe_unpickle": "rsslctl.data.dataset",
     "HostRandom": "rsslctl.data.augment",
@@ -160,7 +162,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from rsslctl.nn.losses import fp32, global_similarities, nt_xent, pair_rows, positive_columns, self_mask
     from rsslctl.nn.momentum import ema_update, mlp_head, momentum_copy, MomentumSchedule
     from rsslctl.nn.optim import make_optimizer
-    from rsslctl.data.dataset import Dataset, ImageData, ImageSource, missing_data, safe_unpickle
+    from rsslctl.data.dataset import Dataset, FileSource, ImageData, ImageSource, missing_data, safe_unpickle
+    from rsslctl.data.decode import decode_file
     from rsslctl.data.augment import HostRandom, multi_view
     from rsslctl.data.options import MIN_STRENGTH
     from rsslctl.data.stream import npz_memmap

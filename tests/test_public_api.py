@@ -12,8 +12,8 @@ import rsslctl
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: API 1.2 (1.1 added load_raw; 1.2 Declared and opt(earlier=...)). Changing this list is an API change: bump
-#: ``rsslctl.__api_version__`` (MAJOR when a
+#: API 1.2 (1.1 added load_raw; 1.2 Declared, FileSource, decode_file and opt(earlier=...)). Changing this
+#: list is an API change: bump ``rsslctl.__api_version__`` (MAJOR when a
 #: name goes or changes meaning, MINOR when one is added) and say so in docs/plugins.md.
 API = {
     "__api_version__", "__version__", "hookimpl",
@@ -28,7 +28,7 @@ API = {
     "apply_cifar_stem", "Backbone", "Encoder", "fp32", "global_similarities", "nt_xent", "pair_rows",
     "positive_columns", "self_mask", "ema_update", "mlp_head", "momentum_copy", "MomentumSchedule", "make_optimizer",
     # data
-    "Dataset", "ImageData", "ImageSource", "missing_data", "safe_unpickle", "HostRandom", "MIN_STRENGTH",
+    "Dataset", "FileSource", "decode_file", "ImageData", "ImageSource", "missing_data", "safe_unpickle", "HostRandom", "MIN_STRENGTH",
     "multi_view", "npz_memmap",
     # adversary
     "Attack", "eval_mode", "input_grad", "loss_and_grad", "make_attack", "Objective", "project", "projected_ascent",

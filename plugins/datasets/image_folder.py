@@ -1,13 +1,11 @@
 """Any image collection in torchvision ImageFolder layout: <root>/<path>/<split>/<class>/<images>."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from rsslctl import hookimpl, check_allocation, Dataset, ImageData, ImageSource, missing_data, UserError
+from rsslctl import hookimpl, check_allocation, Dataset, decode_file, FileSource, ImageData, ImageSource, missing_data, UserError
 from rsslctl_plugins.datasets.options import ImageFolderOptions
 
 _EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -27,14 +25,14 @@ class ImageFolder(Dataset):
                          "lower the dataset's image_size, or stream it (data.stream = \"on\")")
         images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
         for n, (f, _) in enumerate(files):
-            images[n] = _decode(f, size)
+            images[n] = decode_file(f, size)  # the streamed path's FileSource decodes the same way
         labels = torch.tensor([i for _, i in files], dtype=torch.int64)
         return ImageData(images, labels, classes, self.name)
 
     def source(self, split: str) -> ImageSource:
         """The split's file list, decoded one image at a time by the streamed path's workers."""
         files, classes = self._files(split)
-        return _FileSource([f for f, _ in files], torch.tensor([i for _, i in files], dtype=torch.int64), classes,
+        return FileSource([f for f, _ in files], torch.tensor([i for _, i in files], dtype=torch.int64), classes,
                            self.name, self.options.image_size)
 
     def _files(self, split: str) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -61,36 +59,6 @@ class ImageFolder(Dataset):
         root = (self.root / self.options.path).resolve()
         real = path.resolve()
         return real == root or root in real.parents
-
-
-def _decode(f: Path, size: int) -> torch.Tensor:
-    """One image file as RGB uint8 [3, size, size] (bicubic resize); the same pixels on both data paths."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(f) as im:
-            pixels = np.array(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
-    except FileNotFoundError:
-        raise UserError(f"{f}: image file missing (removed after the dataset was listed); restore it or "
-                        "remove it from the split") from None
-    except Image.DecompressionBombError as exc:
-        raise UserError(f"{f}: refused as a possible decompression bomb ({exc})") from None
-    except (OSError, UnidentifiedImageError, ValueError, MemoryError) as exc:
-        raise UserError(f"{f}: cannot read image ({exc}); fix or remove the file") from None
-    return torch.from_numpy(pixels).permute(2, 0, 1)
-
-
-class _FileSource(ImageSource):
-    """Image files decoded on demand. The paths are one numpy bytes array, not a list of Python strings: forked
-    workers then share its pages instead of copying them as they touch each string's reference count (a known
-    DataLoader memory growth with million-file lists), and it pickles compactly when workers are spawned."""
-
-    def __init__(self, files: list[Path], labels: torch.Tensor, classes: list[str], name: str, size: int) -> None:
-        super().__init__(labels, classes, name)
-        self.files, self.size = np.array([os.fsencode(f) for f in files], dtype=bytes), size
-
-    def read(self, i: int) -> torch.Tensor:
-        return _decode(Path(os.fsdecode(self.files[i])), self.size)
 
 
 @hookimpl

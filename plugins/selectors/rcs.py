@@ -161,7 +161,9 @@ def greedy(sketches: Tensor, picks: int, val_sketch: Callable[[], Tensor], step:
     sketches = sketches.to(g_val.device)  # once per round, not once per pick
     taken = torch.zeros(len(sketches), dtype=torch.bool, device=g_val.device)
     for t in range(picks):
-        best = int((sketches @ g_val).masked_fill(taken, float("-inf")).argmax())  # selection may sync
+        with fp32(g_val):  # the scores in fp32 under autocast too: bf16 rounding would tie close candidates
+            scores = sketches.float() @ g_val.float()
+        best = int(scores.masked_fill(taken, float("-inf")).argmax())  # selection may sync
         chosen.append(best)
         taken[best] = True
         if t < picks - 1:

@@ -22,10 +22,11 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
     import torch  # here, not at the top: `rsslctl select-coreset --help` imports no torch
 
     from rsslctl.runtime import distributed
-    from rsslctl.run.build import build_method, load_train_split, load_weights, setup_device
+    from rsslctl.run.build import build_method, load_train_split, load_weights, setup_device, uses_bf16
     from rsslctl.runtime.checkpoint import CKPT_DIR, load_latest, refuse_nonfinite
     from rsslctl.runtime.seeding import derive_seed
-    from rsslctl.method.coreset import CoresetRun, SelectionContext, encoder_sha256, run_selector, save_selection
+    from rsslctl.method.coreset import (CoresetRun, SelectionContext, encoder_sha256, precision_name, run_selector,
+                                        save_selection)
     if (recipe_file is None) == (run_dir is None):
         raise UserError("select-coreset: pass either a RECIPE file or --run-dir RUN (whose current encoder is used)")
     if not 0 < fraction <= 1:
@@ -64,15 +65,16 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
     plan = CoresetRun(recipe.coreset, selector, len(train), bs, recipe.schedule.epochs, recipe.run.seed)
     seed = derive_seed(recipe.run.seed, epoch + 1)
     t0 = time.perf_counter()
+    amp = torch.bfloat16 if recipe.coreset.precision == "run" and uses_bf16(device, recipe.engine.precision) else None
     indices = run_selector(selector, SelectionContext(train.images.to(device), train.labels.to(device), plan.pool,
-                                                      plan.validation, bs, seed, method), plan.budget)
+                                                      plan.validation, bs, seed, method, amp), plan.budget)
     meta = {"format": "rsslctl-coreset/1", "selector": selector.name, "fraction": fraction, "size": len(indices),
             "seed": recipe.run.seed, "selection_seed": seed, "options": recipe.resolved["coreset"],
             "encoder_sha256": encoder_sha256(method.eval_encoder()), "source": str(run_dir or recipe_file),
             "checkpoint": str(ckpt) if ckpt else None, "epoch": epoch, "dataset": recipe.dataset.name,
             "train_split": recipe.data.train_split, "limit": recipe.data.limit, "train_size": len(train),
             "pool_size": len(plan.pool), "validation_size": len(plan.validation), "batch_size": bs,
-            "seconds": time.perf_counter() - t0, "rsslctl": __version__}
+            "seconds": time.perf_counter() - t0, "precision": precision_name(amp), "rsslctl": __version__}
     distributed.rank0_does(lambda: save_selection(out, indices, meta))  # under torchrun every rank selected alike
     return meta
 
@@ -98,4 +100,4 @@ def select_coreset(recipe_file: Path | None, run_dir: Path | None, fraction: flo
         "selector": meta["selector"], "images": f"{meta['size']} of {meta['pool_size']} "
         f"(fraction {meta['fraction']:g}, {meta['validation_size']} held out for validation)",
         "encoder": f"{meta['source']} (epoch {meta['epoch']}), sha256 {meta['encoder_sha256'][:16]}…",
-        "selection time": f"{meta['seconds']:.1f} s", "use it": f"--set coreset.indices_file={str(out)!r}"}))
+        "selection time": f"{meta['seconds']:.1f} s ({meta['precision']})", "use it": f"--set coreset.indices_file={str(out)!r}"}))

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import pickle
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rsslctl.base.errors import DataMissing, UserError
+from rsslctl.data.decode import as_path, decode_bytes, decode_file, fit, image_format, is_jpeg, read_bytes
 from rsslctl.base.options import Plugin
 
 
@@ -66,6 +69,36 @@ class ImageSource:
         """Image ``i`` as uint8 [C, H, W] at the size the plugin's ``load`` would give it; raise ``UserError``
         (one line naming the file) when it cannot be read."""
         raise NotImplementedError
+
+    def fetch(self, i: int) -> tuple[str, torch.Tensor]:
+        """(what to name in an error, image ``i``) for a streamed path that decodes JPEGs on the GPU: the image
+        decoded as ``read`` gives it, or a JPEG file's undecoded bytes (a 1-D uint8 tensor) for the device to decode
+        and bring to ``decoded_size``. The default decodes on the host."""
+        return self.name, self.read(i)
+
+    #: the square size ``read`` gives images (for images the device decodes from ``fetch``'s bytes)
+    decoded_size: int = 0
+
+
+class FileSource(ImageSource):
+    """Image files decoded on demand (``decode_file``) at ``size`` px. The paths are one numpy bytes array, not a
+    list of Python strings: forked workers then share its pages instead of copying them as they touch each string's
+    reference count (a known DataLoader memory growth with million-file lists), and it pickles compactly when
+    workers are spawned."""
+
+    def __init__(self, files: list[Path], labels: torch.Tensor, classes: list[str], name: str, size: int) -> None:
+        super().__init__(labels, classes, name)
+        self.files, self.decoded_size = np.array([os.fsencode(f) for f in files], dtype=bytes), size
+
+    def read(self, i: int) -> torch.Tensor:
+        return decode_file(as_path(self.files[i]), self.decoded_size)
+
+    def fetch(self, i: int) -> tuple[str, torch.Tensor]:
+        path = as_path(self.files[i])
+        data = read_bytes(path)
+        if is_jpeg(data) and image_format(path, data) in ("JPEG", "MPO"):  # header checked here (bombs, junk)
+            return str(path), data
+        return str(path), fit(decode_bytes(path, data), self.decoded_size)
 
 
 class HostSource(ImageSource):

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from rsslctl.data.dataset import ImageSource, resize_images
+from rsslctl.data.decode import decode_on_device
 from rsslctl.base.errors import UserError
 from rsslctl.base.limits import memory_bytes
 
@@ -83,19 +84,35 @@ class _Rows(torch.utils.data.Dataset):
     """Item k = minibatch k: (uint8 images [B, C, S, S], labels [B]) or, when a file cannot be read, the error's
     one line (an exception would reach the main process as a multi-line worker traceback)."""
 
-    def __init__(self, source: ImageSource, rows: Tensor, size: int) -> None:
-        self.source, self.rows, self.size = source, rows, size
+    def __init__(self, source: ImageSource, rows: Tensor, size: int, fetch: bool = False) -> None:
+        self.source, self.rows, self.size, self.fetch = source, rows, size, fetch
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, k: int) -> tuple[Tensor, Tensor] | str:
+    def __getitem__(self, k: int) -> tuple[Any, Tensor] | str:
         idx = self.rows[k]
         try:
+            if self.fetch:  # JPEG bytes stay encoded: the training process decodes them on the GPU
+                return [self.source.fetch(int(i)) for i in idx], self.source.labels[idx]
             images = torch.stack([torch.as_tensor(self.source.read(int(i))) for i in idx])
         except UserError as exc:
             return str(exc)
         return resize_images(images, self.size), self.source.labels[idx]
+
+
+def _on_device(items: list[tuple[str, Tensor]], decoded_size: int, size: int, device: torch.device) -> Tensor:
+    """One minibatch from ``ImageSource.fetch`` items: the JPEG bytes decoded together on ``device``, the images
+    the workers decoded copied there, all at ``size`` px in their original order."""
+    jpegs = [k for k, (_, t) in enumerate(items) if t.ndim == 1]
+    out = torch.empty((len(items), 3, decoded_size, decoded_size), dtype=torch.uint8, device=device)
+    if jpegs:
+        out[jpegs] = decode_on_device([items[k][0] for k in jpegs], [items[k][1] for k in jpegs], decoded_size,
+                                      device)
+    for k, (_, t) in enumerate(items):
+        if t.ndim != 1:
+            out[k] = t.to(device, non_blocking=True)
+    return resize_images(out, size)
 
 
 def _as_is(batch: Any) -> Any:
@@ -105,8 +122,11 @@ def _as_is(batch: Any) -> Any:
 class StreamSplit:
     """A training split read through DataLoader workers; ``batches`` yields device minibatches in a given order."""
 
-    def __init__(self, source: ImageSource, size: int, limit: int = 0, workers: int = 4) -> None:
+    def __init__(self, source: ImageSource, size: int, limit: int = 0, workers: int = 4,
+                 decode_on_device: bool = False) -> None:
         self.source, self.size, self.workers = source, size, workers
+        # nvJPEG only where the source can hand over JPEG bytes (it sets decoded_size) and only on CUDA (batches)
+        self.decode_on_device = decode_on_device and bool(source.decoded_size)
         n = min(limit, len(source)) if limit else len(source)
         self.labels, self.classes, self.name = source.labels[:n], source.classes, source.name
         self.shape = (n, source.channels, size, size)
@@ -114,10 +134,10 @@ class StreamSplit:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _loader(self, rows: Tensor, start: int, pin: bool) -> torch.utils.data.DataLoader:
+    def _loader(self, rows: Tensor, start: int, pin: bool, fetch: bool = False) -> torch.utils.data.DataLoader:
         workers = self.workers
         return torch.utils.data.DataLoader(
-            _Rows(self.source, rows, self.size), batch_size=None, sampler=range(start, len(rows)),
+            _Rows(self.source, rows, self.size, fetch), batch_size=None, sampler=range(start, len(rows)),
             num_workers=workers, collate_fn=_as_is, pin_memory=pin, prefetch_factor=4 if workers else None,
             generator=torch.Generator().manual_seed(0))  # a private generator: torch's global RNG is not touched
 
@@ -125,10 +145,12 @@ class StreamSplit:
         """Minibatches ``rows[start:]`` (indices [steps, b]) on ``device``, each copied one step ahead of its use."""
         rows = rows.cpu()
         pending: tuple[Tensor, Tensor] | None = None
-        for item in self._loader(rows, start, device.type == "cuda"):
+        fetch = self.decode_on_device and device.type == "cuda"
+        for item in self._loader(rows, start, device.type == "cuda", fetch):
             if isinstance(item, str):
                 raise UserError(item)
             x, y = item
+            x = _on_device(x, self.source.decoded_size, self.size, device) if fetch else x
             ready = (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             if pending is not None:
                 yield pending

@@ -13,10 +13,12 @@ selection science (e.g. RCS's gradient matching) lives in its plugin.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -76,6 +78,8 @@ class SelectionContext:
     batch_size: int  # training minibatch size; the budget is a multiple of it
     seed: int  # this round's seed
     method: Any = None  # the Method being trained (or None)
+    #: autocast dtype the round runs under (``run_selector`` enters it), None = fp32
+    autocast_dtype: torch.dtype | None = None
 
     def target(self) -> CoresetTarget:
         return method_target(self.method)
@@ -164,7 +168,7 @@ class CoresetRun:
         self.o, self.selector, self.batch_size, self.seed = options, selector, batch_size, seed
         self.epochs = epochs
         self.indices: Tensor | None = None  # the current coreset
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # one record per selection round (epoch, seconds, precision)
         if selector is None:  # fixed file
             self.pool, self.validation = torch.arange(n_train), torch.zeros(0, dtype=torch.long)
             self.fixed, meta = load_selection(Path(options.indices_file))
@@ -201,24 +205,38 @@ class CoresetRun:
         return (self.selector is not None and epoch > self.o.warmup_epochs
                 and (epoch - self.o.warmup_epochs - 1) % self.o.every == 0)
 
-    def active(self, epoch: int, images: Tensor, labels: Tensor, method: Any, reselect: bool = True) -> Tensor:
+    def active(self, epoch: int, images: Tensor, labels: Tensor, method: Any, reselect: bool = True,
+               autocast_dtype: torch.dtype | None = None) -> Tensor:
         """Indices to train on in ``epoch`` (1-based), selecting first when a round is due (and ``reselect``:
-        resumed inside an epoch, the restored coreset stands)."""
+        resumed inside an epoch, the restored coreset stands). ``autocast_dtype``: the training step's (None =
+        fp32); the round uses it unless ``coreset.precision = "fp32"``."""
         if epoch <= self.o.warmup_epochs:
             return self.pool
         if self.selector is None:
             return self.fixed
         if (self.due(epoch) and reselect) or self.indices is None:
+            dtype = autocast_dtype if self.o.precision == "run" else None
+            t0 = time.perf_counter()
             self.indices = run_selector(self.selector, SelectionContext(
-                images, labels, self.pool, self.validation, self.batch_size, derive_seed(self.seed, epoch), method),
-                self.budget)
+                images, labels, self.pool, self.validation, self.batch_size, derive_seed(self.seed, epoch), method,
+                dtype), self.budget)
+            self.history.append({"epoch": epoch, "seconds": time.perf_counter() - t0, "images": self.budget,
+                                 "pool": len(self.pool), "precision": precision_name(dtype)})
         return self.indices
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How a selection round computed: 'bf16 autocast' (or another autocast dtype) or 'fp32'."""
+    return "fp32" if dtype is None else f"{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16')} autocast"
 
 
 def run_selector(selector: CoresetSelector, context: SelectionContext, budget: int) -> Tensor:
     """One selection round, with its randomness seeded by ``context.seed`` and isolated from training's RNG."""
-    devices = [context.images.device] if context.images.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    device = context.images.device
+    devices = [device] if device.type == "cuda" else []
+    amp = (torch.autocast(device.type, dtype=context.autocast_dtype) if context.autocast_dtype is not None
+           else contextlib.nullcontext())
+    with torch.random.fork_rng(devices=devices), amp:
         torch.manual_seed(context.seed)
         out = selector.select(context, budget).to("cpu", torch.long)
     if len(out) != budget or len(out.unique()) != budget:

@@ -24,6 +24,9 @@ class CoresetOptions:
     lr_schedule: Literal["epochs", "steps"] = opt(
         "epochs", "how shortened coreset epochs advance the LR schedule: epochs = by fraction of epochs, as the RCS "
                   "reference; steps = over the optimizer steps the run actually takes")
+    precision: Literal["run", "fp32"] = opt(
+        "run", "selection rounds (gradient bank, attacks, greedy search) under the run's autocast (run: bf16 when "
+               "training is bf16), or always in fp32", earlier="fp32")
 
 
 def check_options(o: CoresetOptions, selector: str, epochs: int, where: str) -> None:

@@ -119,7 +119,7 @@ def open_train_split(recipe: Recipe, device: torch.device) -> ImageData | Stream
         source = HostSource(data)
     elif not too_big(min(d.limit, len(source)) if d.limit else len(source), source.channels):
         return load_train_split(recipe)
-    return StreamSplit(source, d.image_size, d.limit, d.workers)
+    return StreamSplit(source, d.image_size, d.limit, d.workers, d.decode_on_device)
 
 
 def build_method(recipe: Recipe, device: torch.device) -> Method:

@@ -54,6 +54,8 @@ class DataOptions:
                        min=0, max=256)
     resident_fraction: float = opt(0.5, "stream = auto: largest share of the device's memory the resident split may "
                                         "take", min=0.01, max=1.0)
+    decode_on_device: bool = opt(False, "streamed path on CUDA: decode JPEG files in batches on the GPU (nvJPEG) "
+                                        "instead of in the workers; pixels may differ slightly from the CPU decoder")
 
 
 @dataclasses.dataclass
@@ -246,6 +248,8 @@ def _plugin_table(table: str, values: dict[str, Any], name: str, where: str,
             raise UserError(f"{where}: unknown key '{key}'{closest(key, valid)}; valid keys: {', '.join(valid)}")
     if saved:
         values = {**earlier_values(info.options, values, where), **values}
+        if core_cls:
+            values = {**earlier_values(core_cls, values, where), **values}
     core = validate(core_cls, {k: v for k, v in values.items() if k in core_keys}, where) if core_cls else None
     options = validate(info.options, {k: v for k, v in values.items() if k in plugin_keys}, where)
     return core, Slot(name, None, options), _resolved_table(name, core, options)

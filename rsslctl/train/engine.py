@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, TextIO
 import torch
 from torch import Tensor
 
-from rsslctl.base.console import err_console
+from rsslctl.base.console import console, err_console
 from rsslctl.data.stream import epoch_batches, on_device
 from rsslctl.nn.optim import LRSchedule, StepClock, make_optimizer
 from rsslctl.run.build import build_method, compile_step, open_train_split, plugin_versions, setup_device, uses_bf16
@@ -137,6 +137,8 @@ class Trainer:
                    "seconds": seconds, "images_per_s": (spe - start) * bs / seconds}
         if self.coreset:
             summary.update(images=spe * bs, selected=self.coreset.due(epoch), selection_seconds=t_select)
+            if self.coreset.history and self.coreset.history[-1]["epoch"] == epoch:
+                summary["selection_precision"] = self.coreset.history[-1]["precision"]
         log.write(json.dumps({"kind": "epoch", **summary}) + "\n")
         log.flush()
         return summary
@@ -239,9 +241,19 @@ class Trainer:
         """(minibatch indices [steps, batch] on the host, seconds spent selecting a coreset); resumed inside an
         epoch, its coreset is the one restored from the checkpoint, never selected again."""
         t_select = time.perf_counter()
-        active = self.coreset.active(epoch, images, labels, self.method, reselect=not self.position) \
-            if self.coreset else None
+        rounds = len(self.coreset.history) if self.coreset else 0
+        amp = torch.bfloat16 if uses_bf16(self.device, self.recipe.engine.precision) else None
+        active = self.coreset.active(epoch, images, labels, self.method, reselect=not self.position,
+                                     autocast_dtype=amp) if self.coreset else None
         t_select = time.perf_counter() - t_select
+        if self.coreset and len(self.coreset.history) > rounds:  # the selection log: one line per round
+            h = self.coreset.history[-1]
+            line = (f"epoch {epoch}/{self.recipe.schedule.epochs} coreset round: {h['images']:,} of {h['pool']:,} "
+                    f"images selected in {h['seconds']:.2f} s ({h['precision']})")
+            if self.logger.plain:
+                self.logger.progress(line, force=True)
+            elif not self.quiet:
+                console.print(line, highlight=False)
         spe, bs = self.clock.epoch_steps[epoch - 1], self.batch_size
         g = torch.Generator().manual_seed(derive_seed(self.recipe.run.seed, epoch))
         perm = torch.randperm(len(images) if active is None else len(active), generator=g)[: spe * bs]

@@ -51,3 +51,32 @@ def test_streamed_batches_reach_the_gpu_unchanged(tiny_recipe: Path, tmp_path: P
         assert torch.equal(y.cpu(), resident.labels[idx])
     summary = _fit(tiny_recipe, tmp_path / "streamed", ["data.stream='on'", "data.workers=2"])
     assert math.isfinite(summary["loss"])
+
+
+def test_nvjpeg_batches_are_close_to_the_cpu_decode(tmp_path: Path) -> None:
+    """data.decode_on_device: the JPEGs of a minibatch decoded together by nvJPEG (a PNG among them by the workers)
+    give the CPU decoder's pixels up to the decoders' rounding; a corrupt JPEG is one line naming it."""
+    import numpy as np
+    from PIL import Image
+
+    from rsslctl.base.errors import UserError
+    from rsslctl_plugins.datasets.image_folder import ImageFolder, ImageFolderOptions
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        folder = tmp_path / "imgs" / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((40, 30))
+        small.save(folder / (f"{i:02d}.png" if i == 5 else f"{i:02d}.jpg"), quality=90)
+    ds = ImageFolder(ImageFolderOptions(path="imgs", image_size=24), tmp_path)
+    resident, device = ds.load("train"), torch.device("cuda")
+    split = StreamSplit(ds.source("train"), 16, workers=2, decode_on_device=True)
+    rows = torch.arange(12).flip(0).view(2, 6)
+    for idx, (x, y) in zip(rows, split.batches(rows, device), strict=True):
+        diff = (x.cpu().int() - resident.resized(16).images[idx].int()).abs()
+        assert x.device.type == "cuda" and x.dtype == torch.uint8 and int(diff.max()) <= 12, int(diff.max())
+        assert torch.equal(y.cpu(), resident.labels[idx])
+    bad = tmp_path / "imgs" / "train" / "c0" / "00.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(UserError, match="00.jpg: cannot read image"):
+        list(split.batches(rows, device))

@@ -50,3 +50,10 @@ def test_cpu_smoke_runs_the_whole_flow(tmp_path: Path) -> None:
         assert rows[name]["epoch_s"] > 0 and len(rows[name]["epoch_s_all"]) == 2, rows[name]
     assert "skipped" in rows["bf16+channels_last+compile"]
     assert "epoch_s" in report["ddp"] or report["ddp"]["skipped"]
+    assert report["decode"]["ratios"] and "error" not in report["decode"], report["decode"]
+
+
+def test_the_cuda_tests_are_found_in_the_test_tree() -> None:
+    """The CUDA-marked tests live in sub-folders of tests/ (tests mirror the package)."""
+    names = {Path(f).name for f in _script().cuda_test_files(SCRIPT.parents[1] / "tests")}
+    assert {"test_cuda.py", "test_augment.py", "test_distributed.py"} <= names and "test_gpu_check.py" not in names
