@@ -17,6 +17,7 @@ from rsslctl.cli.finetune import finetune_command
 from rsslctl.cli.info import plugins, recipe
 from rsslctl.cli.pretrain import pretrain
 from rsslctl.cli.select_coreset import select_coreset
+from rsslctl.cli.sweep import sweep
 from rsslctl.base.registry import registry
 from rsslctl.cli.common import fail
 
@@ -68,7 +69,7 @@ def main() -> None:
     """Robust self-supervised learning: pretrain, fine-tune and evaluate robust encoders."""
 
 
-for _command in (pretrain, evaluate, finetune_command, export, plugins, recipe, select_coreset, cite):
+for _command in (pretrain, evaluate, finetune_command, export, plugins, recipe, select_coreset, cite, sweep):
     main.add_command(_command)
 for _command, _info in registry().command_entries():
     if _command.name in main.commands:  # a plugin cannot replace a built-in (or an earlier plugin's) verb

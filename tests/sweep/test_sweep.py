@@ -1,0 +1,228 @@
+"""`rsslctl sweep`: expansion into hash-named runs, the manifest, skipping finished runs, resuming an interrupted one
+exactly, one-line refusals that create nothing, and the Slurm path through submitit's own Local/Debug executors."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import assert_user_error, run
+from rsslctl.run.recipe import load
+from rsslctl.run.sweep import SweepSpec, expand, recipe_hash, sweep_hash
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+from rsslctl.sweep.executors import parse_time
+
+#: one epoch of two steps, a short probe: a run pretrains and evaluates in seconds
+FAST = ["schedule.epochs=1", "data.limit=64", "schedule.warmup_epochs=0", "evaluation.epochs=2",
+        "evaluation.limit=32"]
+
+
+@pytest.fixture
+def fast_recipe(tiny_recipe: Path) -> Path:
+    """The tiny recipe at one epoch of two steps and a two-epoch probe on 32 test images."""
+    text = tiny_recipe.read_text().replace("steps = 2\nlimit = 64", "steps = 2\nlimit = 32")
+    for old, new in (("limit = 96", "limit = 64"), ("epochs = 3\n", "epochs = 1\n"),
+                     ("warmup_epochs = 1", "warmup_epochs = 0"), ("[evaluation]\nepochs = 30", "[evaluation]\nepochs = 2")):
+        text = text.replace(old, new)
+    tiny_recipe.write_text(text)
+    recipe = load(tiny_recipe)
+    assert (recipe.schedule.epochs, recipe.data.limit, recipe.evaluation.epochs, recipe.evaluation.limit) == (1, 64, 2, 32)
+    return tiny_recipe
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "sweep.json").read_text())
+
+
+def test_expansion_is_the_product_with_hash_named_stable_dirs(tiny_recipe: Path) -> None:
+    spec = SweepSpec(str(tiny_recipe), seeds=[0, 1, 2], grid={"method.temperature": [0.2, 0.5]})
+    runs = expand(spec)
+    assert len(runs) == 6
+    assert [r.name for r in runs[:2]] == ["seed0-method.temperature=0.2", "seed0-method.temperature=0.5"]
+    assert len({r.dir for r in runs}) == 6
+    assert [r.dir for r in expand(spec)] == [r.dir for r in runs]  # same command, same directories
+    first = runs[0]
+    resolved = load(tiny_recipe, first.sets).resolved
+    assert resolved["method"]["temperature"] == 0.2 and resolved["run"]["seed"] == 0
+    assert first.dir == recipe_hash(resolved) and first.overrides == {"method.temperature": 0.2}
+    # what a run is called, or where it would go by default, does not change what it computes
+    assert recipe_hash(load(tiny_recipe, first.sets + ["run.name='x'", "run.output_dir='/elsewhere'"]).resolved) \
+        == first.dir
+    assert recipe_hash(load(tiny_recipe, first.sets + ["optimizer.lr=0.07"]).resolved) != first.dir
+    # the steps after pretraining are part of the sweep's identity, not of the runs'
+    other = SweepSpec(str(tiny_recipe), seeds=[0, 1, 2], grid={"method.temperature": [0.2, 0.5]}, after=[])
+    assert [r.dir for r in expand(other)] == [r.dir for r in runs]
+    assert sweep_hash(other, runs) != sweep_hash(spec, runs)
+
+
+def test_time_limits_in_slurm_formats() -> None:
+    assert [parse_time(t) for t in ("90", "1:30:00", "2-00:00:00", "1-12", "0:01:30")] == [90, 90, 2880, 2160, 2]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--grid", "method.temperatur=0.2,0.5"], ["unknown key 'temperatur'", "did you mean 'temperature'"]),
+    (["--grid", "methd.temperature=0.2"], ["grid 'methd.temperature'", "unknown table"]),
+    (["--grid", "method.temperature="], ["zero runs"]),
+    (["--seeds", *map(str, range(17)), "--grid", "optimizer.lr=" + ",".join(f"0.0{i}" for i in range(1, 10))
+      + ",0.1,0.11,0.12,0.13,0.14,0.15,0.16,0.17"], ["289 runs", "--yes"]),
+    (["--grid", "optimizer.lr=0.1,0.1"], ["resolve to the same recipe"]),
+    (["--after", "finetune:xyz"], ["finetune:slf"]),
+    (["--executor", "slurm"], ["sbatch not found"]),
+    (["--executor", "slurm", "--cluster", "debug", "--time", "soon"], ["--time 'soon'"]),
+])
+def test_bad_input_is_one_line_and_creates_nothing(tiny_recipe: Path, tmp_path: Path, args: list[str],
+                                                    fragments: list[str]) -> None:
+    out = tmp_path / "sweep"
+    assert_user_error(run("sweep", str(tiny_recipe), "--out", str(out), *args), *fragments)
+    assert not out.exists()
+
+
+def test_slurm_without_submitit_is_refused(tiny_recipe: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit → ImportError
+    out = tmp_path / "sweep"
+    assert_user_error(run("sweep", str(tiny_recipe), "--out", str(out), "--executor", "slurm"),
+                      "needs submitit", "rsslctl[slurm]")
+    assert not out.exists()
+
+
+def test_sweep_runs_skips_finished_and_refuses_another_sweep(fast_recipe: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    args = ["--seeds", "0", "1", "--out", str(out), "--quiet", "--after", "none"]
+    result = run("sweep", str(fast_recipe), *args)
+    assert result.exit_code == 0, result.output
+    manifest = _manifest(out)
+    assert manifest["format"] == "rsslctl-sweep" and manifest["version"] == 1
+    assert [(r["name"], r["seed"], r["status"]) for r in manifest["runs"]] == [("seed0", 0, "done"),
+                                                                              ("seed1", 1, "done")]
+    for r in manifest["runs"]:
+        run_dir = out / r["dir"]
+        assert read_meta(latest_checkpoint(run_dir))["epoch"] == 1
+        assert load(run_dir / "recipe.toml").run.seed == r["seed"]
+    stamps = {r["dir"]: latest_checkpoint(out / r["dir"]).stat().st_mtime_ns for r in manifest["runs"]}
+    log = (out / "sweep.log").read_text()
+    assert "seed0 (" in log and "done" in log
+
+    again = run("sweep", str(fast_recipe), *args)
+    assert again.exit_code == 0, again.output
+    assert {r["dir"]: latest_checkpoint(out / r["dir"]).stat().st_mtime_ns for r in manifest["runs"]} == stamps
+    assert (out / "sweep.log").read_text().splitlines()[-1].endswith("2 done or running elsewhere, 0 to run on local")
+
+    before = (out / "sweep.json").read_text()
+    assert_user_error(run("sweep", str(fast_recipe), "--seeds", "0", "1", "2", "--out", str(out), "--after", "none"),
+                      "made by another sweep", "another --out")
+    assert (out / "sweep.json").read_text() == before
+
+
+def test_a_failed_run_is_reported_retried_and_the_others_finish(fast_recipe: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    args = ["--seeds", "0", "--grid", "schedule.batch_size=32,128", "--out", str(out), "--quiet", "--after", "none"]
+    # a batch of 128 from 64 images is refused when the run starts (the data is not read while expanding)
+    result = run("sweep", str(fast_recipe), *args)
+    assert result.exit_code == 1, result.output
+    err = result.stderr.strip()
+    assert err.startswith("error: 1 of 2 runs failed (seed0-schedule.batch_size=128)") and "\n" not in err, err
+    statuses = {r["name"]: r["status"] for r in _manifest(out)["runs"]}
+    assert statuses == {"seed0-schedule.batch_size=32": "done", "seed0-schedule.batch_size=128": "failed"}
+    bad = next(r["dir"] for r in _manifest(out)["runs"] if r["status"] == "failed")
+    assert "batch" in (out / "logs" / f"{bad}.log").read_text().splitlines()[-1]
+    assert "failed: pretrain exited with 2" in (out / "sweep.log").read_text()
+
+    again = run("sweep", str(fast_recipe), *args)  # the failed run is tried again, the finished one is not
+    assert again.exit_code == 1
+    assert (out / "sweep.log").read_text().splitlines()[-3].endswith("1 done or running elsewhere, 1 to run on local")
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(latest_checkpoint(run_dir))[0]
+
+
+def test_interrupted_sweep_resumes_to_the_uninterrupted_result(fast_recipe: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from rsslctl.train.engine import Trainer
+    args = ["--seeds", "5", "--set", "schedule.epochs=2", "--after", "none", "--quiet"]
+    full = tmp_path / "full"
+    assert run("sweep", str(fast_recipe), "--out", str(full), *args).exit_code == 0
+
+    original = Trainer._checkpoint
+
+    def killed_after_epoch_1(self, epoch, *a, **kw):  # SIGINT right after the first checkpoint
+        original(self, epoch, *a, **kw)
+        raise KeyboardInterrupt(2)
+
+    monkeypatch.setattr(Trainer, "_checkpoint", killed_after_epoch_1)
+    broken = tmp_path / "broken"
+    result = run("sweep", str(fast_recipe), "--out", str(broken), *args)
+    assert result.exit_code == 130, result.output
+    (entry,) = _manifest(broken)["runs"]
+    assert entry["status"] == "pending" and entry["dir"] == _manifest(full)["runs"][0]["dir"]
+    assert read_meta(latest_checkpoint(broken / entry["dir"]))["epoch"] == 1
+    monkeypatch.setattr(Trainer, "_checkpoint", original)
+
+    assert run("sweep", str(fast_recipe), "--out", str(broken), *args).exit_code == 0
+    assert _manifest(broken)["runs"][0]["status"] == "done"
+    a, b = _final_weights(full / entry["dir"]), _final_weights(broken / entry["dir"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "resum" in (broken / "logs" / f"{entry['dir']}.log").read_text()
+
+
+def test_slurm_path_through_submitit_debug_executor(fast_recipe: Path, tmp_path: Path) -> None:
+    pytest.importorskip("submitit")
+    out = tmp_path / "sweep"
+    result = run("sweep", str(fast_recipe), "--seeds", "0", "--out", str(out), "--executor", "slurm",
+                 "--cluster", "debug", "--time", "10", "--quiet")
+    assert result.exit_code == 0, result.output
+    (entry,) = _manifest(out)["runs"]
+    assert entry["status"] == "done"
+    assert (out / entry["dir"] / "eval.json").is_file()
+    assert "submitted as job" in (out / "sweep.log").read_text()
+
+
+@pytest.mark.slow
+def test_slurm_path_through_submitit_local_executor_requeues_on_preemption(fast_recipe: Path,
+                                                                           tmp_path: Path) -> None:
+    """submitit's LocalExecutor runs the job in its own process; a preemption signal after the first checkpoint
+    requeues it (RunJob.checkpoint) and the requeued job resumes to the uninterrupted weights."""
+    submitit = pytest.importorskip("submitit")
+    from rsslctl.cli.sweep import invoke_inprocess
+    from rsslctl.sweep.job import RunJob
+    args = ["--seeds", "1", "--set", "schedule.epochs=3", "--after", "none", "--quiet"]
+    full = tmp_path / "full"
+    assert run("sweep", str(fast_recipe), "--out", str(full), *args).exit_code == 0
+    (entry,) = _manifest(full)["runs"]
+    spec = SweepSpec(str(fast_recipe), seeds=[1], overrides=["schedule.epochs=3"], after=[])
+    (planned,) = expand(spec)
+    out = tmp_path / "local"
+    job = RunJob(str(out), planned.dir, planned.name, str(fast_recipe), planned.sets, [], {}, invoke_inprocess)
+    executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
+    executor.update_parameters(timeout_min=30)
+    (sj,) = executor.submit_array([job])
+    import time
+    deadline = time.time() + 300
+    while latest_checkpoint(out / planned.dir) is None and time.time() < deadline and not sj.done():
+        time.sleep(0.1)
+    sj._interrupt()  # what a preemption sends the job (USR2): checkpoint() → requeue
+    assert sj.result() == "done"
+    a, b = _final_weights(full / entry["dir"]), _final_weights(out / planned.dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_local_executor_end_to_end_and_parallel_jobs(fast_recipe: Path, tmp_path: Path) -> None:
+    pytest.importorskip("submitit")
+    out = tmp_path / "local"
+    result = run("sweep", str(fast_recipe), "--seeds", "0", "--out", str(out), "--executor", "slurm",
+                 "--cluster", "local", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert _manifest(out)["runs"][0]["status"] == "done"
+    par = tmp_path / "parallel"
+    result = run("sweep", str(fast_recipe), "--seeds", "0", "1", "--out", str(par), "--jobs", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert [r["status"] for r in _manifest(par)["runs"]] == ["done", "done"]
+    a = _final_weights(out / _manifest(out)["runs"][0]["dir"])
+    b = _final_weights(par / _manifest(par)["runs"][0]["dir"])
+    assert _manifest(out)["runs"][0]["dir"] == _manifest(par)["runs"][0]["dir"]
+    assert a.keys() == b.keys()
