@@ -112,6 +112,10 @@ def run_slurm(jobs: list[RunJob], tracker: Tracker, options: SlurmOptions, paral
     tasks = max(1, options.gpus_per_node)
     for job in jobs:
         job.distributed = options.nodes * tasks > 1
+        if options.cluster != "debug":
+            # a verb per process: submitit's preemption signal (USR2) then reaches the job itself, which stops
+            # the verb (its checkpoints kept) and requeues; the debug executor runs jobs here, in this process
+            job.invoke = subprocess_invoke
     executor = submitit.AutoExecutor(folder=Path(tracker.out) / "submitit" / "%j", cluster=options.cluster)
     params: dict[str, Any] = {"name": f"rsslctl-sweep-{tracker.digest[:8]}", "timeout_min": options.time_min,
                               "nodes": options.nodes, "tasks_per_node": tasks,

@@ -187,8 +187,7 @@ def test_slurm_path_through_submitit_local_executor_requeues_on_preemption(fast_
     """submitit's LocalExecutor runs the job in its own process; a preemption signal after the first checkpoint
     requeues it (RunJob.checkpoint) and the requeued job resumes to the uninterrupted weights."""
     submitit = pytest.importorskip("submitit")
-    from rsslctl.cli.sweep import invoke_inprocess
-    from rsslctl.sweep.job import RunJob
+    from rsslctl.sweep.job import RunJob, subprocess_invoke
     args = ["--seeds", "1", "--set", "schedule.epochs=3", "--after", "none", "--quiet"]
     full = tmp_path / "full"
     assert run("sweep", str(fast_recipe), "--out", str(full), *args).exit_code == 0
@@ -196,14 +195,15 @@ def test_slurm_path_through_submitit_local_executor_requeues_on_preemption(fast_
     spec = SweepSpec(str(fast_recipe), seeds=[1], overrides=["schedule.epochs=3"], after=[])
     (planned,) = expand(spec)
     out = tmp_path / "local"
-    job = RunJob(str(out), planned.dir, planned.name, str(fast_recipe), planned.sets, [], {}, invoke_inprocess)
+    job = RunJob(str(out), planned.dir, planned.name, str(fast_recipe), planned.sets, [], {}, subprocess_invoke)
     executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
     executor.update_parameters(timeout_min=30)
     (sj,) = executor.submit_array([job])
     import time
     deadline = time.time() + 300
-    while latest_checkpoint(out / planned.dir) is None and time.time() < deadline and not sj.done():
+    while latest_checkpoint(out / planned.dir) is None and time.time() < deadline:
         time.sleep(0.1)
+    assert read_meta(latest_checkpoint(out / planned.dir))["epoch"] < 3, "finished before the preemption"
     sj._interrupt()  # what a preemption sends the job (USR2): checkpoint() → requeue
     assert sj.result() == "done"
     a, b = _final_weights(full / entry["dir"]), _final_weights(out / planned.dir)
@@ -226,3 +226,26 @@ def test_local_executor_end_to_end_and_parallel_jobs(fast_recipe: Path, tmp_path
     b = _final_weights(par / _manifest(par)["runs"][0]["dir"])
     assert _manifest(out)["runs"][0]["dir"] == _manifest(par)["runs"][0]["dir"]
     assert a.keys() == b.keys()
+
+
+def test_a_sweep_file_gives_the_same_runs_as_the_flags(tiny_recipe: Path, tmp_path: Path) -> None:
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text(f'recipe = "{tiny_recipe.name}"\nseeds = [0, 1]\nset = ["optimizer.lr=0.07"]\n'
+                          'after = ["evaluate", "finetune:slf"]\n[grid]\n"method.temperature" = [0.2, 0.5]\n'
+                          '[options]\nfinetune = ["--epochs", "1"]\n')
+    from rsslctl.run.sweep import load_spec
+    spec = load_spec(sweep_file)
+    assert spec.recipe == str(tiny_recipe) and spec.after == ["evaluate", "finetune:slf"]
+    flags = SweepSpec(str(tiny_recipe), seeds=[0, 1], grid={"method.temperature": [0.2, 0.5]},
+                      overrides=["optimizer.lr=0.07"])
+    assert [r.dir for r in expand(spec)] == [r.dir for r in expand(flags)]
+    out = tmp_path / "out"
+    result = run("sweep", str(sweep_file), "--out", str(out), "--dry-run")
+    assert result.exit_code == 0 and result.output.count("seed1-method.temperature=") == 2, result.output
+    assert not out.exists()  # a dry run creates nothing
+    result = run("sweep", str(sweep_file), "--out", str(out), "--dry-run", "--seeds", "4", "--grid",
+                 "method.temperature=0.1")
+    assert "seed4-method.temperature=0.1" in result.output and "seed0" not in result.output
+    sweep_file.write_text('jobz = 2\n' + sweep_file.read_text())
+    assert_user_error(run("sweep", str(sweep_file), "--out", str(out)), "unknown sweep key 'jobz'", "jobs")
+    assert not out.exists()
