@@ -106,7 +106,10 @@ def _slurm_options(file: dict[str, Any], flags: dict[str, Any]) -> SlurmOptions:
     for key in table:
         if key not in known:
             raise UserError(f"sweep file: [slurm] unknown key '{key}'; valid keys: {', '.join(known)}")
-    pick = lambda k: flags[k] if flags.get(k) is not None else table.get(k)  # noqa: E731
+
+    def pick(key: str) -> Any:
+        return flags[key] if flags.get(key) is not None else table.get(key)
+
     extra = dict(table.get("extra", {}))
     for text in flags["slurm_arg"]:
         if "=" not in text:
@@ -141,7 +144,8 @@ def _plan_table(title: str, out: Path, runs: list[Any], status: dict[str, str]) 
               help="The sweep directory (one run directory per run, sweep.json, sweep.log).")
 @click.option("--jobs", type=click.IntRange(1, 1024), default=None,
               help="Runs at a time (local: processes sharing the CPU threads; slurm: array parallelism).")
-@click.option("--executor", type=click.Choice(["local", "slurm"]), default=None, help="Where the runs go (default local).")
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default=None,
+              help="Where the runs go (default local).")
 @click.option("--partition", help="slurm: partition.")
 @click.option("--gpus-per-node", type=click.IntRange(0), default=None, help="slurm: GPUs per node (one process each).")
 @click.option("--nodes", type=click.IntRange(1), default=None, help="slurm: nodes per run (distributed training).")
@@ -163,7 +167,7 @@ def sweep(source: Path, seeds: tuple[str, ...], grid: tuple[str, ...], overrides
     executor = executor or spec.settings.get("executor", "local")
     if executor not in ("local", "slurm"):
         raise UserError(f"sweep file: executor = {executor!r}; choose \"local\" or \"slurm\"")
-    jobs = jobs or int(spec.settings.get("jobs", 1))
+    jobs = jobs or int(spec.settings.get("jobs", 0))  # 0: local one at a time, slurm as many as the cluster allows
     slurm = _slurm_options(spec.settings, slurm_flags) if executor == "slurm" else None
     if slurm is not None:
         check_slurm(slurm)
@@ -181,15 +185,15 @@ def sweep(source: Path, seeds: tuple[str, ...], grid: tuple[str, ...], overrides
     tracker = Tracker(out, digest, spec, runs, status, live, live=not quiet)
     todo = [r for r in runs if status.get(r.dir) not in ("done", "running")]
     tracker.log(f"sweep {digest}: {len(runs)} runs, {len(runs) - len(todo)} done or running elsewhere, "
-                f"{len(todo)} to run on {executor}" + (f" ({jobs} at a time)" if jobs > 1 else ""))
+                f"{len(todo)} to run on {executor}" + (f" ({jobs} at a time)" if jobs else ""))
     work = [RunJob(str(out.resolve()), r.dir, r.name, spec.recipe, r.sets, spec.after, spec.options, invoke_inprocess)
             for r in todo]
     try:
         with tracker:
             if slurm is not None:
-                run_slurm(work, tracker, slurm, jobs if jobs > 1 else 0)
+                run_slurm(work, tracker, slurm, jobs)
             else:
-                run_local(work, tracker, jobs)
+                run_local(work, tracker, max(1, jobs))
     except KeyboardInterrupt as exc:
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
         for run in runs:

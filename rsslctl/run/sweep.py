@@ -100,6 +100,9 @@ def load_spec(path: Path) -> SweepSpec:
                                                 for v in options.values()):
         raise UserError(f'{path}: [options] maps a verb to its extra arguments, e.g. finetune = ["--epochs", "5"]')
     spec.options = dict(options)
+    jobs = raw.get("jobs", 1)
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= 1024:
+        raise UserError(f"{path}: jobs must be an integer from 1 to 1024, got {jobs!r}")
     spec.settings = {k: raw[k] for k in ("executor", "jobs", "slurm") if k in raw}
     return spec
 
@@ -172,7 +175,8 @@ def expand(spec: SweepSpec, cap: int = MAX_RUNS, yes: bool = False) -> list[Plan
         point = dict(zip(keys, values))
         sets = list(spec.overrides) + ([f"run.seed={seed}"] if seed is not None else [])
         sets += [_set_text(k, v) for k, v in point.items()]
-        name = "-".join(([f"seed{seed}"] if seed is not None else []) + [f"{k}={_value_text(v)}" for k, v in point.items()])
+        parts = ([f"seed{seed}"] if seed is not None else []) + [f"{k}={_value_text(v)}" for k, v in point.items()]
+        name = "-".join(parts)
         name = name or "run"
         try:
             recipe = resolve(raw, sets, spec.recipe)

@@ -11,8 +11,10 @@ import dataclasses
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -36,7 +38,10 @@ def subprocess_invoke(argv: list[str], log: TextIO, threads: int) -> int:
     proc = subprocess.Popen([sys.executable, "-m", "rsslctl.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env=env)
     try:
-        return proc.wait()
+        code = proc.wait()
+        if code == -signal.SIGUSR2:  # Slurm signals the whole job: give submitit's handler in this process
+            time.sleep(10)           # (checkpoint and requeue) the time to act before calling the run failed
+        return code
     except BaseException:  # the sweep is interrupted: stop the child the same way (it keeps its checkpoints)
         proc.terminate()
         proc.wait()
@@ -141,7 +146,8 @@ class RunJob:
             import submitit  # the job runs where submitit started it
             dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
             rank0 = dist_env.rank == 0
-        done: list[str] = list(read_state(self.sweep_dir, self.dir).get("steps", [])) if rank0 else []
+        # every rank reads what is done (only rank 0 writes it): they must agree on whether to pretrain at all
+        done: list[str] = list(read_state(self.sweep_dir, self.dir).get("steps", []))
         log_path = Path(self.sweep_dir) / LOG_DIR / f"{self.dir}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         host = os.uname().nodename

@@ -25,11 +25,13 @@ def fast_recipe(tiny_recipe: Path) -> Path:
     """The tiny recipe at one epoch of two steps and a two-epoch probe on 32 test images."""
     text = tiny_recipe.read_text().replace("steps = 2\nlimit = 64", "steps = 2\nlimit = 32")
     for old, new in (("limit = 96", "limit = 64"), ("epochs = 3\n", "epochs = 1\n"),
-                     ("warmup_epochs = 1", "warmup_epochs = 0"), ("[evaluation]\nepochs = 30", "[evaluation]\nepochs = 2")):
+                     ("warmup_epochs = 1", "warmup_epochs = 0"),
+                     ("[evaluation]\nepochs = 30", "[evaluation]\nepochs = 2")):
         text = text.replace(old, new)
     tiny_recipe.write_text(text)
     recipe = load(tiny_recipe)
-    assert (recipe.schedule.epochs, recipe.data.limit, recipe.evaluation.epochs, recipe.evaluation.limit) == (1, 64, 2, 32)
+    ev = recipe.evaluation
+    assert (recipe.schedule.epochs, recipe.data.limit, ev.epochs, ev.limit) == (1, 64, 2, 32)
     return tiny_recipe
 
 
