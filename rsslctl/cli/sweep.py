@@ -102,7 +102,7 @@ def _slurm_options(file: dict[str, Any], flags: dict[str, Any]) -> SlurmOptions:
     table = file.get("slurm", {})
     if not isinstance(table, dict):
         raise UserError("sweep file: [slurm] must be a table (partition, gpus_per_node, nodes, time, ...)")
-    known = ("partition", "gpus_per_node", "nodes", "time", "cpus_per_task", "extra")
+    known = ("partition", "gpus_per_node", "nodes", "tasks_per_node", "time", "cpus_per_task", "extra")
     for key in table:
         if key not in known:
             raise UserError(f"sweep file: [slurm] unknown key '{key}'; valid keys: {', '.join(known)}")
@@ -119,7 +119,8 @@ def _slurm_options(file: dict[str, Any], flags: dict[str, Any]) -> SlurmOptions:
     time = pick("time")
     return SlurmOptions(partition=pick("partition"), gpus_per_node=int(pick("gpus_per_node") or 0),
                         nodes=int(pick("nodes") or 1), time_min=parse_time(str(time)) if time else 24 * 60,
-                        cpus_per_task=pick("cpus_per_task"), extra=extra, cluster=flags["cluster"],
+                        cpus_per_task=pick("cpus_per_task"), tasks_per_node=int(pick("tasks_per_node") or 0),
+                        extra=extra, cluster=flags["cluster"],
                         poll_s=0.5 if flags["cluster"] in TEST_CLUSTERS else 30.0)
 
 
@@ -150,6 +151,8 @@ def _plan_table(title: str, out: Path, runs: list[Any], status: dict[str, str]) 
 @click.option("--gpus-per-node", type=click.IntRange(0), default=None, help="slurm: GPUs per node (one process each).")
 @click.option("--nodes", type=click.IntRange(1), default=None, help="slurm: nodes per run (distributed training).")
 @click.option("--time", help="slurm: time limit per job, e.g. 12:00:00; a run that hits it is requeued and resumes.")
+@click.option("--tasks-per-node", type=click.IntRange(1), default=None,
+              help="slurm: processes per node (default one per GPU).")
 @click.option("--cpus-per-task", type=click.IntRange(1), default=None, help="slurm: CPUs per process.")
 @click.option("--slurm-arg", multiple=True, metavar="KEY=VALUE", help="slurm: another sbatch setting, e.g. account=x.")
 @click.option("--cluster", type=click.Choice(["slurm", *TEST_CLUSTERS]), default="slurm", hidden=True,

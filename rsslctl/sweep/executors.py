@@ -68,6 +68,10 @@ class SlurmOptions:
     extra: dict[str, str] = dataclasses.field(default_factory=dict)  # further sbatch settings (account, qos, …)
     cluster: str = "slurm"  # "local"/"debug": submitit's executors without a cluster, same code path
     poll_s: float = 30.0
+    tasks_per_node: int = 0  # processes per node; 0 = one per GPU (one in all without GPUs)
+
+    def tasks(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)
 
 
 def parse_time(text: str) -> int:
@@ -105,21 +109,12 @@ def check_slurm(options: SlurmOptions) -> None:
         raise UserError("--nodes: submitit's local executor runs on one node; use --nodes 1")
 
 
-def run_slurm(jobs: list[RunJob], tracker: Tracker, options: SlurmOptions, parallel: int = 0) -> None:
-    """Submit the jobs as one array and follow them until each has ended; statuses come from the jobs' own state
-    files (the jobs write them on the cluster)."""
+def make_executor(folder: Path, options: SlurmOptions, parallel: int, name: str) -> Any:
+    """A submitit executor asking, per run, for ``options`` (``parallel`` > 0 caps the array's running tasks)."""
     import submitit
-    tasks = max(1, options.gpus_per_node)
-    for job in jobs:
-        job.distributed = options.nodes * tasks > 1
-        if options.cluster != "debug":
-            # a verb per process: submitit's preemption signal (USR2) then reaches the job itself, which stops
-            # the verb (its checkpoints kept) and requeues; the debug executor runs jobs here, in this process
-            job.invoke = subprocess_invoke
-    executor = submitit.AutoExecutor(folder=Path(tracker.out) / "submitit" / "%j", cluster=options.cluster)
-    params: dict[str, Any] = {"name": f"rsslctl-sweep-{tracker.digest[:8]}", "timeout_min": options.time_min,
-                              "nodes": options.nodes, "tasks_per_node": tasks,
-                              "slurm_additional_parameters": dict(options.extra)}
+    executor = submitit.AutoExecutor(folder=Path(folder), cluster=options.cluster)
+    params: dict[str, Any] = {"name": name, "timeout_min": options.time_min, "nodes": options.nodes,
+                              "tasks_per_node": options.tasks(), "slurm_additional_parameters": dict(options.extra)}
     if options.gpus_per_node:
         params["gpus_per_node"] = options.gpus_per_node
     if options.cpus_per_task:
@@ -129,6 +124,19 @@ def run_slurm(jobs: list[RunJob], tracker: Tracker, options: SlurmOptions, paral
     if parallel:
         params["slurm_array_parallelism"] = parallel
     executor.update_parameters(**params)
+    return executor
+
+
+def run_slurm(jobs: list[RunJob], tracker: Tracker, options: SlurmOptions, parallel: int = 0) -> None:
+    """Submit the jobs as one array and follow them until each has ended; statuses come from the jobs' own state
+    files (the jobs write them on the cluster)."""
+    for job in jobs:
+        job.distributed = options.nodes * options.tasks() > 1
+        if options.cluster != "debug":
+            # a verb per process: submitit's preemption signal (USR2) then reaches the job itself, which stops
+            # the verb (its checkpoints kept) and requeues; the debug executor runs jobs here, in this process
+            job.invoke = subprocess_invoke
+    executor = make_executor(Path(tracker.out) / "submitit", options, parallel, f"rsslctl-sweep-{tracker.digest[:8]}")
     submitted = executor.submit_array(jobs)
     for job, sj in zip(jobs, submitted):
         tracker.log(f"{job.name} ({job.dir}) submitted as job {sj.job_id}")
@@ -144,8 +152,7 @@ def run_slurm(jobs: list[RunJob], tracker: Tracker, options: SlurmOptions, paral
                 except Exception as exc:  # noqa: BLE001 — the job crashed or was cancelled; its log says why
                     status, note = "failed", f"job {sj.job_id}: {str(exc).splitlines()[-1][:200] if str(exc) else exc}"
                 tracker.set(run, "done" if status == "done" else "failed" if status == "failed" else "pending", note)
-            else:
-                tracker.set(run, run_status(tracker.out, run) if run_status(tracker.out, run) == "running"
-                            else tracker.status.get(run, "pending"))
+            elif run_status(tracker.out, run) == "running":  # queued jobs stay pending
+                tracker.set(run, "running")
         if waiting:
             time.sleep(options.poll_s)

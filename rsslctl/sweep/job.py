@@ -141,14 +141,15 @@ class RunJob:
             (d / LOCK_FILE).unlink()
 
     def __call__(self) -> str:
-        rank0 = True
+        rank = 0
         if self.distributed:
             import submitit  # the job runs where submitit started it
-            dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-            rank0 = dist_env.rank == 0
+            rank = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False).rank
+        rank0 = rank == 0
         # every rank reads what is done (only rank 0 writes it): they must agree on whether to pretrain at all
         done: list[str] = list(read_state(self.sweep_dir, self.dir).get("steps", []))
-        log_path = Path(self.sweep_dir) / LOG_DIR / f"{self.dir}.log"
+        suffix = "" if rank0 else f".rank{rank}"
+        log_path = Path(self.sweep_dir) / LOG_DIR / f"{self.dir}{suffix}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         host = os.uname().nodename
         with open(log_path, "a") as log:

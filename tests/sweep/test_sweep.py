@@ -3,6 +3,7 @@ exactly, one-line refusals that create nothing, and the Slurm path through submi
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -183,6 +184,18 @@ def test_slurm_path_through_submitit_debug_executor(fast_recipe: Path, tmp_path:
     assert "submitted as job" in (out / "sweep.log").read_text()
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 @pytest.mark.slow
 def test_slurm_path_through_submitit_local_executor_requeues_on_preemption(fast_recipe: Path,
                                                                            tmp_path: Path) -> None:
@@ -206,8 +219,14 @@ def test_slurm_path_through_submitit_local_executor_requeues_on_preemption(fast_
     while latest_checkpoint(out / planned.dir) is None and time.time() < deadline:
         time.sleep(0.1)
     assert read_meta(latest_checkpoint(out / planned.dir))["epoch"] < 3, "finished before the preemption"
-    sj._interrupt()  # what a preemption sends the job (USR2): checkpoint() → requeue
+    # what Slurm does before a time limit or on preemption (--signal=USR2@…): signal every process of the job —
+    # the job (checkpoint() → requeue) and the verb it runs
+    import signal
+    (task,) = _children(sj._process.pid)
+    for pid in [task, *_children(task)]:
+        os.kill(pid, signal.SIGUSR2)
     assert sj.result() == "done"
+    assert "Requeued job" in sj.stdout() + (sj.stderr() or "")
     a, b = _final_weights(full / entry["dir"]), _final_weights(out / planned.dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -251,3 +270,38 @@ def test_a_sweep_file_gives_the_same_runs_as_the_flags(tiny_recipe: Path, tmp_pa
     sweep_file.write_text('jobz = 2\n' + sweep_file.read_text())
     assert_user_error(run("sweep", str(sweep_file), "--out", str(out)), "unknown sweep key 'jobz'", "jobs")
     assert not out.exists()
+
+
+def test_cluster_settings_become_the_sbatch_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `--partition/--gpus-per-node/--nodes/--time/--jobs/--slurm-arg` ask of Slurm, as submitit writes it."""
+    pytest.importorskip("submitit")
+    from rsslctl.sweep.executors import SlurmOptions, make_executor
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{__import__('os').environ['PATH']}")
+    options = SlurmOptions(partition="gpu", gpus_per_node=4, nodes=2, time_min=parse_time("12:00:00"),
+                           cpus_per_task=8, extra={"account": "proj"})
+    executor = make_executor(tmp_path / "submitit", options, 3, "rsslctl-sweep-x")
+    script = executor._executor._make_submission_file_text("CMD", "UID")
+    for line in ("--partition=gpu", "--gpus-per-node=4", "--nodes=2", "--ntasks-per-node=4", "--time=720",
+                 "--cpus-per-task=8", "--account=proj", "--signal=USR2@"):
+        assert f"#SBATCH {line}" in script, script
+    assert executor._executor.parameters["array_parallelism"] == 3
+
+
+@pytest.mark.slow
+def test_a_multi_process_run_through_submitit_trains_distributed(fast_recipe: Path, tmp_path: Path) -> None:
+    """Two tasks of one job join torch.distributed (gloo on the CPU) from submitit's environment; rank 0 then
+    evaluates alone."""
+    pytest.importorskip("submitit")
+    out = tmp_path / "dist"
+    result = run("sweep", str(fast_recipe), "--seeds", "0", "--out", str(out), "--executor", "slurm",
+                 "--cluster", "local", "--tasks-per-node", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    (entry,) = _manifest(out)["runs"]
+    assert entry["status"] == "done"
+    assert read_meta(latest_checkpoint(out / entry["dir"]))["world_size"] == 2
+    assert (out / entry["dir"] / "eval.json").is_file()
+    assert (out / "logs" / f"{entry['dir']}.rank1.log").is_file()
