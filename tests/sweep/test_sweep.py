@@ -305,3 +305,53 @@ def test_a_multi_process_run_through_submitit_trains_distributed(fast_recipe: Pa
     assert read_meta(latest_checkpoint(out / entry["dir"]))["world_size"] == 2
     assert (out / entry["dir"] / "eval.json").is_file()
     assert (out / "logs" / f"{entry['dir']}.rank1.log").is_file()
+
+
+def test_parallel_local_jobs_share_the_cpu_threads(tiny_recipe: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs N: at most N runs at once, each verb a process limited to cores / N threads."""
+    import threading
+    import time
+    from rsslctl.sweep import executors
+    calls: list[tuple[str, int]] = []
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def fake_invoke(argv: list[str], log, threads: int) -> int:
+        with lock:
+            calls.append((argv[0], threads))
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        return 0
+
+    monkeypatch.setattr(executors, "subprocess_invoke", fake_invoke)
+    monkeypatch.setattr(executors, "cpu_threads", lambda: 8)
+    out = tmp_path / "sweep"
+    result = run("sweep", str(tiny_recipe), "--seeds", "0", "1", "2", "3", "--out", str(out), "--jobs", "2",
+                 "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(calls) == [("evaluate", 4)] * 4 + [("pretrain", 4)] * 4
+    assert peak[0] == 2
+    assert [r["status"] for r in _manifest(out)["runs"]] == ["done"] * 4
+
+
+def test_a_run_another_process_is_writing_is_left_alone(tiny_recipe: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import rsslctl.cli.sweep as verb
+    from rsslctl.run.directory import RunLock
+    calls: list[list[str]] = []
+    monkeypatch.setattr(verb, "invoke_inprocess", lambda argv, log, threads: calls.append(argv) or 0)
+    out = tmp_path / "sweep"
+    args = ["--seeds", "0", "1", "--out", str(out), "--quiet", "--after", "none"]
+    assert run("sweep", str(tiny_recipe), *args).exit_code == 0
+    assert len(calls) == 2
+    first, second = (r["dir"] for r in _manifest(out)["runs"])
+    for name in (first, second):
+        (out / ".state" / f"{name}.json").unlink()  # as if neither had finished
+    calls.clear()
+    with RunLock(out / first, "pretraining"):  # another process is training the first run
+        assert run("sweep", str(tiny_recipe), *args).exit_code == 0
+    assert calls == [["pretrain", str(tiny_recipe.resolve()), "--run-dir", str((out / second).resolve()), "--quiet",
+                      "--set", "run.seed=1"]]
