@@ -47,7 +47,7 @@ _EXPORTS: dict[str, str] = {
     "rank": "rsslctl.runtime.distributed",
     "world_size": "rsslctl.runtime.distributed",
     "derive_seed": "rsslctl.runtime.seeding",
-    "atomic_write_text": "rsslctl.runtime.checkpoint",
+    "atomic_write_text": "rsslctl.base.files",
     "load_optimizer_tensors": "rsslctl.runtime.checkpoint",
     "optimizer_tensors": "rsslctl.runtime.checkpoint",
     "save_checkpoint": "rsslctl.runtime.checkpoint",
@@ -157,7 +157,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from rsslctl.base.registry import Declared, get as get_plugin
     from rsslctl.runtime.distributed import all_gather_objects, rank, world_size
     from rsslctl.runtime.seeding import derive_seed
-    from rsslctl.runtime.checkpoint import atomic_write_text, load_optimizer_tensors, optimizer_tensors, save_checkpoint, save_tensors
+    from rsslctl.base.files import atomic_write_text
+    from rsslctl.runtime.checkpoint import load_optimizer_tensors, optimizer_tensors, save_checkpoint, save_tensors
     from rsslctl.nn.encoder import apply_cifar_stem, Backbone, Encoder
     from rsslctl.nn.losses import fp32, global_similarities, nt_xent, pair_rows, positive_columns, self_mask
     from rsslctl.nn.momentum import ema_update, mlp_head, momentum_copy, MomentumSchedule

@@ -70,7 +70,7 @@ def test_no_import_cycle_among_core_modules() -> None:
 #: ``nn`` and ``data`` share a level and stay independent of each other. The root (``rsslctl``, the public API)
 #: re-exports every layer and is imported by the core only for ``__version__`` and ``hookimpl``.
 LAYERS = {"base": 0, "runtime": 1, "nn": 2, "data": 2, "adversary": 3, "method": 4, "run": 5, "train": 6, "eval": 7,
-          "cli": 8}
+          "sweep": 8, "cli": 9}
 
 
 def _layer(module: str) -> str:

@@ -34,6 +34,8 @@ VERBS: dict[str, tuple[str, str]] = {
                        "[coreset] selector, else the default one) and write its indices."),
     "cite": ("rsslctl.cli.cite:cite",
              "Print the BibTeX of the methods, attacks, backbone and datasets RUN_DIR used (and of rsslctl)."),
+    "sweep": ("rsslctl.cli.sweep:sweep", "Pretrain every run of a sweep (SWEEP file, or a RECIPE with --seeds/--grid) "
+              "and run its steps after pretraining."),
 }
 
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from rsslctl.eval.metrics import METRICS, Metric, declared, leaderboard, register_metric
 from rsslctl.run.build import load_split, setup_device
-from rsslctl.runtime.checkpoint import atomic_write_text
+from rsslctl.base.files import atomic_write_text
 from rsslctl.train.classify import accuracy, load_classifier, mode_dir
 from rsslctl.base.errors import UserError
 from rsslctl.base.console import err_console as console  # status lines go to stderr, so `--json` stdout stays parseable

@@ -22,6 +22,7 @@ from safetensors.torch import load as load_bytes, save_file as _save_file
 
 from rsslctl.runtime.distributed import gather_to_main, is_main, launched, rank
 from rsslctl.base.errors import UserError
+from rsslctl.base.files import atomic_write_text  # noqa: F401 (re-exported: checkpoint files and their meta)
 
 CKPT_DIR = "checkpoints"
 
@@ -66,22 +67,6 @@ def save_file_like_open(tensors: dict[str, torch.Tensor], path: Path, metadata: 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling, fsync it and rename it into place: a reader sees the old file or the
-    new one, never half of one; on any failure (disk full, read-only) the temporary file is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:

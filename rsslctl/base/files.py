@@ -1,0 +1,22 @@
+"""Atomic text files: what every writer of run directories, manifests and results uses (no torch, so the commands
+that only check and list stay fast)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling, fsync it and rename it into place: a reader sees the old file or the
+    new one, never half of one; on any failure (disk full, read-only) the temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
