@@ -110,8 +110,10 @@ def _lost_peer(exc: Exception) -> str:
     if not (isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError)
                                                 and any(m in str(exc) for m in _PEER_MARKERS))):
         return ""
-    return (f"lost the other ranks in a collective ({_one_line(exc)[:160]}): another rank failed (see its line) or "
-            "stalled for longer than engine.collective_timeout_s")
+    import re
+    what = re.sub(r"\[[^\]]*\]\s*", "", _one_line(exc)).split(". ")[0][:120]  # gloo's source location dropped
+    return (f"lost the other ranks in a collective ({what}): another rank failed (see its line) or stalled for "
+            "longer than engine.collective_timeout_s")
 
 
 def _rank_fail(message: str, code: int, exc: BaseException) -> None:

@@ -32,7 +32,8 @@ from rsslctl.run.recipe import Recipe, resolve, shipped_defaults
 from rsslctl.run.directory import RECIPE_FILE, load_run_recipe, refuse_existing
 from rsslctl.eval.suite import evaluate_finetuned
 from rsslctl.base.console import console
-from rsslctl.cli.common import SET, parse_eps, show_report, suite_from_flags, suite_options, user_errors
+from rsslctl.cli.common import (SET, LaunchCommand, launch_options, launch_spec, parse_eps, show_report,
+    start_ranks, suite_from_flags, suite_options, user_errors)
 
 
 def finetune_rows() -> FinetuneRows:
@@ -237,7 +238,7 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
 
 
 
-@click.command("finetune")
+@click.command("finetune", cls=LaunchCommand)
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--mode", type=click.Choice(["SLF", "ALF", "AFF", "ALL"]), default="ALL", show_default=True,
               help="Fine-tuning mode; ALL runs SLF, ALF and AFF from one immutable configuration.")
@@ -273,11 +274,13 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @suite_options
+@launch_options
 @user_errors
 def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, weights: Path | None, cifar_stem: bool | None,
              out_dir: Path | None, data: str | None, data_root: str | None, image_size: int | None, pretraining: str,
              overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool, then_evaluate: bool, **kw: Any) -> None:
     """Fine-tune a pretrained encoder (SLF / ALF / AFF, see docs/methods.md) and evaluate it."""
+    ranks = launch_spec(*(kw.pop(k) for k in ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")))
     random_init, train_attack = kw.pop("random_init"), kw.pop("train_attack")
     if train_attack is not None:
         if mode in ("SLF", "AFF"):
@@ -330,6 +333,10 @@ def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, we
             if target in Path(weights).resolve().parents:
                 raise UserError(f"--weights {weights}: lies inside {target}, which fine-tuning writes; move it or "
                                 "choose another --out")
+    if ranks is not None:  # everything above is checked once here, before any rank starts
+        for c in configs:
+            refuse_existing(mode_dir(out_dir, c.mode), "fine-tuning output", force)
+        return start_ranks(ranks, recipe.engine.join_timeout_s)
     run_finetune(source, recipe, configs, out_dir, force, quiet)
     if not distributed.is_main():  # under torchrun rank 0 alone evaluates (and writes) what the ranks trained
         return
