@@ -78,6 +78,21 @@ def test_bad_global_batch_is_refused_before_any_rank_starts(tiny_recipe: Path, t
     assert not started and not (tmp_path / "r").exists()
 
 
+def test_resuming_with_another_number_of_ranks_is_refused_before_any_starts(tiny_recipe: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from rsslctl.run.directory import prepare_run_dir
+    from rsslctl.run.recipe import load
+    started = []
+    monkeypatch.setattr(launch, "launch", lambda *a: started.append(a))
+    run_dir = tmp_path / "r"
+    prepare_run_dir(load(tiny_recipe), run_dir, False)
+    (run_dir / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    (run_dir / "checkpoints" / "epoch-0001" / "meta.json").write_text('{"epoch": 1, "sha256": {}, "world_size": 1}')
+    result = run("pretrain", "--resume", str(run_dir), "--nproc-per-node", "2")
+    assert_user_error(result, "written by a run of 1 process(es), resumed with 2")
+    assert not started
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--rdzv-endpoint", "host:99999", "--nnodes", "2"], "'99999' is not a TCP port"),
     (["--rdzv-endpoint", "host:x", "--nnodes", "2"], "'x' is not a TCP port"),
@@ -104,6 +119,15 @@ def test_failures_are_one_line_per_distinct_error(tmp_path: Path) -> None:
     out = launch.failure(tmp_path, {})
     assert out.lines == ["ranks 1, 2: data missing", "rank 3: bad key"] and out.exit_code == 2
     assert launch.failure(tmp_path / "none", {1: -9}).lines[0].startswith("rank 1: killed by SIGKILL")
+
+
+def test_nproc_per_node_under_torchrun_is_refused(tiny_recipe: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in torchrun_env(0, 2, 29500).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv(launch.CHILD_ENV, raising=False)
+    result = run("pretrain", str(tiny_recipe), "--run-dir", str(tmp_path / "r"), "--nproc-per-node", "2")
+    assert_user_error(result, "--nproc-per-node under torchrun would start processes twice")
 
 
 # -- the ranks -----------------------------------------------------------------------------------------------------
