@@ -93,7 +93,9 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     check_spec(spec)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its report is replaced below
+    for name in list(logging.root.manager.loggerDict):  # each elastic module sets its own level: its report,
+        if name.startswith("torch.distributed.elastic"):  # warnings included, is replaced by the lines below
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="rsslctl-launch-") as logs:
         if spec.node_rank is not None:  # fixed ranks: torchrun's classic static rendezvous at the endpoint
             backend, configs = "static", {"rank": spec.node_rank, "timeout": spec.join_timeout_s}

@@ -207,3 +207,24 @@ def test_nproc_per_node_trains_what_the_torchrun_path_trains(tiny_recipe: Path, 
     strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_s")}
                          for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert strip(tmp_path / "a") == strip(tmp_path / "b")
+
+
+@pytest.mark.slow  # waits for the ranks' first checkpoint
+def test_an_interrupted_launch_stops_every_rank_with_one_line(tiny_recipe: Path, tmp_path: Path) -> None:
+    import signal
+    run_dir = tmp_path / "r"
+    p = subprocess.Popen(cli("pretrain", str(tiny_recipe), "--run-dir", str(run_dir), "--quiet", "--nproc-per-node",
+                             "2", *sets(*SMALL, "schedule.epochs=500")),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while latest_checkpoint(run_dir) is None and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted (SIGINT)"), err[-2000:]
