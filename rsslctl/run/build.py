@@ -64,8 +64,10 @@ def setup_device(recipe: Recipe) -> torch.device:
     torch.use_deterministic_algorithms(recipe.engine.deterministic)  # process-wide: the recipe that runs decides
     torch.backends.cudnn.benchmark = False
     e = recipe.engine
+    joining = not distributed.active()  # later calls (rank 0 evaluating alone after fine-tuning) gather nothing
     device = distributed.setup(e.device, e.backend, e.join_timeout_s, e.collective_timeout_s)
-    agreement.agree(recipe.resolved, _plugin_classes(recipe))  # every rank runs the same recipe, seed and code
+    if joining:
+        agreement.agree(recipe.resolved, _plugin_classes(recipe))  # every rank runs the same recipe, seed and code
     return device
 
 

@@ -154,7 +154,8 @@ def test_an_error_on_rank_1_only_is_shown_as_its_line(tiny_recipe: Path, tmp_pat
     assert line.startswith("error: rank 1: digits: data files not found: looked for /rank1/data"), line
 
 
-@pytest.mark.parametrize("key, value", [("run.seed", "4"), ("schedule.epochs", "2")])
+@pytest.mark.parametrize("key, value", [("run.seed", "4"),
+                                        pytest.param("schedule.epochs", "2", marks=pytest.mark.slow)])
 def test_ranks_with_different_recipes_stop_with_one_line(tiny_recipe: Path, tmp_path: Path, key: str,
                                                          value: str) -> None:
     base = cli("pretrain", str(tiny_recipe), "--run-dir", str(tmp_path / "r"), "--quiet", *sets(*SMALL))
