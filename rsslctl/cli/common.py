@@ -268,11 +268,11 @@ class LaunchCommand(click.Command):
 def launch_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--nproc-per-node, --nnodes, --node-rank, --rdzv-endpoint (read with ``launch_spec``)."""
     for decl, kind, text in reversed([
-            ("--nproc-per-node", click.IntRange(1), "Run as N processes on this machine (one per GPU), started by "
-             "torch's elastic launcher as torchrun would; the recipe is checked once before any starts."),
+            ("--nproc-per-node", click.IntRange(1), ("Run as N processes on this machine (one per GPU), started by "
+             "torch's elastic launcher as torchrun would; the recipe is checked once before any starts.")),
             ("--nnodes", click.IntRange(1), "Number of machines (with --nproc-per-node; default 1)."),
-            ("--node-rank", click.IntRange(0), "This machine's rank 0 … nnodes-1 (optional: by default the "
-             "rendezvous numbers the machines)."),
+            ("--node-rank", click.IntRange(0), ("This machine's rank 0 … nnodes-1 (optional: by default the "
+             "rendezvous numbers the machines).")),
             ("--rdzv-endpoint", str, "HOST:PORT where the machines meet (one of them; the same on every machine).")]):
         fn = click.option(decl, type=kind, default=None, help=text)(fn)
     return fn

@@ -74,7 +74,8 @@ def check_spec(spec: LaunchSpec) -> None:
         raise UserError(f"--nnodes {spec.nnodes}: pass --rdzv-endpoint HOST:PORT (one machine of the run, the same "
                         "on every machine)")
     if spec.node_rank is not None and not 0 <= spec.node_rank < spec.nnodes:
-        raise UserError(f"--node-rank {spec.node_rank}: must be between 0 and {spec.nnodes - 1} (--nnodes {spec.nnodes})")
+        raise UserError(f"--node-rank {spec.node_rank}: must be between 0 and {spec.nnodes - 1} "
+                        f"(--nnodes {spec.nnodes})")
     if spec.rdzv_endpoint:
         host, sep, port = spec.rdzv_endpoint.rpartition(":")
         if not sep or not host:
