@@ -52,7 +52,9 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Every failure of a verb ends in one line: UserError and OS errors (disk full, read-only, permissions) exit
-    with code 2, an interrupt (SIGINT or SIGTERM) with 128 + the signal, anything unexpected with 1."""
+    with code 2, an interrupt (SIGINT or SIGTERM) with 128 + the signal, anything unexpected with 1. A rank of a
+    multi-process run also records its line for the launcher (``rsslctl.runtime.launch``); a rank that ``launch``
+    started prints nothing itself, since the launcher prints every rank's line."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _mute_other_ranks()  # under torchrun only rank 0 prints, errors included
@@ -64,36 +66,100 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 distributed.shutdown()
             return out
         except UserError as exc:
-            fail(str(exc), exc.exit_code)
+            if getattr(exc, "lines", None):  # the launcher: one line per failing rank
+                fail_lines(exc.lines, exc.exit_code)
+            _rank_fail(str(exc), exc.exit_code, exc)
         except KeyboardInterrupt as exc:
             from rsslctl.base.console import err_console
             signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
             name = signal.Signals(signum).name
-            err_console.print(f"interrupted ({name}); whatever was checkpointed is kept: continue a pretraining run "
-                              "with `rsslctl pretrain --resume RUN_DIR`", highlight=False, soft_wrap=True)
+            if not _launched_child():  # the launcher says it once, for every rank
+                err_console.print(f"interrupted ({name}); whatever was checkpointed is kept: continue a pretraining "
+                                  "run with `rsslctl pretrain --resume RUN_DIR`", highlight=False, soft_wrap=True)
             sys.exit(128 + signum)
         except OSError as exc:
-            fail(os_error_message(exc))
-        except RecursionError:
-            fail("input nested too deeply to process")
+            _rank_fail(os_error_message(exc), 2, exc)
+        except RecursionError as exc:
+            _rank_fail("input nested too deeply to process", 2, exc)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 — one line, never a traceback; RSSLCTL_TRACEBACK=1 shows it
             if os.environ.get("RSSLCTL_TRACEBACK"):
                 raise
             if _out_of_memory(exc):
-                fail(f"out of memory ({_one_line(exc)[:200]}); lower schedule.batch_size, data.image_size or "
-                     "data.limit")
-            fail(f"internal error: {type(exc).__name__}: {exc} (please report it; RSSLCTL_TRACEBACK=1 shows the "
-                 "traceback)", 1)
+                _rank_fail(f"out of memory ({_one_line(exc)[:200]}); lower schedule.batch_size, data.image_size or "
+                           "data.limit", 2, exc)
+            lost = _lost_peer(exc)
+            if lost:
+                _rank_fail(lost, 1, exc)
+            _rank_fail(f"internal error: {type(exc).__name__}: {exc} (please report it; RSSLCTL_TRACEBACK=1 shows "
+                       "the traceback)", 1, exc)
     return wrapper
 
 
 def _mute_other_ranks() -> None:
     """``distributed.mute_other_ranks`` without importing torch when no launcher started this process."""
-    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+    if _launched():
         from rsslctl.runtime import distributed
         distributed.mute_other_ranks()
+
+
+def _launched() -> bool:
+    """A launcher (torchrun, ``launch``) started this process; checked without importing torch."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def _launched_child() -> bool:
+    if not _launched():
+        return False
+    from rsslctl.runtime import distributed
+    from rsslctl.runtime.launch import CHILD_ENV
+    return distributed.launched() and bool(os.environ.get(CHILD_ENV))
+
+
+#: what gloo and NCCL errors of a collective say (plain RuntimeErrors) when the other side is gone or silent
+_PEER_MARKERS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "Timed out", "NCCL")
+
+
+def _lost_peer(exc: Exception) -> str:
+    """The line for a collective that failed because another rank did (or stalled), else ''."""
+    if "torch" not in sys.modules:  # torch never imported: no collective ran
+        return ""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return ""
+    if not (isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError)
+                                                and any(m in str(exc) for m in _PEER_MARKERS))):
+        return ""
+    import re
+    what = re.sub(r"\[[^\]]*\]\s*", "", _one_line(exc)).split(". ")[0][:120]  # gloo's source location dropped
+    return (f"lost the other ranks in a collective ({what}): another rank failed (see its line) or stalled for "
+            "longer than engine.collective_timeout_s")
+
+
+def _rank_fail(message: str, code: int, exc: BaseException) -> None:
+    """``fail``, after recording the line for the launcher (under torchrun or ``launch``). An error that only
+    echoes another rank's (``secondary``) or that every rank raises about one rank (``rank``) is recorded as such."""
+    if _launched():
+        from rsslctl.runtime.launch import record_failure
+        about = getattr(exc, "rank", None)
+        secondary = bool(getattr(exc, "secondary", False)) or (isinstance(exc, Exception) and bool(_lost_peer(exc)))
+        if about is not None:
+            secondary = about != int(os.environ.get("RANK", "0"))
+        record_failure(_one_line(message), code, secondary, about)
+        if _launched_child():
+            sys.exit(code)
+    fail(message, code)
+
+
+def fail_lines(lines: list[str], code: int) -> None:
+    """Several ``error:`` lines (one per failing rank), then exit with ``code``."""
+    from rich.markup import escape
+
+    from rsslctl.base.console import err_console
+    for line in lines[:-1]:
+        err_console.print(f"[bold red]error:[/] {escape(_one_line(line))}", highlight=False, soft_wrap=True)
+    fail(lines[-1], code)
 
 
 @contextlib.contextmanager
@@ -212,3 +278,49 @@ def show_report(report: dict[str, Any], out_dir: Path, as_json: bool) -> None:
         return
     console.print(report_table(report))
     console.print(f"saved to {Path(out_dir) / 'evaluation' / 'report.json'}")
+
+
+# -- many processes: `--nproc-per-node N` ---------------------------------------------------------------------------
+class LaunchCommand(click.Command):
+    """A verb that can start its own ranks: keeps its raw arguments, which the launcher hands to every rank."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["rsslctl.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def launch_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--nproc-per-node, --nnodes, --node-rank, --rdzv-endpoint (read with ``launch_spec``)."""
+    for decl, kind, text in reversed([
+            ("--nproc-per-node", click.IntRange(1), ("Run as N processes on this machine (one per GPU), started by "
+             "torch's elastic launcher as torchrun would; the recipe is checked once before any starts.")),
+            ("--nnodes", click.IntRange(1), "Number of machines (with --nproc-per-node; default 1)."),
+            ("--node-rank", click.IntRange(0), ("This machine's rank 0 … nnodes-1 (optional: by default the "
+             "rendezvous numbers the machines).")),
+            ("--rdzv-endpoint", str, "HOST:PORT where the machines meet (one of them; the same on every machine).")]):
+        fn = click.option(decl, type=kind, default=None, help=text)(fn)
+    return fn
+
+
+def launch_spec(nproc_per_node: int | None, nnodes: int | None, node_rank: int | None,
+                rdzv_endpoint: str | None) -> Any:
+    """The ``LaunchSpec`` of the flags, or None: no --nproc-per-node, or this process is a rank the launcher
+    started (which runs the verb itself)."""
+    if nproc_per_node is None:
+        if nnodes is not None or node_rank is not None or rdzv_endpoint:
+            raise UserError("--nnodes, --node-rank and --rdzv-endpoint go with --nproc-per-node N")
+        return None
+    from rsslctl.runtime.launch import CHILD_ENV, LaunchSpec
+    if _launched():
+        if os.environ.get(CHILD_ENV):
+            return None
+        raise UserError("--nproc-per-node under torchrun would start processes twice; run either `rsslctl ... "
+                        "--nproc-per-node N` or `torchrun ... rsslctl ...` without it")
+    return LaunchSpec(nproc_per_node, nnodes or 1, node_rank, rdzv_endpoint or "")
+
+
+def start_ranks(spec: Any, join_timeout_s: int) -> None:
+    """Run the current verb, with the arguments it was given, as the ranks of ``spec`` (see ``runtime.launch``)."""
+    from rsslctl.runtime.launch import launch
+    ctx = click.get_current_context()
+    launch([ctx.info_name, *ctx.meta["rsslctl.argv"]], dataclasses.replace(spec, join_timeout_s=join_timeout_s))

@@ -19,7 +19,8 @@ from rsslctl.nn.options import IMAGENET_MEAN, IMAGENET_STD
 from rsslctl.base.errors import TrainingDiverged, UserError
 from rsslctl.run.recipe import Recipe, resolve, shipped_defaults
 from rsslctl.run.directory import RECIPE_FILE, load_run_recipe, refuse_existing
-from rsslctl.cli.common import SET, parse_eps, show_report, suite_from_flags, suite_options, user_errors
+from rsslctl.cli.common import (SET, LaunchCommand, launch_options, launch_spec, parse_eps, show_report,
+                                start_ranks, suite_from_flags, suite_options, user_errors)
 
 if TYPE_CHECKING:  # the torch side is imported inside the functions: `rsslctl finetune --help` imports no torch
     import torch
@@ -252,7 +253,7 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
 
 
 
-@click.command("finetune")
+@click.command("finetune", cls=LaunchCommand)
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--mode", type=click.Choice(["SLF", "ALF", "AFF", "ALL"]), default="ALL", show_default=True,
               help="Fine-tuning mode; ALL runs SLF, ALF and AFF from one immutable configuration.")
@@ -288,6 +289,7 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @suite_options
+@launch_options
 @user_errors
 def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, weights: Path | None, cifar_stem: bool | None,
              out_dir: Path | None, data: str | None, data_root: str | None, image_size: int | None, pretraining: str,
@@ -297,6 +299,7 @@ def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, we
     from rsslctl.eval.suite import evaluate_finetuned
     from rsslctl.runtime import distributed
     from rsslctl.train.classify import mode_dir, resolve_configs
+    ranks = launch_spec(*(kw.pop(k) for k in ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")))
     random_init, train_attack = kw.pop("random_init"), kw.pop("train_attack")
     if train_attack is not None:
         if mode in ("SLF", "AFF"):
@@ -349,6 +352,10 @@ def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, we
             if target in Path(weights).resolve().parents:
                 raise UserError(f"--weights {weights}: lies inside {target}, which fine-tuning writes; move it or "
                                 "choose another --out")
+    if ranks is not None:  # everything above is checked once here, before any rank starts
+        for c in configs:
+            refuse_existing(mode_dir(out_dir, c.mode), "fine-tuning output", force)
+        return start_ranks(ranks, recipe.engine.join_timeout_s)
     run_finetune(source, recipe, configs, out_dir, force, quiet)
     if not distributed.is_main():  # under torchrun rank 0 alone evaluates (and writes) what the ranks trained
         return

@@ -9,24 +9,16 @@ import click
 
 from rsslctl import __version__
 from rsslctl.base.errors import UserError
-from rsslctl.run.recipe import NONE, load_raw, resolve, shipped_defaults
+from rsslctl.run.recipe import NONE, Recipe, load_raw, resolve, shipped_defaults
 from rsslctl.run.directory import RECIPE_FILE, check_output
 from rsslctl.base.console import console, summary_table
-from rsslctl.cli.common import SET, user_errors
+from rsslctl.cli.common import SET, LaunchCommand, launch_options, launch_spec, start_ranks, user_errors
 
 
-def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: float, out: Path,
-                      overrides: list[str] = (), force: bool = False) -> dict[str, Any]:
-    """Select a coreset once with the encoder of ``run_dir`` (its newest checkpoint) or, with a recipe, of the
-    freshly initialised model; write indices + metadata to ``out``; return the metadata."""
-    import torch  # here, not at the top: `rsslctl select-coreset --help` imports no torch
-
-    from rsslctl.runtime import distributed
-    from rsslctl.run.build import build_method, load_train_split, load_weights, setup_device, uses_bf16
-    from rsslctl.runtime.checkpoint import CKPT_DIR, load_latest, refuse_nonfinite
-    from rsslctl.runtime.seeding import derive_seed
-    from rsslctl.method.coreset import (CoresetRun, SelectionContext, encoder_sha256, precision_name, run_selector,
-                                        save_selection)
+def selection_recipe(recipe_file: Path | None, run_dir: Path | None, fraction: float, out: Path,
+                     overrides: list[str] = (), force: bool = False) -> Recipe:
+    """The recipe ``select_standalone`` selects with, after the checks of its arguments."""
+    from rsslctl.runtime.checkpoint import CKPT_DIR
     if (recipe_file is None) == (run_dir is None):
         raise UserError("select-coreset: pass either a RECIPE file or --run-dir RUN (whose current encoder is used)")
     if not 0 < fraction <= 1:
@@ -44,8 +36,24 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
     # this command selects once: no warm-up, no file to consume; the recipe's selector (or the default one) selects
     default = shipped_defaults()["commands"]["select_coreset_selector"]
     fixed = [] if table.get("name", NONE) != NONE else [f"coreset.name={default}"]
-    recipe = resolve(raw, fixed + ['coreset.indices_file=""', "coreset.warmup_epochs=0", *overrides,
-                                   f"coreset.fraction={fraction!r}"], str(source))
+    return resolve(raw, fixed + ['coreset.indices_file=""', "coreset.warmup_epochs=0", *overrides,
+                                 f"coreset.fraction={fraction!r}"], str(source))
+
+
+def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: float, out: Path,
+                      overrides: list[str] = (), force: bool = False) -> dict[str, Any]:
+    """Select a coreset once with the encoder of ``run_dir`` (its newest checkpoint) or, with a recipe, of the
+    freshly initialised model; write indices + metadata to ``out``; return the metadata."""
+    import torch  # here, not at the top: `rsslctl select-coreset --help` imports no torch
+
+    from rsslctl.runtime import distributed
+    from rsslctl.run.build import build_method, load_train_split, load_weights, setup_device, uses_bf16
+    from rsslctl.runtime.checkpoint import load_latest, refuse_nonfinite
+    from rsslctl.runtime.seeding import derive_seed
+    from rsslctl.method.coreset import (CoresetRun, SelectionContext, encoder_sha256, precision_name, run_selector,
+                                        save_selection)
+    out = Path(out)
+    recipe = selection_recipe(recipe_file, run_dir, fraction, out, overrides, force)
     device = setup_device(recipe)
     torch.manual_seed(recipe.run.seed)
     method = build_method(recipe, device)
@@ -79,7 +87,7 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
     return meta
 
 
-@click.command("select-coreset")
+@click.command("select-coreset", cls=LaunchCommand)
 @click.argument("recipe_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Select with this run's current encoder (its newest checkpoint) and saved recipe.")
@@ -88,13 +96,18 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
               help="Output file: .safetensors (indices tensor, metadata in the header) or .json.")
 @SET
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
+@launch_options
 @user_errors
 def select_coreset(recipe_file: Path | None, run_dir: Path | None, fraction: float, out: Path,
-                   overrides: tuple[str, ...], force: bool) -> None:
+                   overrides: tuple[str, ...], force: bool, **launch: Any) -> None:
     """Select a training coreset (the recipe's [coreset] selector, else the default one) and write its indices.
 
     Train on it with `--set coreset.indices_file=OUT` in `rsslctl pretrain`.
     """
+    ranks = launch_spec(**launch)
+    if ranks is not None:  # the arguments and the recipe are checked once here, before any rank starts
+        recipe = selection_recipe(recipe_file, run_dir, fraction, out, list(overrides), force)
+        return start_ranks(ranks, recipe.engine.join_timeout_s)
     meta = select_standalone(recipe_file, run_dir, fraction, out, list(overrides), force)
     console.print(summary_table(f"coreset written to {out}", {
         "selector": meta["selector"], "images": f"{meta['size']} of {meta['pool_size']} "

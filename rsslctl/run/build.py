@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from rsslctl.runtime import distributed
+from rsslctl.runtime import agreement, distributed
 from rsslctl.base import registry
 from rsslctl.data.augment import ViewAugment
 from rsslctl.runtime.checkpoint import load_latest, refuse_nonfinite
@@ -63,7 +63,12 @@ def setup_device(recipe: Recipe) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
     torch.use_deterministic_algorithms(recipe.engine.deterministic)  # process-wide: the recipe that runs decides
     torch.backends.cudnn.benchmark = False
-    return select_device(recipe.engine.device, recipe.engine.backend)
+    e = recipe.engine
+    joining = not distributed.active()  # later calls (rank 0 evaluating alone after fine-tuning) gather nothing
+    device = distributed.setup(e.device, e.backend, e.join_timeout_s, e.collective_timeout_s)
+    if joining:
+        agreement.agree(recipe.resolved, _plugin_classes(recipe))  # every rank runs the same recipe, seed and code
+    return device
 
 
 def _read_split(recipe: Recipe, split: str, read: Callable[[Dataset, str], Any]) -> Any:
@@ -182,6 +187,17 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], ckpt: 
     if strict and (missing or unexpected):
         raise UserError(f"{ckpt}: checkpoint does not match the recipe's model "
                         f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+
+
+def _plugin_classes(recipe: Recipe) -> dict[type, str]:
+    """The plugin classes the recipe uses → 'package version'."""
+    out = {}
+    for kind, slot_name in PLUGIN_TABLES.values():
+        slot = getattr(recipe, slot_name)
+        if slot is not None and slot.cls is not None:
+            info = registry.registry().info(kind, slot.name)
+            out[slot.cls] = f"{kind}:{slot.cls.name} {info.package} {info.version}"
+    return out
 
 
 def plugin_versions(recipe: Recipe) -> dict[str, str]:

@@ -80,6 +80,11 @@ class EngineOptions:
                                                            "CUDA, gloo on CPU)", choices=("auto", "nccl", "gloo"))
     sync_bn: bool = opt(False, "under torchrun: batch-norm statistics of the global batch (SyncBatchNorm, both routes "
                                "of a dual-BN encoder); false = per-device statistics, as the references' DataParallel")
+    join_timeout_s: int = opt(300, "several processes: how long a rank waits for the others to start and join before "
+                                   "it stops with one line", min=1, max=86400)
+    collective_timeout_s: int = opt(3600, "several processes: how long a rank waits in a collective (rank 0 may run "
+                                          "monitors or write checkpoints meanwhile) before it stops", min=1,
+                                    max=7 * 86400)
 
 
 @dataclasses.dataclass

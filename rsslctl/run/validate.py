@@ -53,10 +53,11 @@ def check_engine(recipe: Recipe, device: torch.device) -> None:
                         f"(device here: {device})")
 
 
-def check_batch(recipe: Recipe, n_train: int) -> int:
-    """Minibatches per epoch; refuses a global batch that does not divide by the ranks or exceeds the data."""
+def check_batch(recipe: Recipe, n_train: int, world: int | None = None) -> int:
+    """Minibatches per epoch; refuses a global batch that does not divide by the ranks (``world``, default this
+    run's) or exceeds the data."""
     batch = recipe.schedule.batch_size
-    distributed.local_batch(batch)  # refuses a batch that does not divide by the number of ranks
+    distributed.local_batch(batch, world=world)  # refuses a batch that does not divide by the number of ranks
     if n_train // batch == 0:
         raise UserError(f"schedule.batch_size = {batch} exceeds the {n_train} training images; "
                         "lower schedule.batch_size")
@@ -77,17 +78,18 @@ def make_coreset(recipe: Recipe, n_train: int, method: Method) -> CoresetRun | N
 
 
 def check_run(recipe: Recipe, device: torch.device | None = None, n_train: int | None = None,
-              build: Callable[[], Method] | None = None) -> RunPlan:
+              build: Callable[[], Method] | None = None, world: int | None = None) -> RunPlan:
     """Every pre-training refusal of ``pretrain`` beyond the recipe's own: raise UserError (one line) on the first.
 
     The Trainer passes its device, the length of the split it opened and its way of building the method; left out,
     the device is the one a run here would use, the split's size is read from the dataset and the method is built
-    on the CPU (its weights are thrown away).
+    on the CPU (its weights are thrown away). ``world``: the number of ranks the run will have (the launcher checks
+    the recipe before it starts them), default this run's.
     """
     device = planned_device(recipe) if device is None else device
     check_engine(recipe, device)
     n_train = train_size(recipe) if n_train is None else n_train
-    steps = check_batch(recipe, n_train)
+    steps = check_batch(recipe, n_train, world)
     method = build() if build is not None else build_method(recipe, torch.device("cpu"))
     coreset = make_coreset(recipe, n_train, method)
     if coreset is not None:  # the validation split is held out for the whole run

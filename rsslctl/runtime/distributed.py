@@ -90,11 +90,13 @@ def refuse_many(command: str) -> None:
 
 
 # -- set-up --------------------------------------------------------------------------------------------------------
-def setup(device: str, backend: str = "auto") -> torch.device:
+def setup(device: str, backend: str = "auto", join_timeout_s: float = 300,
+          timeout_s: float = TIMEOUT.total_seconds()) -> torch.device:
     """The device this process trains on; under torchrun also joins the process group and pins the local device.
 
     ``device``: the recipe's engine.device (auto, cpu, cuda, cuda:N); under torchrun "auto"/"cuda" mean this rank's
-    local GPU (cuda:LOCAL_RANK). ``backend``: auto (NCCL on CUDA, gloo on CPU), nccl or gloo.
+    local GPU (cuda:LOCAL_RANK). ``backend``: auto (NCCL on CUDA, gloo on CPU), nccl or gloo. The other ranks must
+    join within ``join_timeout_s``; a collective gives up after ``timeout_s`` (see ``agreement.join``).
     """
     if not launched():
         return _plain_device(device)
@@ -116,7 +118,8 @@ def setup(device: str, backend: str = "auto") -> torch.device:
         raise UserError("engine.backend = \"nccl\" needs CUDA devices, but this run is on the CPU; set "
                         "engine.backend = \"gloo\" (or \"auto\")")
     if not active():
-        dist.init_process_group(chosen, timeout=TIMEOUT, device_id=dev if chosen == "nccl" else None)
+        from rsslctl.runtime.agreement import join
+        join(chosen, dev, join_timeout_s, timeout_s)
     return dev
 
 
@@ -144,9 +147,10 @@ def barrier() -> None:
 
 
 # -- the global batch -------------------------------------------------------------------------------------------
-def local_batch(global_batch: int, where: str = "schedule.batch_size") -> int:
-    """This rank's share of a global minibatch; UserError (on every rank alike) when it does not divide."""
-    w = world_size()
+def local_batch(global_batch: int, where: str = "schedule.batch_size", world: int | None = None) -> int:
+    """This rank's share of a global minibatch (of a run of ``world`` ranks, default this one's); UserError (on every
+    rank alike) when it does not divide."""
+    w = world or world_size()
     if global_batch % w:
         lower, upper = global_batch - global_batch % w, global_batch + w - global_batch % w
         raise UserError(f"{where} = {global_batch} is the global batch and does not divide by the {w} processes of "
@@ -301,6 +305,7 @@ def rank0_does(fn: Callable[[], T]) -> T:
     if box[0][0] == "error":
         failure = UserError(f"rank 0 failed: {box[0][1]}")
         failure.exit_code = box[0][2]
+        failure.secondary = True  # rank 0 reports the error itself
         raise failure
     return box[0][1]
 

@@ -57,9 +57,12 @@ def step(recipe_path: str, out: str, sets: list[str]) -> None:
         out = loss_and_grad(objective, leaf)
         grads.append(out[1].detach().clone())
         return out
-    attack.loss_and_grad = recorded
+    attack.loss_and_grad = recorded  # restored below: the test process also runs this in-process as its reference
     trainer.method.train()
-    _, _, loss, _ = trainer._step(1, 0, 0, dist.shard(images), dist.shard(labels))
+    try:
+        _, _, loss, _ = trainer._step(1, 0, 0, dist.shard(images), dist.shard(labels))
+    finally:
+        attack.loss_and_grad = loss_and_grad
     loss = dist.mean_across_ranks(loss)
     state = {k: v.clone() for k, v in trainer.method.state_dict().items()}
     torch.save({"loss": loss, "adv": seen[0].detach(), "grads": grads, "state": state},
