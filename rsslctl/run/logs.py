@@ -36,6 +36,14 @@ class LoggingOptions:
                                      min=0.1, max=1e6)
 
 
+def check_logging(options: LoggingOptions) -> None:
+    """Refuse, before a run directory exists, a logger whose package is missing (only found out on opening it)."""
+    import importlib.util
+    if options.wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError("logging.wandb = true, but the `wandb` package is not installed; pip install wandb, or set "
+                        "logging.wandb = false")
+
+
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
     if isinstance(value, dict):
         for k, v in value.items():

@@ -17,6 +17,7 @@ from rsslctl.base.errors import UserError
 from rsslctl.method.base import Method
 from rsslctl.method.coreset import CoresetRun, method_target
 from rsslctl.run.build import _read_split, build_method, load_train_split
+from rsslctl.run.logs import check_logging
 from rsslctl.run.recipe import Recipe
 from rsslctl.runtime import distributed
 
@@ -84,6 +85,8 @@ def check_run(recipe: Recipe, device: torch.device | None = None, n_train: int |
     the device is the one a run here would use, the split's size is read from the dataset and the method is built
     on the CPU (its weights are thrown away).
     """
+    if recipe.logging is not None:
+        check_logging(recipe.logging)
     device = planned_device(recipe) if device is None else device
     check_engine(recipe, device)
     n_train = train_size(recipe) if n_train is None else n_train
