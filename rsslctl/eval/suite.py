@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,7 +15,7 @@ from rsslctl.adversary.attack import make_attack
 from rsslctl.base.limits import MAX_BATCH, MAX_INT, MAX_SEED, MAX_STEPS
 from rsslctl.eval.metrics import METRICS, Metric, declared, leaderboard, register_metric, setting
 from rsslctl.run.build import load_split, setup_device
-from rsslctl.runtime.checkpoint import atomic_write_text
+from rsslctl.runtime.checkpoint import atomic_save_figure, atomic_write_text
 from rsslctl.train.classify import accuracy, load_classifier, mode_dir
 from rsslctl.base.errors import UserError
 from rsslctl.base.console import err_console as console  # status lines go to stderr, so `--json` stdout stays parseable
@@ -335,10 +334,7 @@ def plot_eps_curve(modes: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)  # a failed write (disk full) leaves no temporary file
 
 
 def report_table(report: dict[str, Any]) -> Any:

@@ -84,6 +84,22 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def atomic_save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
+    """``fig.savefig`` into a temporary sibling renamed into place; on any failure (disk full, an interrupt) the
+    temporary file is removed and an earlier ``path`` is left as it was. The figure is closed either way."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")  # the suffix tells savefig the format
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
     """Atomic safetensors write; ``metadata`` is stored as JSON strings in the file header."""
     path = Path(path)
