@@ -110,3 +110,16 @@ def test_ctrl_c_during_select_coreset(run_dir: Path, tmp_path: Path) -> None:
                                   "--set", "schedule.batch_size=8"], tmp_path)
     assert_one_interrupt_line(rc, pane)
     assert out.read_text() == '{"earlier": true}' and not temporaries(tmp_path)
+
+
+def test_ctrl_c_while_starting_up(tmp_path: Path) -> None:
+    """Pressed while torch and the plugins are still being imported (the first second of CPU time)."""
+    global BUSY_CPU_S
+    busy, BUSY_CPU_S = BUSY_CPU_S, 0.3
+    try:
+        rc, pane = interrupt_in_tmux(["plugins"], tmp_path)
+    finally:
+        BUSY_CPU_S = busy
+    assert rc == 130 and "Traceback" not in pane, pane
+    assert [ln.removeprefix("^C") for ln in pane.splitlines() if "interrupted" in ln] == \
+        ["interrupted (SIGINT) while starting; nothing was done"], pane
