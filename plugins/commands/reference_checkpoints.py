@@ -109,9 +109,13 @@ def read_checkpoint(path: Path) -> Source:
     state = obj[container] if container else obj
     epoch = obj.get("epoch") if container else None
     for key, value in state.items():
+        if not isinstance(key, str):
+            raise UserError(f"{path}: entry {key!r} is keyed by a {type(key).__name__}, not a name; a state dict names "
+                            "each tensor with a string (e.g. 'conv1.weight'): re-save model.state_dict()")
         if not isinstance(value, torch.Tensor):
             raise UserError(f"{path}: entry '{key}' is a {type(value).__name__}, not a tensor; expected a state dict, "
                             f"plain or under {', '.join(repr(k) for k in CONTAINER_KEYS)}")
+        check_tensor(value, key, path)
     names: dict[str, str] = {}
     stripped: dict[str, Any] = {}
     for key, value in state.items():
@@ -123,6 +127,24 @@ def read_checkpoint(path: Path) -> Source:
         raise UserError(f"{path}: the state dict is empty")
     return Source(path, digest, stripped, names, container or "plain",
                   epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else None)
+
+
+def check_tensor(value: Any, key: str, path: Path) -> None:
+    """A weight must be a dense real tensor holding finite data: the model's copy would fail on a sparse or meta
+    tensor, silently drop a complex one's imaginary part, and carry NaN/inf into every result."""
+    import torch
+    if value.layout != torch.strided:
+        raise UserError(f"{path}: entry '{key}' is a sparse tensor ({value.layout}); re-save it dense "
+                        "(tensor.to_dense()) from the reference code")
+    if value.is_meta:
+        raise UserError(f"{path}: entry '{key}' is a meta tensor (a shape without data, e.g. saved from a model "
+                        "built on device='meta'); re-save the state dict of the trained model")
+    if value.is_complex():
+        raise UserError(f"{path}: entry '{key}' is complex ({value.dtype}); model weights are real, and casting "
+                        "would drop the imaginary part: re-save the real weights")
+    if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+        raise UserError(f"{path}: entry '{key}' holds NaN or infinite values; the checkpoint is damaged or its "
+                        "training diverged: import an earlier checkpoint")
 
 
 def detect_layout(source: Source) -> str:
@@ -356,6 +378,10 @@ def plan_resnet(source: Source, fmt: str, layout: str) -> Plan:
         pairs = [(k, (None if (d := map_resnet_key(k, arch.routes)) is None else "encoder." + d)) for k in source.state]
         state = source.state
     has_norm = "normalize.mean" in state and "normalize.std" in state
+    if has_norm and not bool((state["normalize.std"] > 0).all()):
+        name = source.names[("encoder_q." if layout == "momentum" else "") + "normalize.std"]
+        raise UserError(f"{where}: entry '{name}' = {state['normalize.std'].flatten().tolist()}: every value must be "
+                        "> 0 (it divides the input); the file's normalisation is damaged")
     mean_std = (state["normalize.mean"].flatten().tolist(), state["normalize.std"].flatten().tolist()) if has_norm else None
     raw = resnet_recipe(fmt, arch, layout == "momentum", mean_std)
     encoders = ("encoder.", "key_encoder.") if layout == "momentum" else ("encoder.",)

@@ -129,6 +129,18 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(self.blocks(x)))[:, self.prefix:]
 
 
+def check_geometry(img_size: tuple[int, ...], patch: int, image_size: int | None) -> None:
+    """MAE cuts each image into whole patches and rebuilds it from them: the ViT's patch size must divide its image
+    size, and the images the run feeds (data.image_size) must be the size the ViT was built for."""
+    if any(side % patch for side in img_size):
+        raise UserError(f"backbone: the ViT's patch size {patch} does not divide its image size "
+                        f"{'x'.join(map(str, img_size))}, so MAE cannot cut images into whole patches; choose a patch "
+                        "size that divides it (backbone.model_kwargs.patch_size / img_size)")
+    if image_size is not None and tuple(img_size) != (image_size, image_size):
+        raise UserError(f"data.image_size = {image_size}, but the ViT takes {'x'.join(map(str, img_size))} images; "
+                        f"set backbone.model_kwargs.img_size = {image_size} (or data.image_size = {img_size[0]})")
+
+
 class MAE(Method):
     """MAE on a timm ViT; optional pixel-space PGD on the reconstruction (adversarial MIM), contrastive term, AdPE."""
 
@@ -142,6 +154,9 @@ class MAE(Method):
         if o.adpe == "coordinate" and not o.sincos_pos_embed:
             raise UserError(f"{where}.adpe = \"coordinate\" perturbs the coordinates of a sin-cos embedding; set "
                             f"{where}.sincos_pos_embed = true or {where}.adpe = \"embedding\"")
+        if o.mask_ratio <= 0:  # the loss averages over the masked patches only: with none it is 0/0 = NaN
+            raise UserError(f"{where}.mask_ratio = {o.mask_ratio} masks no patch, so there is nothing to reconstruct "
+                            f"and the loss is undefined; use a value in (0, 0.99], e.g. 0.75")
         if o.decoder_width % 4 or o.decoder_width % o.decoder_heads:
             raise UserError(f"{where}.decoder_width = {o.decoder_width} must be a multiple of 4 and of "
                             f"{where}.decoder_heads = {o.decoder_heads}")
@@ -157,8 +172,13 @@ class MAE(Method):
         self.patch = int(vit.patch_embed.patch_size[0])
         self.grid = tuple(int(g) for g in vit.patch_embed.grid_size)
         self.length = self.grid[0] * self.grid[1]
-        if int(self.length * (1 - options.mask_ratio)) < 1:
+        check_geometry(tuple(int(s) for s in vit.patch_embed.img_size), self.patch, getattr(augment, "size", None))
+        keep = int(self.length * (1 - options.mask_ratio))
+        if keep < 1:
             raise UserError(f"method.mask_ratio = {options.mask_ratio} keeps no patch of the {self.length}; lower it")
+        if keep >= self.length:
+            raise UserError(f"method.mask_ratio = {options.mask_ratio} masks none of the {self.length} patches, so "
+                            "the loss is undefined; raise it (e.g. 0.75)")
         self.prefix = 0 if vit.no_embed_class else int(vit.num_prefix_tokens)  # pos-embed rows of prefix tokens
         dim = int(vit.embed_dim)
         if options.sincos_pos_embed:

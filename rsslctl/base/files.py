@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -20,3 +21,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
+    """``fig.savefig`` into a temporary sibling renamed into place; on any failure (disk full, an interrupt) the
+    temporary file is removed and an earlier ``path`` is left as it was. The figure is closed either way."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")  # the suffix tells savefig the format
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)

@@ -74,8 +74,13 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
             name = signal.Signals(signum).name
             if not _launched_child():  # the launcher says it once, for every rank
-                err_console.print(f"interrupted ({name}); whatever was checkpointed is kept: continue a pretraining "
-                                  "run with `rsslctl pretrain --resume RUN_DIR`", highlight=False, soft_wrap=True)
+                ctx = click.get_current_context(silent=True)
+                verb = ctx.info_name if ctx is not None else ""
+                advice = ("whatever was checkpointed is kept: continue a pretraining run with "
+                          "`rsslctl pretrain --resume "
+                          "RUN_DIR`") if verb in ("pretrain", "", None) else \
+                    f"`rsslctl {verb}` wrote nothing unfinished and kept earlier results; run it again to finish"
+                err_console.print(f"interrupted ({name}); {advice}", highlight=False, soft_wrap=True)
             sys.exit(128 + signum)
         except OSError as exc:
             _rank_fail(os_error_message(exc), 2, exc)

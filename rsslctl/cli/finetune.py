@@ -4,6 +4,7 @@ Every mode starts from the ``pgd`` route of a dual-BN checkpoint; the saved mode
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,7 +19,7 @@ from rsslctl.base import registry
 from rsslctl.nn.options import IMAGENET_MEAN, IMAGENET_STD
 from rsslctl.base.errors import TrainingDiverged, UserError
 from rsslctl.run.recipe import Recipe, resolve, shipped_defaults
-from rsslctl.run.directory import RECIPE_FILE, load_run_recipe, refuse_existing
+from rsslctl.run.directory import RECIPE_FILE, RunLock, load_run_recipe, refuse_existing
 from rsslctl.cli.common import (SET, LaunchCommand, launch_options, launch_spec, parse_eps, show_report,
                                 start_ranks, suite_from_flags, suite_options, user_errors)
 
@@ -356,9 +357,18 @@ def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, we
         for c in configs:
             refuse_existing(mode_dir(out_dir, c.mode), "fine-tuning output", force)
         return start_ranks(ranks, recipe.engine.join_timeout_s)
-    run_finetune(source, recipe, configs, out_dir, force, quiet)
-    if not distributed.is_main():  # under torchrun rank 0 alone evaluates (and writes) what the ranks trained
-        return
-    if then_evaluate:
-        report = evaluate_finetuned(out_dir, [c.mode for c in configs], suite, list(overrides), force)
-        show_report(report, out_dir, as_json)
+    # one fine-tuning (and its evaluation) per output directory at a time: a second one would replace the first's
+    # mode directories while it reads them; refused in one line naming the holder, released when this one ends
+    with finetune_lock(out_dir):
+        run_finetune(source, recipe, configs, out_dir, force, quiet)
+        if not distributed.is_main():  # under torchrun rank 0 alone evaluates (and writes) what the ranks trained
+            return
+        if then_evaluate:
+            report = evaluate_finetuned(out_dir, [c.mode for c in configs], suite, list(overrides), force)
+            show_report(report, out_dir, as_json)
+
+
+def finetune_lock(out_dir: Path) -> contextlib.AbstractContextManager:
+    """The advisory lock on ``<out_dir>/finetune`` (rank 0 only under torchrun: the other ranks write nothing)."""
+    from rsslctl.runtime import distributed
+    return RunLock(Path(out_dir) / "finetune", "fine-tuning") if distributed.is_main() else contextlib.nullcontext()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 
 from rsslctl.eval.metrics import METRICS, Metric, declared, leaderboard, register_metric
 from rsslctl.run.build import load_split, setup_device
-from rsslctl.base.files import atomic_write_text
+from rsslctl.base.files import atomic_save_figure, atomic_write_text
 from rsslctl.train.classify import accuracy, load_classifier, mode_dir
 from rsslctl.base.errors import UserError
 from rsslctl.base.console import err_console as console  # status lines go to stderr, so `--json` stdout stays parseable
@@ -285,10 +284,7 @@ def plot_eps_curve(modes: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)  # a failed write (disk full) leaves no temporary file
 
 
 def report_table(report: dict[str, Any]) -> Any:

@@ -43,6 +43,14 @@ def main_only(logging: LoggingOptions) -> LoggingOptions:
     return logging if is_main() else dataclasses.replace(logging, tensorboard=False, csv=False, wandb=False)
 
 
+def check_logging(options: LoggingOptions) -> None:
+    """Refuse, before a run directory exists, a logger whose package is missing (only found out on opening it)."""
+    import importlib.util
+    if options.wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError("logging.wandb = true, but the `wandb` package is not installed; pip install wandb, or set "
+                        "logging.wandb = false")
+
+
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
     if isinstance(value, dict):
         for k, v in value.items():

@@ -17,6 +17,7 @@ from rsslctl.base.errors import UserError
 from rsslctl.method.base import Method
 from rsslctl.method.coreset import CoresetRun, method_target
 from rsslctl.run.build import _read_split, build_method, load_train_split
+from rsslctl.run.logs import check_logging
 from rsslctl.run.recipe import Recipe
 from rsslctl.runtime import distributed
 
@@ -86,6 +87,8 @@ def check_run(recipe: Recipe, device: torch.device | None = None, n_train: int |
     on the CPU (its weights are thrown away). ``world``: the number of ranks the run will have (the launcher checks
     the recipe before it starts them), default this run's.
     """
+    if recipe.logging is not None:
+        check_logging(recipe.logging)
     device = planned_device(recipe) if device is None else device
     check_engine(recipe, device)
     n_train = train_size(recipe) if n_train is None else n_train

@@ -1,13 +1,14 @@
 """Everyday SSL diagnostics on frozen features: weighted kNN accuracy and a 2-D embedding plot."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from rsslctl.base.files import atomic_save_figure
 
 
 @torch.no_grad()
@@ -47,10 +48,7 @@ def embedding_plot(features: Tensor, labels: Tensor, classes: list[str], path: P
     ax.set_yticks([])
     ax.legend(markerscale=3, fontsize=7, loc="best", ncols=2 if len(classes) > 6 else 1)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)  # a failed write (disk full) leaves no temporary file
 
 
 def monitor_splits(recipe: Any, limit: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

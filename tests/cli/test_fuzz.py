@@ -287,3 +287,33 @@ def test_plugins_and_recipe_show_survive_a_broken_plugin(tiny_recipe: Path, regi
                                        "--set", "attack.name=none"])
     assert result.exit_code in (1, 2) and "\n" not in result.stderr.strip() and "Traceback" not in result.output
     assert not (tiny_recipe.parent / "runs").exists()
+
+
+# -- the real Trainer: refusals raised while building or stepping it are fuzzed too ---------------------------------
+
+#: pinned after the fuzzed overrides (the last --set wins), so each example trains one step of 8 images
+ONE_STEP = ["data.limit=8", "schedule.batch_size=8", "schedule.epochs=1", "schedule.warmup_epochs=0"]
+#: refusals that come after training started and keep the run directory on purpose (it holds what can be resumed)
+KEEPS_RUN = ("loss became",)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(overrides=st.lists(override, min_size=1, max_size=2))
+def test_fuzzed_overrides_on_the_real_trainer_give_a_run_or_one_line(overrides: list[str], tiny_recipe: Path) -> None:
+    import shutil
+    out = tiny_recipe.parent / "real-runs"
+    shutil.rmtree(out, ignore_errors=True)
+    args = ["pretrain", str(tiny_recipe), "--quiet"]
+    for o in overrides:
+        if not o.startswith(("run.output_dir", "data.root")):
+            args += ["--set", o]
+    for o in ONE_STEP + [f"run.output_dir={json.dumps(str(out))}"]:
+        args += ["--set", o]
+    result = CliRunner().invoke(main, args)
+    event(f"exit {result.exit_code}")
+    if result.exit_code == 0:
+        return
+    assert_one_line_error(result)
+    if not any(k in result.stderr for k in KEEPS_RUN):
+        assert not out.exists() or not any(out.iterdir()), (result.stderr, sorted(out.rglob("*")))

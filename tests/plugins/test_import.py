@@ -396,3 +396,38 @@ def test_imported_acl_checkpoint_evaluates_finetunes_and_exports(tmp_path: Path)
     aff = json.loads((out / "finetune" / "AFF" / "config.json").read_text())
     assert aff["dual_bn_trained"] and aff["config"]["pretraining"] == "ACL"
     assert run("export", str(out)).exit_code == 0 and (out / "encoder.safetensors").is_file()
+
+
+# -- odd tensors: one line naming the entry, exit code 2, nothing written -------------------------------------------
+
+
+def _odd(sd: dict, case: str) -> tuple[object, str]:
+    """``sd`` with one entry made unusable in the way ``case`` says, and the entry the refusal must name."""
+    key = "layer1.0.conv1.weight"
+    w = sd[key]
+    if case == "int key":
+        return {"state_dict": {0: torch.zeros(3), **sd}}, "entry 0"
+    if case == "nan normalisation":
+        return {"state_dict": {**sd, "normalize.mean": torch.full((3,), float("nan"))}}, "'normalize.mean'"
+    if case == "zero std":
+        return {"state_dict": {**sd, "normalize.std": torch.zeros(3)}}, "'normalize.std'"
+    if case == "sparse":
+        return {"state_dict": {**sd, key: w.to_sparse()}}, f"'{key}'"
+    if case == "meta":
+        return {"state_dict": {**sd, key: torch.empty(w.shape, device="meta")}}, f"'{key}'"
+    if case == "complex":
+        return {"state_dict": {**sd, key: w.to(torch.complex64)}}, f"'{key}'"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case, why", [("int key", "keyed by a int, not a name"), ("nan normalisation", "NaN"),
+                                       ("zero std", "must be > 0"), ("sparse", "sparse"), ("meta", "meta tensor"),
+                                       ("complex", "complex")])
+def test_odd_tensors_are_refused_naming_the_entry(tmp_path: Path, case: str, why: str) -> None:
+    obj, entry = _odd(reference_resnet(), case)
+    path = save(tmp_path, obj, "odd.pt")
+    out = tmp_path / "r"
+    result = run("import", str(path), "--format", "acl", "--out", str(out))
+    assert_user_error(result, str(path), entry, why)
+    assert "internal error" not in result.stderr and "Warning" not in result.output
+    assert not out.exists() and not list(tmp_path.glob(".r.import-*"))

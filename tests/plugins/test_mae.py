@@ -272,3 +272,25 @@ def test_compiled_adversarial_mae_with_adpe_steps_like_eager(tiny_recipe: Path, 
     torch.testing.assert_close(losses["compiled"], losses["eager"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(compiled.method.adpe_delta, eager.method.adpe_delta)
     assert eager.method.adpe_delta.abs().max() > 0
+
+
+# -- recipe-time refusals: `recipe show` and `pretrain` refuse alike, in one line, before any directory exists -------
+
+_KWARGS = "backbone.model_kwargs={{img_size={img}, patch_size={patch}, embed_dim=32, depth=1, num_heads=2}}"
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    ([_KWARGS.format(img=16, patch=5)], ("patch size 5 does not divide", "16x16", "patch_size")),
+    ([_KWARGS.format(img=15, patch=5)], ("data.image_size = 16", "15x15", "img_size = 16")),
+    (["method.mask_ratio=0"], ("method.mask_ratio = 0", "masks no patch", "e.g. 0.75")),
+    (["method.mask_ratio=1e-17"], ("masks none of the 16 patches",)),
+])
+def test_unusable_patch_geometry_and_mask_ratio_are_refused_by_recipe_show_and_pretrain(
+        tiny_recipe: Path, tmp_path: Path, extra: list[str], fragments: tuple[str, ...]) -> None:
+    from cli_helpers import assert_user_error, run
+    sets = [a for s in VIT + ["schedule.epochs=1"] + extra for a in ("--set", s)]
+    for verb in ("recipe show", "pretrain"):
+        result = run(*verb.split(), str(tiny_recipe), *sets, *(["--quiet"] if verb == "pretrain" else []))
+        assert_user_error(result, *fragments)
+        assert "internal error" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # refused before the run directory was created

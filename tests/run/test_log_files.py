@@ -117,3 +117,16 @@ def test_an_undecodable_jsonl_log_is_one_line_and_left_as_it_was(tmp_path: Path,
         filter_jsonl(path, lambda r: True)
     assert "\n" not in str(caught.value)
     assert path.read_bytes() == content and not list(tmp_path.glob(".*.tmp-*"))
+
+
+def test_wandb_without_the_package_is_refused_before_the_run_directory_exists(tiny_recipe: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from cli_helpers import assert_user_error, run
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed, whether or not it is here
+    sets = ["--set", "logging.wandb=true", "--set", "schedule.epochs=1"]
+    assert_user_error(run("recipe", "show", str(tiny_recipe), *sets), "logging.wandb = true", "pip install wandb")
+    assert_user_error(run("pretrain", str(tiny_recipe), *sets, "--quiet"), "logging.wandb = true",
+                      "logging.wandb = false")
+    assert not (tmp_path / "runs").exists()
