@@ -11,6 +11,7 @@ import click
 
 from rsslctl import __version__
 from rsslctl.cli.cite import cite
+from rsslctl.cli.compare import compare_command
 from rsslctl.cli.evaluate import evaluate
 from rsslctl.cli.export import export
 from rsslctl.cli.finetune import finetune_command
@@ -68,7 +69,7 @@ def main() -> None:
     """Robust self-supervised learning: pretrain, fine-tune and evaluate robust encoders."""
 
 
-for _command in (pretrain, evaluate, finetune_command, export, plugins, recipe, select_coreset, cite):
+for _command in (pretrain, evaluate, finetune_command, export, plugins, recipe, select_coreset, cite, compare_command):
     main.add_command(_command)
 for _command, _info in registry().command_entries():
     if _command.name in main.commands:  # a plugin cannot replace a built-in (or an earlier plugin's) verb
