@@ -30,7 +30,7 @@ from rsslctl.base.errors import TrainingDiverged, UserError
 from rsslctl.method.base import FinetuneRows
 from rsslctl.run.recipe import Recipe, resolve, shipped_defaults
 from rsslctl.run.directory import RECIPE_FILE, load_run_recipe, refuse_existing
-from rsslctl.eval.suite import evaluate_finetuned
+from rsslctl.eval.suite import evaluate_finetuned, forget_evaluations
 from rsslctl.base.console import console
 from rsslctl.cli.common import SET, parse_eps, show_report, suite_from_flags, suite_options, user_errors
 
@@ -225,6 +225,7 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            forget_evaluations(out_dir, cfg.mode)  # they measured the model just replaced
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

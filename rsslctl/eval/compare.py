@@ -121,10 +121,10 @@ def measurements(run_dir: Path) -> list[Measured]:
             figures["kNN"] = result["knn"]["accuracy"]
         out.append(Measured(run_dir, seed, recipe, "probe", {**flat(settings), "checkpoint epoch": result.get("epoch")},
                             {k: 100 * v for k, v in figures.items()}))
-    for mode in MODES:
-        path = run_dir / "evaluation" / f"{mode}.json"
-        if path.is_file():
-            out.append(suite_measured(run_dir, seed, recipe, mode, _read(path)))
+    for mode in MODES:  # evaluation/<settings key>/<MODE>.json, and the single-folder layout of older runs
+        for path in [*sorted((run_dir / "evaluation").glob(f"*/{mode}.json")), run_dir / "evaluation" / f"{mode}.json"]:
+            if path.is_file():
+                out.append(suite_measured(run_dir, seed, recipe, mode, _read(path)))
     return out
 
 
