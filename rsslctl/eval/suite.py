@@ -414,8 +414,8 @@ def evaluate_finetuned(out_dir: Path, modes: list[str], opts: SuiteOptions, over
         recipe = resolve(raw, list(overrides), "evaluation", only=())
         ev = recipe.evaluation
         mode_opts = dataclasses.replace(opts, attack=ev.attack, single_step_attack=ev.single_step_attack,
-                                        clamp_start=ev.clamp_start)
-        key = suite_key({**suite_settings(mode_opts), "limit": opts.test_limit or ev.limit})
+                                        clamp_start=ev.clamp_start, test_limit=opts.test_limit or ev.limit)
+        key = suite_key(suite_settings(mode_opts))  # what the result stores, so a stored result names its folder
         refuse_existing(eval_dir / key / f"{mode}.json", "evaluation with these settings", force,
                         " (other settings are kept apart and need no --force)")
         if mode in legacy and suite_key(legacy[mode].get("settings", {})) == key:
@@ -426,7 +426,7 @@ def evaluate_finetuned(out_dir: Path, modes: list[str], opts: SuiteOptions, over
         device = setup_device(recipe)
         net, info = load_classifier(mode_dir(out_dir, mode), device)
         test = load_split(recipe, recipe.data.test_split)
-        limit = opts.test_limit or recipe.evaluation.limit
+        limit = mode_opts.test_limit
         if limit:
             test = test.subset(torch.arange(min(limit, len(test))))
         (eval_dir / key).mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,24 @@ def test_exported_classifier_meets_the_robustbench_model_contract(finetuned: Pat
     inside, _ = load_classifier(finetuned / "finetune" / "SLF", torch.device("cpu"))
     with torch.no_grad():  # normalisation inside: the same logits as rsslctl's own classifier on the same pixels
         assert torch.allclose(model(x.detach()), inside(x.detach()), atol=1e-5)
-    ours = json.loads(next((finetuned / "evaluation").glob("*/SLF.json")).read_text())
+    ours = next(r for r in map(json.loads, map(Path.read_text, (finetuned / "evaluation").glob("*/SLF.json")))
+                if r["test_images"] == 16)
     assert ours["test_images"] == 16
     assert clean_accuracy(model, x.detach(), y, batch_size=5, device=torch.device("cpu")) == ours["clean_accuracy"]
+
+
+def test_a_single_folder_suite_result_still_loads_and_is_kept_when_other_settings_run(finetuned: Path) -> None:
+    import shutil
+    [folder] = [p.parent for p in (finetuned / "evaluation").glob("*/SLF.json")]
+    legacy = finetuned / "evaluation" / "SLF.json"  # where runs of the previous layout hold it
+    shutil.move(folder / "SLF.json", legacy)
+    shutil.rmtree(folder)
+    before = json.loads(legacy.read_text())
+    rows = json.loads(run("compare", str(finetuned), "--format", "json").stdout)["rows"]
+    assert [r["figures"]["clean"]["mean"] for r in rows if r["evaluation"] == "SLF"] == [100 * before["clean_accuracy"]]
+    assert_user_error(run("evaluate", str(finetuned), "--mode", "SLF", "--pgd-steps", "1", "--test-limit", "16"),
+                      "--force")  # the same settings as the old file
+    other = run("evaluate", str(finetuned), "--mode", "SLF", "--pgd-steps", "1", "--test-limit", "8", "--eps-curve", "")
+    assert other.exit_code == 0, other.output
+    assert not legacy.exists() and json.loads((folder / "SLF.json").read_text()) == before  # moved, not lost
+    assert len(list((finetuned / "evaluation").glob("*/SLF.json"))) == 2
