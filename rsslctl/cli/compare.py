@@ -9,14 +9,14 @@ import click
 from rsslctl.base.console import console
 from rsslctl.base.errors import UserError
 from rsslctl.cli.common import user_errors
-from rsslctl.eval.compare import compare
+from rsslctl.eval.compare import SWEEP_FILE, compare
 from rsslctl.eval.report import FORMATS, WRITERS, table
-from rsslctl.run.directory import check_output
+from rsslctl.run.directory import RECIPE_FILE, check_output
 from rsslctl.runtime.checkpoint import atomic_write_text
 
 
 @click.command("compare")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, metavar="RUN_OR_SWEEP...", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="table (terminal), markdown, csv, json, latex (booktabs) or html (one offline file).")
 @click.option("--out", type=click.Path(path_type=Path), help="Write to this file instead of standard output.")
@@ -26,7 +26,10 @@ def compare_command(paths: tuple[Path, ...], fmt: str, out: Path | None, force: 
     """Compare the evaluations of run directories and sweep directories (RUN_OR_SWEEP…): runs whose recipes differ
     only in run.seed form a group; per group and evaluation setting, mean ± std and a 95 % Student-t interval."""
     if out is not None:  # checked before anything is read, so a refusal costs nothing
-        check_output(out, list(paths), "--out file", force)
+        # a new file beside the runs is fine (e.g. into the sweep directory); never over a file compare reads
+        reads = [p / name for p in paths for name in (RECIPE_FILE, SWEEP_FILE, "metrics.jsonl", "eval.json", "eval",
+                                                       "evaluation", "checkpoints")]
+        check_output(out, reads, "--out file", force)
         if fmt == "html" and out.suffix.lower() not in (".html", ".htm"):
             raise UserError(f"--out {out}: name an .html file for --format html")
     result = compare(paths)

@@ -191,7 +191,12 @@ def test_bad_input_is_one_line(runs: Path, tmp_path: Path) -> None:
     assert_user_error(run("compare", str(runs / "acl-0"), "--format", "markdown", "--out", str(out)), "--force")
     assert out.read_text() == "mine"
     assert run("compare", str(runs / "acl-0"), "--format", "markdown", "--out", str(out), "--force").exit_code == 0
-    assert "acl" not in out.read_text() or "probe" in out.read_text()
+    assert "| acl | probe |" not in out.read_text() and "| probe | 1 |" in out.read_text()  # one run: no column
+    assert_user_error(run("compare", str(runs / "acl-0"), "--out", str(runs / "acl-0" / "recipe.toml"), "--force"),
+                      "reads")
+    assert "[run]" in (runs / "acl-0" / "recipe.toml").read_text()
+    beside = runs / "acl-0" / "compare.md"  # a new file next to what it reads is fine
+    assert run("compare", str(runs / "acl-0"), "--format", "markdown", "--out", str(beside)).exit_code == 0
     (tmp_path / "bad-sweep").mkdir()
     (tmp_path / "bad-sweep" / "sweep.json").write_text("{not json")
     assert_user_error(run("compare", str(tmp_path / "bad-sweep")), "sweep.json", "unreadable")
