@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from rsslctl.eval.store import load_all
+
 RECIPES = ("quickstart", "quickstart_simclr")
 
 
@@ -49,8 +51,8 @@ def main() -> None:
             t0 = time.perf_counter()
             run(["pretrain", recipe, "--run-dir", str(run_dir), "--force", "--quiet", "--set", f"run.seed={seed}"])
             seconds = time.perf_counter() - t0
-            run(["evaluate", str(run_dir), "--json"])
-            result = json.loads((run_dir / "eval.json").read_text())
+            run(["evaluate", str(run_dir), "--json", "--force"])
+            result = load_all(run_dir)[0][1]  # the one evaluation of the shipped settings
             rows[recipe].append((100 * result["clean_accuracy"], 100 * result["robust_accuracy"]))
             methods[recipe] = method_label(run_dir)
             print(f"{recipe} seed {seed}: clean {rows[recipe][-1][0]:.2f} %, PGD-20 {rows[recipe][-1][1]:.2f} %, "

@@ -21,7 +21,7 @@ from rsslctl.cli.common import fail
 #: command's own.
 VERBS: dict[str, tuple[str, str]] = {
     "pretrain": ("rsslctl.cli.pretrain:pretrain", "Pretrain an encoder with RECIPE_FILE (TOML)."),
-    "evaluate": ("rsslctl.cli.evaluate:evaluate", "Without --mode: linear probe + PGD-20 (RUN_DIR/eval.json)."),
+    "evaluate": ("rsslctl.cli.evaluate:evaluate", "Without --mode: linear probe + PGD-20 (RUN_DIR/eval/<settings key>/results.json)."),
     "finetune": ("rsslctl.cli.finetune:finetune_command",
                  "Fine-tune a pretrained encoder (SLF / ALF / AFF, see docs/methods.md) and evaluate it."),
     "export": ("rsslctl.cli.export:export", "Write the encoder alone as safetensors, loadable into "
@@ -34,6 +34,9 @@ VERBS: dict[str, tuple[str, str]] = {
                        "[coreset] selector, else the default one) and write its indices."),
     "cite": ("rsslctl.cli.cite:cite",
              "Print the BibTeX of the methods, attacks, backbone and datasets RUN_DIR used (and of rsslctl)."),
+    "compare": ("rsslctl.cli.compare:compare_command", "Compare the evaluations of run directories and sweep "
+                "directories (RUN_OR_SWEEP…): runs whose recipes differ only in run.seed form a group; per group and "
+                "evaluation setting, mean ± std and a 95 % Student-t interval."),
     "sweep": ("rsslctl.cli.sweep:sweep", "Pretrain every run of a sweep (SWEEP file, or a RECIPE with --seeds/--grid) "
               "and run its steps after pretraining."),
 }

@@ -282,7 +282,7 @@ def show_report(report: dict[str, Any], out_dir: Path, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     console.print(report_table(report))
-    console.print(f"saved to {Path(out_dir) / 'evaluation' / 'report.json'}")
+    console.print(f"saved to {Path(report.get('folder') or Path(out_dir) / 'evaluation') / 'report.json'}")
 
 
 # -- many processes: `--nproc-per-node N` ---------------------------------------------------------------------------

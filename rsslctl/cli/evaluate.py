@@ -2,34 +2,34 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import click
 
 from rsslctl.base.errors import UserError
-from rsslctl.run.directory import load_run_recipe, refuse_existing
+from rsslctl.run.directory import RECIPE_FILE, load_run_recipe
 from rsslctl.eval.options import SuiteOptions
 from rsslctl.base.console import console, summary_table
 from rsslctl.cli.common import SET, show_report, suite_from_flags, suite_options, user_errors
 
-EVAL_FILE = "eval.json"
 EMBEDDING_FILE = "embedding.png"
 
 
 def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True, knn: bool = False,
                  plot_embedding: bool = False) -> dict[str, Any]:
     """Linear probe + clean/robust accuracy of the newest checkpoint of ``run_dir`` (and, if asked, weighted kNN
-    accuracy and a t-SNE plot of the test features); writes eval.json."""
+    accuracy and a t-SNE plot of the test features); writes eval/<settings key>/results.json (``rsslctl.eval.store``;
+    the result's ``saved_to`` says where). ``force`` replaces only an evaluation with the same settings."""
     import torch  # here, not at the top: `rsslctl evaluate --help` imports no torch
 
     from rsslctl.runtime import distributed
     from rsslctl.run.build import load_split, load_trained_method, setup_device
-    from rsslctl.runtime.checkpoint import atomic_write_text
     from rsslctl.train.classify import Classifier, accuracy, extract_features, train_linear_probe
     from rsslctl.train.monitor import embedding_plot, knn_accuracy
+    from rsslctl.eval import store
     run_dir = Path(run_dir)
-    refuse_existing(run_dir / EVAL_FILE, "evaluation", force)
     recipe = load_run_recipe(run_dir, overrides)
     distributed.refuse_many("evaluate")
     device = setup_device(recipe)
@@ -43,6 +43,11 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True, k
         raise UserError(f"data.train_split = '{recipe.data.train_split}' has no labels; set data.train_split to a labelled split")
     if ev.limit:
         test = test.subset(torch.arange(min(ev.limit, len(test))))
+    trained_data = tomllib.loads((run_dir / RECIPE_FILE).read_text()).get("data", {})
+    data = {k: v for k, v in recipe.resolved["data"].items() if trained_data.get(k) != v}  # changed by --set
+    settings = store.probe_settings(recipe.resolved["evaluation"], route, len(test), data, knn)
+    store.check_free(run_dir, settings, force)  # before the probe is trained: a refusal costs nothing
+    out_dir = store.result_dir(run_dir, settings)
     method.requires_grad_(False)
     feats = extract_features(method, lambda x: method.eval_features(x, route), train.images, device,
                              recipe.engine.precision)
@@ -58,7 +63,8 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True, k
               "route": route, "test_images": len(test), "clean_accuracy": clean, "robust_accuracy": robust,
               "attack": {"name": ev.attack, "eps": ev.eps, "step_size": ev.step_size, "steps": ev.steps,
                          "clamp_start": ev.clamp_start},
-              "probe": {"epochs": ev.epochs, "lr": ev.lr, "batch_size": ev.batch_size}}
+              "probe": {"epochs": ev.epochs, "lr": ev.lr, "batch_size": ev.batch_size, "weight_decay": ev.weight_decay},
+              "settings_key": store.settings_key(settings)}
     if knn or plot_embedding:
         test_feats = extract_features(method, lambda x: method.eval_features(x, route), test.images, device,
                                       recipe.engine.precision)
@@ -67,10 +73,11 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True, k
                                                       ev.knn_k, ev.knn_temperature),
                              "k": ev.knn_k, "temperature": ev.knn_temperature, "test_images": len(test)}
         if plot_embedding:
-            embedding_plot(test_feats, test.labels, train.classes, run_dir / EMBEDDING_FILE,
+            out_dir.mkdir(parents=True, exist_ok=True)
+            embedding_plot(test_feats, test.labels, train.classes, out_dir / EMBEDDING_FILE,
                            f"{recipe.method.name}, epoch {meta['epoch']}", recipe.run.seed)
-            result["embedding_plot"] = str(run_dir / EMBEDDING_FILE)
-    atomic_write_text(run_dir / EVAL_FILE, json.dumps(result, indent=2))
+            result["embedding_plot"] = str(out_dir / EMBEDDING_FILE)
+    result["saved_to"] = str(store.save(run_dir, settings, result))
     return result
 
 
@@ -80,14 +87,14 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True, k
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--mode", type=click.Choice(["SLF", "ALF", "AFF", "ALL"]), default=None,
               help="Evaluate the fine-tuned model(s) of RUN_DIR/finetune/<MODE> with the full suite.")
-@click.option("--force", is_flag=True, help="Replace existing evaluation results.")
+@click.option("--force", is_flag=True, help="Replace the existing evaluation with the same settings (others are kept).")
 @click.option("--knn", is_flag=True, help="Also weighted kNN accuracy on frozen features (evaluation.knn_k, knn_temperature).")
 @click.option("--plot-embedding", is_flag=True, help="Also a t-SNE plot of the test features (RUN_DIR/embedding.png).")
 @suite_options
 @user_errors
 def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool, mode: str | None, force: bool, knn: bool,
              plot_embedding: bool, **kw: Any) -> None:
-    """Without --mode: linear probe + PGD-20 (RUN_DIR/eval.json). With --mode: the robustness suite of the
+    """Without --mode: linear probe + PGD-20 (RUN_DIR/eval/<settings key>/results.json). With --mode: the robustness suite of the
     RobustSSL benchmark on fine-tuned models (see docs/methods.md)."""
     if not Path(run_dir).is_dir():
         raise UserError(f"{run_dir}: run directory not found")
@@ -108,4 +115,4 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool, mode: str
         **({f"kNN accuracy (k {result['knn']['k']}, τ {result['knn']['temperature']:g})":
             f"{100 * result['knn']['accuracy']:.2f} %"} if "knn" in result else {}),
         **({"embedding plot": result["embedding_plot"]} if "embedding_plot" in result else {}),
-        "saved to": str(Path(run_dir) / EVAL_FILE)}))
+        "saved to": result["saved_to"]}))

@@ -209,6 +209,7 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
     import torch
 
     from rsslctl.base.console import console
+    from rsslctl.eval.suite import forget_evaluations
     from rsslctl.runtime import distributed
     from rsslctl.run.build import load_train_split, setup_device
     from rsslctl.runtime.checkpoint import pid_alive
@@ -242,6 +243,7 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            forget_evaluations(out_dir, cfg.mode)  # they measured the model just replaced
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

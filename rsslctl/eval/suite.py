@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from rsslctl.base.console import err_console as console  # status lines go to st
 from rsslctl.run.recipe import resolve
 from rsslctl.run.directory import refuse_existing
 from rsslctl.eval.options import AA_ATTACKS, SuiteOptions  # noqa: F401 (re-exported)
+from rsslctl.eval.store import settings_key
 
 
 def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, opts: SuiteOptions, device: torch.device,
@@ -242,9 +244,10 @@ def leaderboard_fields(result: dict[str, Any]) -> dict[str, Any]:
     return leaderboard(result)
 
 
-def write_report(out_dir: Path) -> dict[str, Any]:
-    """Rebuild evaluation/report.json and eps_curve.png from the per-mode result files (a derived summary)."""
-    eval_dir = Path(out_dir) / "evaluation"
+def write_report(out_dir: Path, key: str = "") -> dict[str, Any]:
+    """Rebuild report.json and eps_curve.png from the per-mode result files of one evaluation setting
+    (evaluation/<key>/; without ``key`` the single folder of runs written before settings were kept apart)."""
+    eval_dir = Path(out_dir) / "evaluation" / key
     modes = {}
     for mode in ("SLF", "ALF", "AFF"):
         path = eval_dir / f"{mode}.json"
@@ -257,6 +260,7 @@ def write_report(out_dir: Path) -> dict[str, Any]:
                      if any(o.get("settings", {}).get(k) != v for o in modes.values())})
     if differ:  # modes evaluated at different times with different flags: say so instead of merging silently
         report["settings_differ"] = differ
+    report["folder"] = str(eval_dir)
     atomic_write_text(eval_dir / "report.json", json.dumps(report, indent=2))
     if any(r["eps_curve"] for r in modes.values()):
         plot_eps_curve(modes, eval_dir / "eps_curve.png")
@@ -311,40 +315,85 @@ def report_table(report: dict[str, Any]) -> Any:
     return table
 
 
+def suite_key(settings: Mapping[str, Any]) -> str:
+    """The folder name of a suite evaluation setting: evaluation/<key>/<MODE>.json."""
+    return settings_key({"protocol": "suite", **settings})
+
+
+def legacy_suite_results(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per-mode results of the single-folder layout (evaluation/<MODE>.json), written before settings were kept
+    apart; each holds its settings, so it still loads and moves into its setting's folder when the mode is
+    evaluated again."""
+    found = {}
+    for mode in ("SLF", "ALF", "AFF"):
+        path = Path(out_dir) / "evaluation" / f"{mode}.json"
+        if path.is_file():
+            found[mode] = json.loads(path.read_text())
+    return found
+
+
+def forget_evaluations(out_dir: Path, mode: str) -> None:
+    """Remove every evaluation of ``mode`` (all settings): called when its fine-tuned model is replaced, so that no
+    result of the old model is read as one of the new."""
+    eval_dir = Path(out_dir) / "evaluation"
+    for path in [eval_dir / f"{mode}.json", *eval_dir.glob(f"*/{mode}.json")]:
+        path.unlink(missing_ok=True)
+        if path.parent != eval_dir and not list(path.parent.glob("[SA][LF]F.json")):
+            shutil.rmtree(path.parent, ignore_errors=True)  # the setting's report and plot described only these
+
+
 def evaluate_finetuned(out_dir: Path, modes: list[str], opts: SuiteOptions, overrides: list[str] = (),
                        force: bool = False) -> dict[str, Any]:
-    """Evaluate <out_dir>/finetune/<MODE> models; writes evaluation/<MODE>.json, report.json and eps_curve.png."""
+    """Evaluate <out_dir>/finetune/<MODE> models; writes evaluation/<key>/<MODE>.json, report.json and
+    eps_curve.png, ``key`` naming the suite settings: other settings are kept, ``force`` replaces the same."""
     out_dir = Path(out_dir)
     eval_dir = out_dir / "evaluation"
     todo = [m for m in modes if (mode_dir(out_dir, m) / "config.json").is_file()]
     if not todo:
         raise UserError(f"{out_dir}: no fine-tuned model for {', '.join(modes)}; run `rsslctl finetune` first")
-    for m in todo:
-        refuse_existing(eval_dir / f"{m}.json", "evaluation", force)
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    for mode in todo:
-        console.print(f"evaluating {mode}", highlight=False)
+    legacy = legacy_suite_results(out_dir)
+    plans = []
+    for mode in todo:  # every refusal before anything is measured
         info = json.loads((mode_dir(out_dir, mode) / "config.json").read_text())
         # a fine-tuned classifier needs no pretraining plugins: only its data, engine and evaluation settings
         raw = {"data": dict(info["data"]), "engine": dict(info["engine"])}
         recipe = resolve(raw, list(overrides), "evaluation", only=())
         ev = recipe.evaluation
         mode_opts = dataclasses.replace(opts, attack=ev.attack, single_step_attack=ev.single_step_attack,
-                                        clamp_start=ev.clamp_start)
+                                        clamp_start=ev.clamp_start, test_limit=opts.test_limit or ev.limit)
+        key = suite_key(suite_settings(mode_opts))  # what the result stores, so a stored result names its folder
+        refuse_existing(eval_dir / key / f"{mode}.json", "evaluation with these settings", force,
+                        " (other settings are kept apart and need no --force)")
+        if mode in legacy and suite_key(legacy[mode].get("settings", {})) == key:
+            refuse_existing(eval_dir / f"{mode}.json", "evaluation with these settings", force)
+        plans.append((mode, recipe, mode_opts, key))
+    for mode, recipe, mode_opts, key in plans:
+        console.print(f"evaluating {mode}", highlight=False)
         device = setup_device(recipe)
         net, info = load_classifier(mode_dir(out_dir, mode), device)
         test = load_split(recipe, recipe.data.test_split)
-        limit = opts.test_limit or ev.limit
+        limit = mode_opts.test_limit
         if limit:
             test = test.subset(torch.arange(min(limit, len(test))))
-        key = hashlib.sha256(json.dumps([mode, len(test), opts.eps, opts.norm, opts.aa_version, opts.aa_attacks,
-                                         opts.aa_limit, opts.seed]).encode()).hexdigest()[:10]
-        state = eval_dir / f"autoattack-{mode}-{key}.state.json"
-        if force and state.exists() and (eval_dir / f"{mode}.json").exists():
+        (eval_dir / key).mkdir(parents=True, exist_ok=True)
+        state_key = hashlib.sha256(json.dumps([mode, len(test), opts.eps, opts.norm, opts.aa_version,
+                                               opts.aa_attacks, opts.aa_limit, opts.seed]).encode()).hexdigest()[:10]
+        state = eval_dir / f"autoattack-{mode}-{state_key}.state.json"
+        if force and state.exists() and (eval_dir / key / f"{mode}.json").exists():
             state.unlink()  # a forced re-evaluation starts AutoAttack afresh; an interrupted one resumes
         result = evaluate_model(net, test, recipe.dataset.cls.corruption_folder, Path(recipe.data.root), mode_opts,
                                 device, state)
         result = {"mode": mode, "model": str(mode_dir(out_dir, mode) / "model.safetensors"),
                   "dataset": recipe.dataset.name, "finetune": info["config"], **result}
-        atomic_write_text(eval_dir / f"{mode}.json", json.dumps(result, indent=2))
-    return write_report(out_dir)
+        atomic_write_text(eval_dir / key / f"{mode}.json", json.dumps(result, indent=2))
+        if mode in legacy:  # the old single-folder result: replaced when its settings were these, else kept
+            old_key = suite_key(legacy[mode].get("settings", {}))
+            if old_key != key and not (eval_dir / old_key / f"{mode}.json").exists():
+                (eval_dir / old_key).mkdir(exist_ok=True)
+                atomic_write_text(eval_dir / old_key / f"{mode}.json", json.dumps(legacy[mode], indent=2))
+                write_report(out_dir, old_key)
+            (eval_dir / f"{mode}.json").unlink()
+    keys = list(dict.fromkeys(p[3] for p in plans))  # one key unless --set gave the modes different settings
+    for key in keys[1:]:
+        write_report(out_dir, key)
+    return write_report(out_dir, keys[0])

@@ -100,7 +100,8 @@ def test_pretrain_evaluate_export_end_to_end(tiny_recipe: Path, tmp_path: Path) 
     result = run("evaluate", str(run_dir), "--json")
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout)
-    assert res == json.loads((run_dir / "eval.json").read_text())
+    saved = Path(res.pop("saved_to"))
+    assert res == json.loads(saved.read_text()) and saved.parent.parent == run_dir / "eval"
     assert 0 <= res["robust_accuracy"] <= res["clean_accuracy"] <= 1
     assert res["clean_accuracy"] > 0.2  # 10 balanced classes: chance is 0.1
     assert res["route"] == "pgd" and res["test_images"] == 64

@@ -168,7 +168,7 @@ def test_commands_refuse_non_finite_weights(trained: Path, tmp_path: Path) -> No
     one_line(run("evaluate", str(trained)), "NaN or inf")
     one_line(run("export", str(trained)), "NaN or inf")
     one_line(run("finetune", str(trained), "--epochs", "1", "--no-evaluate"), "NaN or inf")
-    assert not (trained / "eval.json").exists() and not (trained / "encoder.safetensors").exists()
+    assert not (trained / "eval").exists() and not (trained / "encoder.safetensors").exists()
 
 
 # -- crash hygiene --------------------------------------------------------------------------------------------------

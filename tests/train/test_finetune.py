@@ -287,14 +287,15 @@ def test_finetune_and_evaluate_end_to_end(tiny_recipe: Path, tmp_path: Path) -> 
     result = run("finetune", str(run_dir), "--mode", "ALL", "--corruptions", "--corruption-limit", "8", "--json", *common)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report == json.loads((run_dir / "evaluation" / "report.json").read_text())
+    folder = Path(report["folder"])
+    assert folder.parent == run_dir / "evaluation" and report == json.loads((folder / "report.json").read_text())
     assert set(report["leaderboard"]) == {"SLF", "ALF", "AFF"}
     for mode, r in report["modes"].items():
         assert r["pgd"]["accuracy"] <= r["clean_accuracy"] and r["test_images"] == 32
         assert r["corruption"]["generated"] and r["leaderboard"]["CA_generated"]
         assert [p["eps"] for p in r["eps_curve"]] == [0, pytest.approx(8 / 255)]
         assert (run_dir / "finetune" / mode / "model.safetensors").is_file()
-    assert (run_dir / "evaluation" / "eps_curve.png").stat().st_size > 1000
+    assert (folder / "eps_curve.png").stat().st_size > 1000
     aff = json.loads((run_dir / "finetune" / "AFF" / "config.json").read_text())
     assert aff["dual_bn_trained"] and aff["config"]["pretraining"] == "ACL" and aff["config"]["beta"] == 6.0
 
@@ -307,9 +308,18 @@ def test_finetune_and_evaluate_end_to_end(tiny_recipe: Path, tmp_path: Path) -> 
     # outputs are never replaced without --force
     again = run("finetune", str(run_dir), "--mode", "SLF", *common)
     assert again.exit_code == 2 and "--force" in again.stderr
-    again = run("evaluate", str(run_dir), "--mode", "SLF", "--test-limit", "8")
+    same = ["--pgd-steps", "2", "--test-limit", "32", "--corruptions", "--corruption-limit", "8"]
+    again = run("evaluate", str(run_dir), "--mode", "SLF", *same)
     assert again.exit_code == 2 and "--force" in again.stderr
+    # evaluations with other settings are kept apart: no --force, the first one stays
+    other = run("evaluate", str(run_dir), "--mode", "SLF", "--test-limit", "8", "--eps-curve", "", "--json")
+    assert other.exit_code == 0, other.output
+    assert len(list((run_dir / "evaluation").glob("*/SLF.json"))) == 2
+    assert (folder / "SLF.json").is_file() and Path(json.loads(other.stdout)["folder"]) != folder
     assert run("evaluate", str(run_dir), "--mode", "SLF", "--test-limit", "8", "--force", "--eps-curve", "").exit_code == 0
+    # a fine-tuned model replaced: the evaluations of the old one go with it
+    assert run("finetune", str(run_dir), "--mode", "SLF", "--force", "--no-evaluate", *common).exit_code == 0
+    assert not list((run_dir / "evaluation").glob("*/SLF.json")) and (folder / "ALF.json").is_file()
 
     # the fine-tuned classifier leaves rsslctl: timm weights + a load_model module, same outputs as inside rsslctl
     exported = run("export", str(run_dir), "--classifier", "AFF")
@@ -331,7 +341,7 @@ def test_finetune_and_evaluate_end_to_end(tiny_recipe: Path, tmp_path: Path) -> 
     weights = str(run_dir / "encoder.safetensors")
     result = run("finetune", "--weights", weights, "--out", str(ext), "--mode", "SLF", "--set", "data.image_size=16", *common)
     assert result.exit_code == 0, result.output
-    assert "SLF" in result.stdout and (ext / "evaluation" / "SLF.json").is_file()
+    assert "SLF" in result.stdout and len(list((ext / "evaluation").glob("*/SLF.json"))) == 1
     bad = run("finetune", "--weights", weights, "--timm", "resnet34", "--out", str(tmp_path / "bad"), "--mode", "SLF", *common)
     assert bad.exit_code == 2 and "missing layer" in bad.stderr and "wrong shape" in bad.stderr
 
