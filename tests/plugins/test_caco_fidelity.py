@@ -90,4 +90,5 @@ def test_caco_with_the_momentum_schedule_resumes_exactly(tiny_recipe: Path, tmp_
     train_run(recipe, tmp_path / "full")
     # step 9: 4 steps per epoch, epoch 3 started, epochs 1-2 checkpointed
     kill_and_resume(recipe, tmp_path / "broken", 9, reference=tmp_path / "full")
-    assert not any("schedule" in k for k in final_checkpoint(tmp_path / "full")[0])  # the per-epoch schedule adds nothing to the checkpoint
+    # the per-epoch schedule adds nothing to the checkpoint
+    assert not any("schedule" in k for k in final_checkpoint(tmp_path / "full")[0])
