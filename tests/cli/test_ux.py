@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from click.testing import CliRunner
 
+from conftest import assert_same_tensors
 from rsslctl.cli import main
 from rsslctl.train.monitor import embedding_plot, knn_accuracy
 
@@ -125,4 +126,4 @@ def test_batch_job_logs_tensorboard_csv_and_monitors_leave_training_unchanged(ti
     assert len((watched / "epochs.csv").read_text().splitlines()) == 1 + 2
     assert CliRunner().invoke(main, ["pretrain", *common, "--run-dir", str(plain), "--quiet"]).exit_code == 0
     a, b = (load_checkpoint(latest_checkpoint(d))[0] for d in (watched, plain))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(a, b)

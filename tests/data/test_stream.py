@@ -24,6 +24,9 @@ from rsslctl.run.directory import prepare_run_dir
 from rsslctl.data.stream import StreamedImages, StreamSplit, epoch_batches, local_rows
 from rsslctl_plugins.datasets import imagenet32
 
+from conftest import (assert_same_tensors, final_checkpoint, kill_and_resume, same_final_checkpoints,
+                      sigkill_and_resume, train_run)
+
 CPU = torch.device("cpu")
 RNG = np.random.default_rng(1)
 
@@ -79,34 +82,22 @@ def test_killed_inside_an_epoch_resumes_at_its_position(tiny_recipe: Path, tmp_p
     """A whole ACL run with a checkpoint every 2 minibatches, killed in the last minibatch of epoch 2 and resumed
     from the checkpoint inside that epoch (same permutation, same position, same RNG), ends bit-identical to an
     uninterrupted resident run without mid-epoch checkpoints; so streamed = resident as well."""
-    def train(name: str, extra: list[str], on_step=None, resume: bool = False) -> Trainer:
-        recipe = folder_recipe(tiny_recipe, tmp_path, "data.workers=0", *extra)
-        run = tmp_path / name
-        if not resume:
-            prepare_run_dir(recipe, run, force=False)
-        trainer = Trainer(recipe, run, quiet=True, on_step=on_step)
-        trainer.fit(resume=resume)
-        return trainer
+    def recipe(*extra: str):
+        return folder_recipe(tiny_recipe, tmp_path, "data.workers=0", *extra)
 
-    class Killed(Exception):
-        pass
+    def saved_inside_epoch_2(run: Path) -> None:
+        assert latest_checkpoint(run).name == "epoch-0001-step-0000002"
 
-    def kill(step: int) -> None:
-        if step == 5:  # epoch 2 = steps 3-5; its checkpoint after minibatch 2 exists, the epoch's end does not
-            raise Killed
-
-    reference = train("reference", ["data.stream='off'"])
+    reference = train_run(recipe("data.stream='off'"), tmp_path / "reference")
     assert isinstance(reference.train, ImageData)
     mid = [f"data.stream='{stream}'", "engine.checkpoint_every_steps=2", "engine.keep_checkpoints=10"]
-    with pytest.raises(Killed):
-        train("killed", mid, on_step=kill)
     run = tmp_path / "killed"
-    assert latest_checkpoint(run).name == "epoch-0001-step-0000002"
-    resumed = train("killed", mid, resume=True)
+    # step 5: epoch 2 = steps 3-5; its checkpoint after minibatch 2 exists, the epoch's end does not
+    resumed = kill_and_resume(recipe(*mid), run, 5, reference=tmp_path / "reference",
+                              before_resume=saved_inside_epoch_2)
     assert isinstance(resumed.train, StreamSplit) == (stream == "on")
-    a, b = load_checkpoint(latest_checkpoint(tmp_path / "reference")), load_checkpoint(latest_checkpoint(run))
+    a, b = final_checkpoint(tmp_path / "reference"), final_checkpoint(run)
     assert latest_checkpoint(run).name == "epoch-0002"
-    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
     assert a[2]["metrics"]["loss"] == b[2]["metrics"]["loss"]  # the epoch's mean includes the steps before the kill
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "step"] == list(range(6))
@@ -197,7 +188,7 @@ def test_coreset_selection_reads_the_streamed_split(tiny_recipe: Path, tmp_path:
         out[stream] = load_checkpoint(latest_checkpoint(run))
     (a, state_a, _), (b, state_b, _) = out["off"], out["on"]
     assert torch.equal(state_a["coreset.indices"], state_b["coreset.indices"])
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(a, b)
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -214,7 +205,6 @@ def _processes_mentioning(text: str) -> list[int]:
 
 @pytest.mark.slow  # two CLI runs with worker processes: ~40 s on the 2-core CI machine
 def test_sigkilled_streamed_run_leaves_no_workers_and_resumes_exactly(tiny_recipe: Path, tmp_path: Path) -> None:
-    import signal
     import subprocess
     import sys
     import time
@@ -223,23 +213,18 @@ def test_sigkilled_streamed_run_leaves_no_workers_and_resumes_exactly(tiny_recip
     sets = [f"data.root='{tmp_path / 'data'}'", "data.name='image_folder'", "data.path='imgs'", "data.limit=0",
             "schedule.batch_size=16", "schedule.epochs=2", "engine.checkpoint_every_steps=1",
             "engine.keep_checkpoints=20", "data.workers=2"]
-    cli = [sys.executable, "-m", "rsslctl.cli", "pretrain", str(tiny_recipe), "--quiet"]
-    args = lambda run, stream: [a for s in sets + [f"data.stream='{stream}'"] for a in ("--set", s)] + [  # noqa: E731
-        "--run-dir", str(run)]
+    args = lambda stream: [str(tiny_recipe)] + [a for s in sets + [f"data.stream='{stream}'"]  # noqa: E731
+                                                for a in ("--set", s)]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(cli + args(full, "off"), check=True)
-    proc = subprocess.Popen(cli + args(killed, "on"))
-    deadline = time.time() + 120
-    while latest_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill landed"
-    assert latest_checkpoint(killed).name != "epoch-0002", "the kill landed after the last checkpoint"
-    deadline = time.time() + 30  # orphaned workers notice their parent is gone (DataLoader's watchdog) and exit
-    while _processes_mentioning(str(killed)) and time.time() < deadline:
-        time.sleep(0.5)
-    assert not _processes_mentioning(str(killed)), "DataLoader workers outlived the killed run"
-    subprocess.run([sys.executable, "-m", "rsslctl.cli", "pretrain", "--resume", str(killed), "--quiet"], check=True)
-    a, b = load_checkpoint(latest_checkpoint(full))[0], load_checkpoint(latest_checkpoint(killed))[0]
-    assert latest_checkpoint(killed).name == "epoch-0002" and all(torch.equal(a[k], b[k]) for k in a)
+    subprocess.run([sys.executable, "-m", "rsslctl.cli", "pretrain", *args("off"), "--run-dir", str(full), "--quiet"],
+                   check=True)
+
+    def no_workers_left(run: Path) -> None:
+        deadline = time.time() + 30  # orphaned workers notice their parent is gone (DataLoader's watchdog) and exit
+        while _processes_mentioning(str(run)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _processes_mentioning(str(run)), "DataLoader workers outlived the killed run"
+
+    sigkill_and_resume(args("on"), killed, before_resume=no_workers_left)
+    assert latest_checkpoint(killed).name == "epoch-0002"
+    same_final_checkpoints(full, killed)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from conftest import final_checkpoint, kill_and_resume, train_run
 from rsslctl.train.engine import Trainer
 from rsslctl.method.memory import LearnableBank, NegativeQueue, normalized_rows_grad, softmax_logit_grad
 from rsslctl.run.recipe import load
@@ -240,17 +240,6 @@ def test_caco_bank_pulls_positives_and_pushes_negatives() -> None:
 
 
 # -- exact resume after a kill (one test per kind of memory) ---------------------------------------------------
-def _run(recipe_path: Path, run_dir: Path, overrides: list[str], on_step=None) -> None:
-    recipe = load(recipe_path, overrides)
-    trainer = Trainer(recipe, run_dir, quiet=True, on_step=on_step)
-    prepare_run_dir(recipe, run_dir, force=False)
-    trainer.fit()
-
-
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("name, options, state_key", [
     ("mochi", ["method.queue_size=40", "method.n_hard=8", "method.s1=4", "method.s2=4"], "queue.keys"),
     ("adco", ["method.bank_size=40"], "bank.weight"),
@@ -258,25 +247,17 @@ class Killed(Exception):
 def test_memory_resumes_bit_identically_after_a_kill(name: str, options: list[str], state_key: str,
                                                      tiny_recipe: Path, tmp_path: Path) -> None:
     overrides = [f"method.name={name!r}", "attack.name='none'", "schedule.epochs=3"] + options
-    full, broken = tmp_path / "full", tmp_path / "broken"
-    _run(tiny_recipe, full, overrides)
+    full = tmp_path / "full"
+    train_run(load(tiny_recipe, overrides), full)
 
-    def kill(step: int) -> None:
-        if step == 7:  # 3 steps per epoch: epoch 3 is half done, epochs 1-2 are checkpointed
-            raise Killed
+    def bank_optimizer_saved(run: Path) -> None:
+        if name == "adco":  # the bank's optimizer state was saved
+            assert final_checkpoint(run)[1]["method.bank.0.momentum_buffer"].abs().max() > 0
 
-    with pytest.raises(Killed):
-        _run(tiny_recipe, broken, overrides, on_step=kill)
-    model, state, _ = load_checkpoint(latest_checkpoint(broken))
-    if name == "adco":
-        assert state["method.bank.0.momentum_buffer"].abs().max() > 0  # the bank's optimizer state was saved
-    Trainer(load(broken / "recipe.toml"), broken, quiet=True).fit(resume=True)
-    (a, sa, _), (b, sb, _) = load_checkpoint(latest_checkpoint(full)), load_checkpoint(latest_checkpoint(broken))
-    assert a.keys() == b.keys() and state_key in a
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    for key in (k for k in sa if k.startswith("method.")):
-        assert torch.equal(sa[key], sb[key]), key
+    # step 7: 3 steps per epoch, epoch 3 is half done, epochs 1-2 are checkpointed
+    kill_and_resume(load(tiny_recipe, overrides), tmp_path / "broken", 7, reference=full,
+                    before_resume=bank_optimizer_saved, state_prefix="method.")
+    assert state_key in final_checkpoint(full)[0]
 
 
 def test_mochi_refuses_more_hard_negatives_than_the_queue_holds(tiny_recipe: Path) -> None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cli_helpers import assert_user_error, run
+from conftest import assert_same_tensors, kill_and_resume, train_run
 from rsslctl.base import registry
 from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from rsslctl.method.coreset import (CoresetTarget, SelectionContext, budget_for, load_selection, run_selector,
@@ -178,8 +179,7 @@ def test_rcs_selects_from_pool_and_leaves_the_model_untouched(tiny_context: Sele
     out = run_selector(RCS(RCSOptions(unit=8, steps=1)), ctx, 32)
     assert len(out) == 32 and len(out.unique()) == 32
     assert set(out.tolist()) <= set(ctx.pool.tolist())
-    for k, v in ctx.method.state_dict().items():  # head steps undone, BN statistics not updated
-        assert torch.equal(v, before[k]), k
+    assert_same_tensors(ctx.method.state_dict(), before)  # head steps undone, BN statistics not updated
     assert [p.requires_grad for p in ctx.method.parameters()] == grads_before
     assert torch.equal(out, run_selector(RCS(RCSOptions(unit=8, steps=1)), ctx, 32))  # seeded by the context
 
@@ -239,7 +239,7 @@ def test_sat_rcs_uses_last_layer_ce_gradients_and_logit_rd() -> None:
     before = {k: v.clone() for k, v in net.state_dict().items()}
     out = run_selector(RCS(RCSOptions(unit=4, steps=1)), ctx, 16)
     assert len(out) == 16 and out.min() >= 4
-    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert_same_tensors(net.state_dict(), before)
 
 
 # -- LR clock ----------------------------------------------------------------------------------------------------------
@@ -269,11 +269,7 @@ def test_step_clock_equal_epochs_is_the_plain_schedule_and_epochs_mode_tracks_pr
 
 # -- engine ------------------------------------------------------------------------------------------------------------
 def _train(recipe_path: Path, run_dir: Path, overrides: list[str], on_step=None) -> Trainer:
-    recipe = load(recipe_path, overrides)
-    trainer = Trainer(recipe, run_dir, quiet=True, on_step=on_step)
-    prepare_run_dir(recipe, run_dir, force=False)
-    trainer.fit()
-    return trainer
+    return train_run(load(recipe_path, overrides), run_dir, on_step)
 
 
 def test_coreset_run_shrinks_epochs_and_resumes_exactly(tiny_recipe: Path, tmp_path: Path) -> None:
@@ -286,20 +282,8 @@ def test_coreset_run_shrinks_epochs_and_resumes_exactly(tiny_recipe: Path, tmp_p
     assert [r["step"] for r in records if r["kind"] == "step"] == [0, 1, 2, 3]
     indices = load_checkpoint(latest_checkpoint(full))[1]["coreset.indices"]
     assert len(indices) == 32 and not set(indices.tolist()) & set(trainer.coreset.validation.tolist())
-
-    class Killed(Exception):
-        pass
-
-    def kill_in_epoch_3(step: int) -> None:
-        if step == 3:
-            raise Killed
-
-    broken = tmp_path / "broken"
-    with pytest.raises(Killed):
-        _train(tiny_recipe, broken, CORESET, on_step=kill_in_epoch_3)
-    Trainer(load(broken / "recipe.toml"), broken, quiet=True).fit(resume=True)  # epoch 3 needs the saved coreset
-    a, b = load_checkpoint(latest_checkpoint(full))[0], load_checkpoint(latest_checkpoint(broken))[0]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # killed in epoch 3 (step 3), which needs the saved coreset once resumed
+    kill_and_resume(load(tiny_recipe, CORESET), tmp_path / "broken", 3, reference=full)
 
 
 class Recorder(Method):

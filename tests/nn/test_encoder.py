@@ -6,6 +6,7 @@ import timm
 import torch
 from torch import nn
 
+from conftest import assert_same_tensors
 from rsslctl.nn.encoder import (IMAGENET_MEAN, IMAGENET_STD, DualBatchNorm, Encoder, EncoderOptions,
     apply_cifar_stem, build_encoder, single_bn_state)
 from rsslctl.base.errors import UserError
@@ -140,8 +141,7 @@ def test_route_updates_only_its_bn(route, used, unused):
     assert before_used and before_unused
     enc(images(), route)
     after_used, after_unused = stats(enc, used), stats(enc, unused)
-    for k, v in before_unused.items():
-        assert torch.equal(after_unused[k], v), k
+    assert_same_tensors(after_unused, before_unused)
     changed = [k for k, v in before_used.items() if not torch.equal(after_used[k], v)]
     assert len(changed) == len(before_used)  # every BN of the route (running stats and counter) moved
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import rsslctl_plugins.methods.caco as caco_module
+from conftest import final_checkpoint, kill_and_resume, train_run
 from rsslctl.run.build import build_method
 from rsslctl.run.recipe import load
 
@@ -84,31 +85,10 @@ def test_caco_key_momentum_follows_the_authors_cosine_over_epochs(tiny_recipe: P
 
 
 def test_caco_with_the_momentum_schedule_resumes_exactly(tiny_recipe: Path, tmp_path: Path) -> None:
-    from rsslctl.run.directory import prepare_run_dir
-    from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
-    from rsslctl.train.engine import Trainer
-
-    class Killed(Exception):
-        pass
-
     recipe = load(tiny_recipe, CACO + ["schedule.epochs=3", "data.limit=32", "schedule.batch_size=8",
                                        "method.momentum=0.5", "method.bank_warmup_epochs=1"])
-
-    def fit(run: Path, kill_at: int | None = None, resume: bool = False) -> None:
-        def on_step(step: int) -> None:
-            if step == kill_at:
-                raise Killed
-        trainer = Trainer(recipe if not resume else load(run / "recipe.toml"), run, quiet=True, on_step=on_step)
-        if not resume:
-            prepare_run_dir(recipe, run, force=False)
-        trainer.fit(resume=resume)
-
-    fit(tmp_path / "full")
-    with pytest.raises(Killed):
-        fit(tmp_path / "broken", kill_at=9)  # 4 steps per epoch: epoch 3 started, epochs 1-2 checkpointed
-    fit(tmp_path / "broken", resume=True)
-    a, b = (load_checkpoint(latest_checkpoint(tmp_path / r))[0] for r in ("full", "broken"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert not any("schedule" in k for k in a)  # the per-epoch schedule adds nothing to the checkpoint
+    train_run(recipe, tmp_path / "full")
+    # step 9: 4 steps per epoch, epoch 3 started, epochs 1-2 checkpointed
+    kill_and_resume(recipe, tmp_path / "broken", 9, reference=tmp_path / "full")
+    # the per-epoch schedule adds nothing to the checkpoint
+    assert not any("schedule" in k for k in final_checkpoint(tmp_path / "full")[0])

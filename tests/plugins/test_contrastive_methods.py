@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from conftest import assert_same_tensors, final_checkpoint, kill_and_resume, train_run
+from rsslctl.runtime.checkpoint import latest_checkpoint
 from rsslctl.train.engine import Trainer
 from rsslctl.base.errors import UserError
 from rsslctl.nn.momentum import MomentumSchedule, cosine_momentum, ema_update, mlp_head
@@ -180,36 +181,13 @@ def test_adversary_raises_the_loss_it_attacks_inside_its_ball(name: str, extra: 
 
 
 # -- exact resume of extra state ----------------------------------------------------------------------------------
-class Killed(Exception):
-    pass
-
-
-def _fit(recipe, run: Path, kill_at: int | None = None, resume: bool = False) -> None:
-    def on_step(step: int) -> None:
-        if step == kill_at:
-            raise Killed
-    trainer = Trainer(recipe, run, quiet=True, on_step=on_step)
-    if not resume:
-        prepare_run_dir(recipe, run, force=False)
-    trainer.fit(resume=resume)
-
-
-def _same_final_weights(a: Path, b: Path) -> None:
-    wa, wb = (load_checkpoint(latest_checkpoint(r))[0] for r in (a, b))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-
-
 def test_byorl_target_network_and_momentum_schedule_resume_exactly(tiny_recipe: Path, tmp_path: Path) -> None:
     recipe = load(tiny_recipe, ["method.name='byorl'", "schedule.epochs=2", "data.limit=16", "schedule.batch_size=8",
                                 "method.pred_hidden=16", "method.momentum=0.9"])
-    _fit(recipe, tmp_path / "full")
-    with pytest.raises(Killed):
-        _fit(recipe, tmp_path / "broken", kill_at=3)  # epoch 2 = steps 2-3; only epoch 1 is checkpointed
-    _fit(recipe, tmp_path / "broken", resume=True)
-    _same_final_weights(tmp_path / "full", tmp_path / "broken")
-    weights = load_checkpoint(latest_checkpoint(tmp_path / "full"))[0]
+    train_run(recipe, tmp_path / "full")
+    # step 3: epoch 2 = steps 2-3; only epoch 1 is checkpointed
+    kill_and_resume(recipe, tmp_path / "broken", 3, reference=tmp_path / "full")
+    weights = final_checkpoint(tmp_path / "full")[0]
     assert int(weights["schedule.steps_done"]) == 4
     assert not torch.equal(weights["target.backbone.conv1.weight"], weights["encoder.backbone.conv1.weight"])
 
@@ -218,18 +196,18 @@ def test_deacl_resumes_with_the_teacher_it_started_with(tiny_recipe: Path, tmp_p
     """The teacher run trains on between the kill and the resume; the resumed student still distils the saved one."""
     teacher = tmp_path / "teacher"
     t_recipe = load(tiny_recipe, ["method.name='simclr'", "attack.name='none'", *SMALL])
-    _fit(t_recipe, teacher)
+    train_run(t_recipe, teacher)
     recipe = load(tiny_recipe, ["method.name='deacl'", f"method.teacher={str(teacher)!r}", "schedule.epochs=2",
                                 "data.limit=16", "schedule.batch_size=8", "attack.steps=1"])
-    _fit(recipe, tmp_path / "full")
-    with pytest.raises(Killed):
-        _fit(recipe, tmp_path / "broken", kill_at=3)
-    state = load_checkpoint(latest_checkpoint(tmp_path / "broken"))[1]
-    assert any(k.startswith("method.teacher.") for k in state)
-    _fit(load(tiny_recipe, ["method.name='simclr'", "attack.name='none'", *SMALL[1:], "schedule.epochs=2"]),
-         teacher, resume=True)  # the teacher's newest checkpoint is now a different model
-    _fit(recipe, tmp_path / "broken", resume=True)
-    _same_final_weights(tmp_path / "full", tmp_path / "broken")
+    train_run(recipe, tmp_path / "full")
+
+    def teacher_trains_on(run: Path) -> None:
+        assert any(k.startswith("method.teacher.") for k in final_checkpoint(run)[1])
+        more = load(tiny_recipe, ["method.name='simclr'", "attack.name='none'", *SMALL[1:], "schedule.epochs=2"])
+        Trainer(more, teacher, quiet=True).fit(resume=True)  # the teacher's newest checkpoint is now a different model
+        assert latest_checkpoint(teacher).name == "epoch-0002"
+
+    kill_and_resume(recipe, tmp_path / "broken", 3, reference=tmp_path / "full", before_resume=teacher_trains_on)
 
 
 def test_advcl_run_state_restores_teacher_and_centroids(tiny_recipe: Path, tmp_path: Path,
@@ -243,8 +221,7 @@ def test_advcl_run_state_restores_teacher_and_centroids(tiny_recipe: Path, tmp_p
         for p in b.teacher.encoder.parameters():
             p.add_(1.0)
     b.load_run_state({k: v.clone() for k, v in state.items()})
-    for k, v in b.run_state().items():
-        assert torch.equal(v, state[k]), k
+    assert_same_tensors(b.run_state(), state)
 
 
 # -- teacher errors -----------------------------------------------------------------------------------------------

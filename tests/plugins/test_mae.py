@@ -8,19 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY_BACKBONES, final_checkpoint, kill_and_resume, train_run
 from rsslctl.run.build import build_method
-from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
-from rsslctl.train.engine import Trainer
 from rsslctl.base.errors import UserError
 from rsslctl.nn.optim import make_optimizer
 from rsslctl.run.recipe import load
-from rsslctl.run.directory import prepare_run_dir
 from rsslctl.eval.store import load_all
+from rsslctl.train.engine import Trainer
 from rsslctl_plugins.methods.mae import grid_coords, mae_loss, patchify, random_masking, sincos_2d
 
-VIT = ["method.name='mae'", "backbone.model='vit_tiny_patch16_224'", "backbone.cifar_stem=false",
-       "backbone.model_kwargs={img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2}",
-       "encoder.head_layers=0", "method.decoder_width=32", "method.decoder_depth=1", "attack.name='none'"]
+VIT = ["method.name='mae'", *TINY_BACKBONES["vit"], "encoder.head_layers=0", "method.decoder_width=32",
+       "method.decoder_depth=1", "attack.name='none'"]
 
 
 def _mae(tiny_recipe: Path, extra: list[str] = ()):
@@ -152,29 +150,14 @@ def test_persistent_adpe_resumes_exactly(tiny_recipe: Path, tmp_path: Path) -> N
     extra = VIT + ["method.adpe='coordinate'", "method.adpe_persistent=true", "method.adpe_step_size=0.05",
                    "method.adpe_eps=0.3", "schedule.epochs=3", "data.limit=48", "schedule.batch_size=16",
                    "optimizer.name='adamw'", "optimizer.lr=0.001"]
-
-    def train(run: Path, on_step=None) -> None:
-        recipe = load(tiny_recipe, extra)
-        trainer = Trainer(recipe, run, quiet=True, on_step=on_step)
-        prepare_run_dir(recipe, run, force=False)
-        trainer.fit()
-
-    class Killed(Exception):
-        pass
-
-    def kill(step: int) -> None:
-        if step == 7:  # mid epoch 3 (steps 6-8)
-            raise Killed
-
     full, broken = tmp_path / "full", tmp_path / "broken"
-    train(full)
-    with pytest.raises(Killed):
-        train(broken, kill)
-    assert load_checkpoint(latest_checkpoint(broken))[1]["method.adpe_delta"].abs().max() > 0
-    Trainer(load(broken / "recipe.toml"), broken, quiet=True).fit(resume=True)
-    (a, sa, _), (b, sb, _) = load_checkpoint(latest_checkpoint(full)), load_checkpoint(latest_checkpoint(broken))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(sa["method.adpe_delta"], sb["method.adpe_delta"])
+    train_run(load(tiny_recipe, extra), full)
+
+    def delta_saved(run: Path) -> None:
+        assert final_checkpoint(run)[1]["method.adpe_delta"].abs().max() > 0
+
+    kill_and_resume(load(tiny_recipe, extra), broken, 7, reference=full, before_resume=delta_saved)  # mid epoch 3
+    assert torch.equal(final_checkpoint(full)[1]["method.adpe_delta"], final_checkpoint(broken)[1]["method.adpe_delta"])
 
 
 def test_mae_refuses_a_backbone_without_patch_tokens(tiny_recipe: Path) -> None:

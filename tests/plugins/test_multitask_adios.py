@@ -8,12 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_same_tensors, final_checkpoint, kill_and_resume, train_run
 from rsslctl.run.build import build_method
-from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
-from rsslctl.train.engine import Trainer
 from rsslctl.base.errors import UserError
 from rsslctl.run.recipe import load
-from rsslctl.run.directory import prepare_run_dir
 
 CPU = torch.device("cpu")
 NO_ATTACK = ["attack.name='none'"]
@@ -150,7 +148,7 @@ def test_adios_occluder_raises_the_loss_it_attacks_and_leaves_the_encoder_alone(
     with torch.no_grad():
         after = method.ssl_loss(v1, v2, method.occluder(v2))
     assert float(after) > float(before)
-    assert all(torch.equal(v, encoder[k]) for k, v in method.encoder.state_dict().items())
+    assert_same_tensors(method.encoder.state_dict(), encoder)
     assert {id(p) for p in method.occluder.parameters()}.isdisjoint({id(p) for p in method.optimizer_parameters()})
 
 
@@ -170,38 +168,21 @@ def test_adios_occluder_and_its_optimizer_resume_exactly(tiny_recipe: Path, form
         torch.manual_seed(9)
         m.training_step(images, labels)
         m.after_optimizer_step()
-    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):  # occluder, encoder, BYOL target
-        assert torch.equal(x, y), k
+    assert_same_tensors(a.state_dict(), b.state_dict())  # occluder, encoder, BYOL target
 
 
 def test_multitask_with_adios_resumes_exactly_after_a_kill(tiny_recipe: Path, tmp_path: Path) -> None:
     """The tasks' extra state (ADIOS's occluder optimizer) goes through the multi-task run state."""
     overrides = NO_ATTACK + ["method.name='multitask'", "data.limit=32", "schedule.batch_size=16",
                              "schedule.epochs=2", "method.tasks={adios={num_masks=2, mask_width=4}, rotation={}}"]
+    train_run(load(tiny_recipe, overrides), tmp_path / "full")
 
-    def train(run: Path, on_step=None) -> None:
-        recipe = load(tiny_recipe, overrides)
-        trainer = Trainer(recipe, run, quiet=True, on_step=on_step)
-        prepare_run_dir(recipe, run, force=False)
-        trainer.fit()
+    def occluder_optimizer_saved(run: Path) -> None:
+        assert any(k.startswith("method.adios.mask_optimizer.") for k in final_checkpoint(run)[1])
 
-    class Killed(Exception):
-        pass
-
-    def kill(step: int) -> None:
-        if step == 3:  # epoch 2 (steps 2-3) not checkpointed
-            raise Killed
-
-    train(tmp_path / "full")
-    with pytest.raises(Killed):
-        train(tmp_path / "broken", kill)
-    state = load_checkpoint(latest_checkpoint(tmp_path / "broken"))[1]
-    assert any(k.startswith("method.adios.mask_optimizer.") for k in state)
-    Trainer(load(tmp_path / "broken" / "recipe.toml"), tmp_path / "broken", quiet=True).fit(resume=True)
-    a = load_checkpoint(latest_checkpoint(tmp_path / "full"))
-    b = load_checkpoint(latest_checkpoint(tmp_path / "broken"))
-    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
-    assert all(torch.equal(a[1][k], b[1][k]) for k in a[1] if k.startswith("method."))
+    # step 3: epoch 2 (steps 2-3) not checkpointed
+    kill_and_resume(load(tiny_recipe, overrides), tmp_path / "broken", 3, reference=tmp_path / "full",
+                    before_resume=occluder_optimizer_saved, state_prefix="method.")
 
 
 def test_multitask_follows_its_tasks_for_dual_bn_and_their_own_optimizers(tiny_recipe: Path) -> None:

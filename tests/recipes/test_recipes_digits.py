@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import teacher_overrides
+from conftest import teacher_overrides, tiny_backbone
 
 from rsslctl.train.engine import Trainer
 from rsslctl.run.recipe import load, resolve
@@ -32,14 +32,9 @@ PER_METHOD = {  # shrink the expensive method options
 }
 
 
-#: the tiny backbone of the digits run, by the ``backbone_kind`` the recipe's method declares
-TINY_BACKBONE = {"any": ["backbone.model_kwargs={channels=[8,16,16,16]}"],
-                 "vit": ["backbone.model_kwargs={img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2}"]}
-
-
 def tiny_overrides(path: Path) -> list[str]:
     raw = load(path)
-    out = list(TINY) + TINY_BACKBONE[raw.method.cls.backbone_kind]
+    out = list(TINY) + tiny_backbone(raw.method.cls, shipped=True)  # the recipe's own model at the tiny size
     if raw.resolved["attack"]["name"] != "none" and "steps" in raw.resolved["attack"]:  # FGSM takes no steps
         out.append("attack.steps=1")
     return out + PER_METHOD.get(raw.resolved["method"]["name"], [])

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import assert_same_tensors
 from rsslctl.runtime import distributed as dist
 from rsslctl.runtime.checkpoint import latest_checkpoint, read_meta
 from rsslctl.train.engine import Trainer
@@ -122,10 +123,8 @@ def test_two_ranks_killed_and_resumed_end_bit_identical(tiny_recipe: Path, tmp_p
     a, b = latest_checkpoint(full), latest_checkpoint(killed)
     assert a.name == b.name == "epoch-0003" and read_meta(b)["world_size"] == 2
     for name in ("model.safetensors", "state.safetensors"):
-        ta, tb = load_file(a / name), load_file(b / name)
-        assert ta.keys() == tb.keys() and "rank1.rng.cpu" in load_file(b / "state.safetensors")
-        for k in ta:
-            assert torch.equal(ta[k], tb[k]), f"{name}: {k}"
+        assert_same_tensors(load_file(a / name), load_file(b / name), name)
+    assert "rank1.rng.cpu" in load_file(b / "state.safetensors")
     assert records(full) == records(killed)  # every step's loss and metrics, every epoch's mean loss
     # end to end against one process at the same global batch: the views differ (each rank draws its own), but the
     # schedule — steps per epoch, learning rate of every step — is the global batch's

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+from conftest import final_checkpoint, kill_and_resume, same_final_checkpoints, sigkill_and_resume, train_run
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from rsslctl.nn.encoder import apply_cifar_stem
 from rsslctl.train.engine import Trainer
 from rsslctl.base.errors import TrainingDiverged, UserError
@@ -26,15 +25,7 @@ CLI = [sys.executable, "-m", "rsslctl.cli"]
 
 
 def _train(recipe_path: Path, run_dir: Path, overrides: list[str] = (), on_step=None) -> Trainer:
-    recipe = load(recipe_path, list(overrides))
-    trainer = Trainer(recipe, run_dir, quiet=True, on_step=on_step)
-    prepare_run_dir(recipe, run_dir, force=False)
-    trainer.fit()
-    return trainer
-
-
-def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(latest_checkpoint(run_dir))[0]
+    return train_run(load(recipe_path, list(overrides)), run_dir, on_step)
 
 
 def test_training_writes_metrics_checkpoints_and_recipe(tiny_recipe: Path, tmp_path: Path) -> None:
@@ -55,25 +46,14 @@ def test_training_writes_metrics_checkpoints_and_recipe(tiny_recipe: Path, tmp_p
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tiny_recipe: Path, tmp_path: Path) -> None:
-    full = tmp_path / "full"
+    full, broken = tmp_path / "full", tmp_path / "broken"
     _train(tiny_recipe, full)
 
-    class Killed(Exception):
-        pass
+    def only_epochs_1_and_2_saved(run: Path) -> None:
+        assert latest_checkpoint(run).name == "epoch-0002"
 
-    def kill_mid_epoch_3(step: int) -> None:
-        if step == 7:  # epoch 3 (steps 6-8) is half done; only epochs 1-2 are checkpointed
-            raise Killed
-
-    broken = tmp_path / "broken"
-    with pytest.raises(Killed):
-        _train(tiny_recipe, broken, on_step=kill_mid_epoch_3)
-    assert latest_checkpoint(broken).name == "epoch-0002"
-    Trainer(load(broken / "recipe.toml"), broken, quiet=True).fit(resume=True)
-    a, b = _final_weights(full), _final_weights(broken)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    # step 7: epoch 3 (steps 6-8) is half done; only epochs 1-2 are checkpointed
+    kill_and_resume(load(tiny_recipe), broken, 7, reference=full, before_resume=only_epochs_1_and_2_saved)
     steps = [json.loads(l)["step"] for l in (broken / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["kind"] == "step"]
     assert steps == list(range(9))  # the killed run's partial epoch was dropped from the log
@@ -83,17 +63,8 @@ def test_sigkill_and_cli_resume_match_uninterrupted_run(tiny_recipe: Path, tmp_p
     """A real process killed with SIGKILL after its first checkpoint resumes to identical weights."""
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(CLI + ["pretrain", str(tiny_recipe), "--run-dir", str(full), "--quiet"], check=True)
-    proc = subprocess.Popen(CLI + ["pretrain", str(tiny_recipe), "--run-dir", str(killed), "--quiet"])
-    deadline = time.time() + 120
-    while latest_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill landed"
-    assert read_meta(latest_checkpoint(killed))["epoch"] < 3, "the kill landed after the last epoch"
-    subprocess.run(CLI + ["pretrain", "--resume", str(killed), "--quiet"], check=True)
-    a, b = _final_weights(full), _final_weights(killed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    sigkill_and_resume([str(tiny_recipe)], killed)  # killed after its first checkpoint, before its last
+    same_final_checkpoints(full, killed)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_recipe: Path, tmp_path: Path, register_methods) -> None:
@@ -168,18 +139,8 @@ def test_free_adversarial_training_resumes_exactly(tiny_recipe: Path, tmp_path: 
     full = tmp_path / "full"
     _train(tiny_recipe, full, free)
 
-    class Killed(Exception):
-        pass
+    def delta_saved(run: Path) -> None:
+        assert final_checkpoint(run)[1]["method.free_delta"].abs().max() > 0  # a non-trivial δ was saved
 
-    def kill(step: int) -> None:
-        if step == 14:  # epoch 3 = optimizer steps 12-17
-            raise Killed
-
-    broken = tmp_path / "broken"
-    with pytest.raises(Killed):
-        _train(tiny_recipe, broken, free, on_step=kill)
-    state = load_checkpoint(latest_checkpoint(broken))[1]
-    assert state["method.free_delta"].abs().max() > 0  # a non-trivial δ was saved
-    Trainer(load(broken / "recipe.toml"), broken, quiet=True).fit(resume=True)
-    a, b = _final_weights(full), _final_weights(broken)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # step 14: epoch 3 = optimizer steps 12-17
+    kill_and_resume(load(tiny_recipe, free), tmp_path / "broken", 14, reference=full, before_resume=delta_saved)

@@ -19,6 +19,7 @@ from rsslctl.train.classify import (MODES, accuracy, balanced_subset, crop_flip,
     trades_adversary, trades_loss)
 from cli_helpers import run
 from cli_helpers import TinyLinear
+from conftest import assert_same_tensors
 from rsslctl.cli import finetune as ft
 from rsslctl.nn.encoder import collapse_bn_state
 from rsslctl.base.errors import UserError
@@ -154,10 +155,10 @@ def test_aff_dual_bn_starts_from_both_routes_and_trains_everything(pretrained) -
     src, x, y = pretrained
     net = src.net(10, dual=True)
     assert net.body.dual_bn
-    assert all(torch.equal(net.body.backbone.state_dict()[k], v) for k, v in src.state.items())
+    assert_same_tensors(net.body.backbone.state_dict(), src.state)
     single = src.net(10, dual=False)  # SLF/ALF/eval start from the pgd route
     pgd = collapse_bn_state(src.state, "pgd")
-    assert all(torch.equal(single.body.backbone.state_dict()[k], v) for k, v in pgd.items())
+    assert_same_tensors(single.body.backbone.state_dict(), pgd)
     before = _snapshot(net)
     cfg = config("AFF", "other", "digits", 16, {"epochs": 1, "batch_size": 32, "train_steps": 1})
     ft.train(cfg, net, x, y, CPU)
