@@ -10,9 +10,9 @@ import argparse
 import time
 
 import torch
+from timing import load_average, spread
 
 from rsslctl.data.augment import AugmentOptions, ViewAugment, multi_view
-from timing import load_average, spread
 
 
 def views_per_second(device: str, batch: int, repeats: int, n_views: int = 2) -> list[float]:

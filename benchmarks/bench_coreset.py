@@ -17,12 +17,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from rsslctl.train.engine import Trainer
-from rsslctl.cli.evaluate import evaluate_run
-from rsslctl.run.recipe import load
-from rsslctl.run.directory import prepare_run_dir
 from timing import load_average
+
+from rsslctl.cli.evaluate import evaluate_run
+from rsslctl.run.directory import prepare_run_dir
+from rsslctl.run.recipe import load
+from rsslctl.train.engine import Trainer
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"
 

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from timing import load_average, spread
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,9 +86,10 @@ def measure() -> None:
 
 def rank_worker(recipe_path: str) -> None:
     import torch.distributed as tdist
+
+    from rsslctl.run.recipe import load
     from rsslctl.runtime import distributed as dist
     from rsslctl.train.engine import Trainer
-    from rsslctl.run.recipe import load
     counted = {"bytes": 0}
     for name in ("all_reduce", "all_gather", "all_to_all", "broadcast", "scatter"):  # gloo's all-to-all: W scatters
         original = getattr(tdist, name)

@@ -40,10 +40,10 @@ from torch import Tensor, nn
 
 import rsslctl.run.build as build_mod
 from rsslctl.data.augment import AugmentOptions, ViewAugment, multi_view
-from rsslctl.run.build import compile_step
 from rsslctl.data.dataset import ImageData
-from rsslctl.train.engine import Trainer
+from rsslctl.run.build import compile_step
 from rsslctl.run.recipe import resolve
+from rsslctl.train.engine import Trainer
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

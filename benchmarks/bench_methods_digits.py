@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
+from rsslctl.cli.evaluate import evaluate_run
+from rsslctl.run.directory import prepare_run_dir
+from rsslctl.run.recipe import load
 from rsslctl.runtime.checkpoint import latest_checkpoint
 from rsslctl.train.engine import Trainer
-from rsslctl.cli.evaluate import evaluate_run
-from rsslctl.run.recipe import load
-from rsslctl.run.directory import prepare_run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_OPT = ["optimizer.name=sgd", "optimizer.lr=0.5", "optimizer.weight_decay=1e-4", "schedule.warmup_epochs=1"]

@@ -8,7 +8,6 @@ Pretraining wall times are printed per run (not in the table: they depend on wha
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess

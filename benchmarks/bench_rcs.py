@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 import rsslctl_plugins.selectors.rcs as rcs
-from rsslctl.run.build import build_method, load_train_split
 from rsslctl.method.coreset import SelectionContext, budget_for, run_selector
+from rsslctl.run.build import build_method, load_train_split
 from rsslctl.run.recipe import load
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.toml"

@@ -166,6 +166,7 @@ def pretrain(prefix: list[str], run_dir: Path, sets: list[str], timeout: float, 
     t0 = time.perf_counter()
     if in_process:
         from click.testing import CliRunner
+
         from rsslctl.cli import main as cli
         result = CliRunner().invoke(cli, args)
         code, err = result.exit_code, f"{result.output}\n{result.exception or ''}"

@@ -150,33 +150,64 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
-    from rsslctl.base.errors import TrainingDiverged, UserError
-    from rsslctl.base.options import as_dict, closest, Number, opt, parse_number, validate
-    from rsslctl.base.limits import check_allocation, check_model_kwargs, MAX_IMAGE_SIZE
-    from rsslctl.base.console import console, err_console, summary_table
-    from rsslctl.base.registry import Declared, get as get_plugin
-    from rsslctl.runtime.distributed import all_gather_objects, rank, world_size
-    from rsslctl.runtime.seeding import derive_seed
-    from rsslctl.base.files import atomic_write_text
-    from rsslctl.runtime.checkpoint import load_optimizer_tensors, optimizer_tensors, save_checkpoint, save_tensors
-    from rsslctl.nn.encoder import apply_cifar_stem, Backbone, Encoder
-    from rsslctl.nn.losses import fp32, global_similarities, nt_xent, pair_rows, positive_columns, self_mask
-    from rsslctl.nn.momentum import ema_update, mlp_head, momentum_copy, MomentumSchedule
-    from rsslctl.nn.optim import make_optimizer
-    from rsslctl.data.dataset import Dataset, FileSource, ImageData, ImageSource, missing_data, safe_unpickle
-    from rsslctl.data.decode import decode_file
-    from rsslctl.data.augment import HostRandom, multi_view
-    from rsslctl.data.options import MIN_STRENGTH
-    from rsslctl.data.stream import npz_memmap
-    from rsslctl.adversary.attack import Attack, eval_mode, input_grad, loss_and_grad, make_attack, Objective, project, projected_ascent, random_start
+    from rsslctl.adversary.attack import (
+        Attack,
+        Objective,
+        eval_mode,
+        input_grad,
+        loss_and_grad,
+        make_attack,
+        project,
+        projected_ascent,
+        random_start,
+    )
     from rsslctl.adversary.options import AdvTrainingOptions
     from rsslctl.adversary.training import AdversarialTraining
-    from rsslctl.method.base import Method
-    from rsslctl.method.memory import BankMethod, NegativeQueue, normalized_rows_grad, softmax_logit_grad
-    from rsslctl.method.coreset import CoresetSelector, CoresetTarget, SelectionContext
-    from rsslctl.run.recipe import load_raw, resolve
-    from rsslctl.run.directory import check_replaceable, load_run_recipe, MARKER, prepare_run_dir, RECIPE_FILE, refuse_existing, RunLock
-    from rsslctl.run.build import build_method, load_train_split, load_trained_method, plugin_versions, setup_device
-    from rsslctl.run.teacher import FrozenTeacher
-    from rsslctl.train.classify import cells, Classifier, crop_flip, every_column, extract_features, LoopSettings, MODES, trades_adversary, trades_loss, train_classifier, train_linear_probe
+    from rsslctl.base.console import console, err_console, summary_table
+    from rsslctl.base.errors import TrainingDiverged, UserError
+    from rsslctl.base.files import atomic_write_text
+    from rsslctl.base.limits import MAX_IMAGE_SIZE, check_allocation, check_model_kwargs
+    from rsslctl.base.options import Number, as_dict, closest, opt, parse_number, validate
+    from rsslctl.base.registry import Declared
+    from rsslctl.base.registry import get as get_plugin
     from rsslctl.cli.common import user_errors
+    from rsslctl.data.augment import HostRandom, multi_view
+    from rsslctl.data.dataset import Dataset, FileSource, ImageData, ImageSource, missing_data, safe_unpickle
+    from rsslctl.data.decode import decode_file
+    from rsslctl.data.options import MIN_STRENGTH
+    from rsslctl.data.stream import npz_memmap
+    from rsslctl.method.base import Method
+    from rsslctl.method.coreset import CoresetSelector, CoresetTarget, SelectionContext
+    from rsslctl.method.memory import BankMethod, NegativeQueue, normalized_rows_grad, softmax_logit_grad
+    from rsslctl.nn.encoder import Backbone, Encoder, apply_cifar_stem
+    from rsslctl.nn.losses import fp32, global_similarities, nt_xent, pair_rows, positive_columns, self_mask
+    from rsslctl.nn.momentum import MomentumSchedule, ema_update, mlp_head, momentum_copy
+    from rsslctl.nn.optim import make_optimizer
+    from rsslctl.run.build import build_method, load_train_split, load_trained_method, plugin_versions, setup_device
+    from rsslctl.run.directory import (
+        MARKER,
+        RECIPE_FILE,
+        RunLock,
+        check_replaceable,
+        load_run_recipe,
+        prepare_run_dir,
+        refuse_existing,
+    )
+    from rsslctl.run.recipe import load_raw, resolve
+    from rsslctl.run.teacher import FrozenTeacher
+    from rsslctl.runtime.checkpoint import load_optimizer_tensors, optimizer_tensors, save_checkpoint, save_tensors
+    from rsslctl.runtime.distributed import all_gather_objects, rank, world_size
+    from rsslctl.runtime.seeding import derive_seed
+    from rsslctl.train.classify import (
+        MODES,
+        Classifier,
+        LoopSettings,
+        cells,
+        crop_flip,
+        every_column,
+        extract_features,
+        trades_adversary,
+        trades_loss,
+        train_classifier,
+        train_linear_probe,
+    )

@@ -104,9 +104,9 @@ def tiny_recipe(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny simclr run (one epoch of two steps): the teacher of two-stage methods (DeACL, AdvCL)."""
-    from rsslctl.train.engine import Trainer
-    from rsslctl.run.recipe import load
     from rsslctl.run.directory import prepare_run_dir
+    from rsslctl.run.recipe import load
+    from rsslctl.train.engine import Trainer
     root = tmp_path_factory.mktemp("teacher")
     (root / "tiny.toml").write_text(TINY)
     recipe = load(root / "tiny.toml", ["method.name='simclr'", "attack.name='none'", "schedule.epochs=1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from rsslctl import Declared, hookimpl, Number, opt
+from rsslctl import Declared, Number, hookimpl, opt
 
 
 @dataclasses.dataclass

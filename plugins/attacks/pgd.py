@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from rsslctl import hookimpl, Attack, Objective, projected_ascent, random_start
+from rsslctl import Attack, Objective, hookimpl, projected_ascent, random_start
 from rsslctl_plugins.attacks.options import CITATION, PGDOptions
 
 

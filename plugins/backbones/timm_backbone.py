@@ -12,7 +12,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from rsslctl import hookimpl, apply_cifar_stem, Backbone, check_model_kwargs, closest, UserError
+from rsslctl import Backbone, UserError, apply_cifar_stem, check_model_kwargs, closest, hookimpl
 from rsslctl_plugins.backbones.options import CITATION, TimmOptions
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from rsslctl import hookimpl, console, user_errors, UserError
+from rsslctl import UserError, console, hookimpl, user_errors
 
 if TYPE_CHECKING:  # torch is imported by the functions that run: `rsslctl dynacl-pp --help` stays instant
     from torch import Tensor
@@ -59,10 +59,28 @@ def dynacl_pp(run_dir: Path, out_dir: Path, options: PostprocessOptions = Postpr
     """Post-process the newest checkpoint of ``run_dir`` into the new run directory ``out_dir``."""
     import torch
 
-    from rsslctl import (atomic_write_text, check_replaceable, Classifier, crop_flip, extract_features,
-                         load_run_recipe, load_train_split, load_trained_method, LoopSettings, MARKER, RECIPE_FILE,
-                         refuse_existing, RunLock, save_checkpoint, save_tensors, setup_device, trades_adversary,
-                         trades_loss, train_classifier, train_linear_probe)
+    from rsslctl import (
+        MARKER,
+        RECIPE_FILE,
+        Classifier,
+        LoopSettings,
+        RunLock,
+        atomic_write_text,
+        check_replaceable,
+        crop_flip,
+        extract_features,
+        load_run_recipe,
+        load_train_split,
+        load_trained_method,
+        refuse_existing,
+        save_checkpoint,
+        save_tensors,
+        setup_device,
+        trades_adversary,
+        trades_loss,
+        train_classifier,
+        train_linear_probe,
+    )
     run_dir, out_dir, o = Path(run_dir), Path(out_dir), options
     recipe = load_run_recipe(run_dir)
     if out_dir.resolve() == run_dir.resolve():

@@ -36,7 +36,7 @@ from typing import Any
 
 import click
 
-from rsslctl import hookimpl, user_errors, UserError
+from rsslctl import UserError, hookimpl, user_errors
 
 FORMATS = ("acl", "dynacl", "air", "rcs", "empssl", "cf_amc_ssl", "mae")
 #: formats whose released files share a key layout; ``--format auto`` can only pick when one format is left
@@ -540,8 +540,7 @@ def build_and_load(source: Source, plan: Plan, overrides: list[str]) -> tuple[An
     """(recipe, method holding the file's weights, dropped file keys); strict: every key in, every weight set."""
     import torch
 
-    from rsslctl import build_method
-    from rsslctl import resolve
+    from rsslctl import build_method, resolve
     where = str(source.path)
     raw = plan.raw
     if source.epoch is not None and source.epoch > raw["schedule"].get("epochs", 0):
@@ -580,9 +579,7 @@ def build_and_load(source: Source, plan: Plan, overrides: list[str]) -> tuple[An
 
 def write_run(out: Path, recipe: Any, method: Any, epoch: int, meta: dict[str, Any], force: bool) -> None:
     """Assemble the run directory beside ``out`` and move it into place, so a failure leaves nothing half-written."""
-    from rsslctl import save_checkpoint
-    from rsslctl import make_optimizer
-    from rsslctl import prepare_run_dir
+    from rsslctl import make_optimizer, prepare_run_dir, save_checkpoint
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.import-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

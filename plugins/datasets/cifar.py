@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsslctl import hookimpl, Dataset, ImageData, missing_data, safe_unpickle, UserError
+from rsslctl import Dataset, ImageData, UserError, hookimpl, missing_data, safe_unpickle
 from rsslctl_plugins.datasets.options import CITATION, Cifar100Options
 
 

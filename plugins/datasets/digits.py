@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsslctl import hookimpl, Dataset, ImageData, UserError
+from rsslctl import Dataset, ImageData, UserError, hookimpl
 from rsslctl_plugins.datasets.options import CITATION
 
 

@@ -5,7 +5,17 @@ from pathlib import Path
 
 import torch
 
-from rsslctl import hookimpl, check_allocation, Dataset, decode_file, FileSource, ImageData, ImageSource, missing_data, UserError
+from rsslctl import (
+    Dataset,
+    FileSource,
+    ImageData,
+    ImageSource,
+    UserError,
+    check_allocation,
+    decode_file,
+    hookimpl,
+    missing_data,
+)
 from rsslctl_plugins.datasets.options import ImageFolderOptions
 
 _EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -48,7 +58,7 @@ class ImageFolder(Dataset):
                  if f.is_file() and f.suffix.lower() in _EXTENSIONS and self._inside(f)]
         if not files:
             raise missing_data(self.name, [folder],
-                               f"put one sub-folder per class holding png/jpg/jpeg/bmp/webp images there "
+                               "put one sub-folder per class holding png/jpg/jpeg/bmp/webp images there "
                                "(or set the dataset's path option)")
         return files, classes
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsslctl import hookimpl, Dataset, ImageData, ImageSource, missing_data, npz_memmap, safe_unpickle, UserError
+from rsslctl import Dataset, ImageData, ImageSource, UserError, hookimpl, missing_data, npz_memmap, safe_unpickle
 from rsslctl_plugins.datasets.options import CITATION
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from rsslctl import Declared, hookimpl, MAX_IMAGE_SIZE, opt
+from rsslctl import MAX_IMAGE_SIZE, Declared, hookimpl, opt
 
 
 @dataclasses.dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rsslctl import hookimpl, Dataset, ImageData, missing_data, UserError
+from rsslctl import Dataset, ImageData, UserError, hookimpl, missing_data
 from rsslctl_plugins.datasets.options import CITATION
 
 _CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]

@@ -6,7 +6,19 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, Attack, cells, CoresetTarget, eval_mode, every_column, Method, multi_view, nt_xent, pair_rows, UserError
+from rsslctl import (
+    Attack,
+    CoresetTarget,
+    Method,
+    UserError,
+    cells,
+    eval_mode,
+    every_column,
+    hookimpl,
+    multi_view,
+    nt_xent,
+    pair_rows,
+)
 from rsslctl_plugins.methods.options import CITATION, ACLOptions
 
 #: SLF/ALF cells of the ACL-family rows of the RobustSSL benchmark's fine-tuning table

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, BankMethod, fp32, multi_view, normalized_rows_grad, softmax_logit_grad
+from rsslctl import BankMethod, fp32, hookimpl, multi_view, normalized_rows_grad, softmax_logit_grad
 from rsslctl_plugins.methods.options import CITATION, AdCoOptions
 
 

@@ -42,8 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsslctl import (hookimpl, Encoder, load_optimizer_tensors, Method, multi_view, nt_xent, optimizer_tensors,
-                     pair_rows)
+from rsslctl import Encoder, Method, hookimpl, load_optimizer_tensors, multi_view, nt_xent, optimizer_tensors, pair_rows
 from rsslctl_plugins.methods.options import CITATION, ADIOSOptions
 
 

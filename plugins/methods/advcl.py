@@ -36,9 +36,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, crop_flip, err_console, eval_mode, fp32, FrozenTeacher, Method, multi_view, nt_xent, UserError
-from rsslctl_plugins.methods.options import CITATION, AdvCLOptions
+from rsslctl import (
+    FrozenTeacher,
+    Method,
+    UserError,
+    crop_flip,
+    err_console,
+    eval_mode,
+    fp32,
+    hookimpl,
+    multi_view,
+    nt_xent,
+)
 from rsslctl_plugins.methods.deacl import ADVCL_FAMILY_ROW
+from rsslctl_plugins.methods.options import CITATION, AdvCLOptions
 
 
 def high_frequency(x: Tensor, radius: float) -> Tensor:

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, cells, every_column, fp32, nt_xent
+from rsslctl import cells, every_column, fp32, hookimpl, nt_xent
+from rsslctl_plugins.methods.dynacl import DynACL
 from rsslctl_plugins.methods.options import CITATION, AIROptions
-from rsslctl_plugins.methods.dynacl import DynACL, DynACLOptions
 
 
 def batch_log_softmax(a: Tensor, b: Tensor, temperature: float) -> Tensor:

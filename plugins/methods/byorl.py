@@ -19,8 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import (hookimpl, ema_update, eval_mode, fp32, Method, mlp_head, momentum_copy, MomentumSchedule, multi_view,
-                     pair_rows)
+from rsslctl import (
+    Method,
+    MomentumSchedule,
+    ema_update,
+    eval_mode,
+    fp32,
+    hookimpl,
+    mlp_head,
+    momentum_copy,
+    multi_view,
+    pair_rows,
+)
 from rsslctl_plugins.methods.options import CITATION, BYORLOptions
 
 

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import (hookimpl, BankMethod, fp32, MomentumSchedule, multi_view, normalized_rows_grad,
-                     softmax_logit_grad)
+from rsslctl import BankMethod, MomentumSchedule, fp32, hookimpl, multi_view, normalized_rows_grad, softmax_logit_grad
 from rsslctl_plugins.methods.options import CITATION, CaCoOptions
 
 

@@ -14,7 +14,7 @@ import contextlib
 
 from torch import Tensor
 
-from rsslctl import hookimpl, eval_mode, Method, multi_view, nt_xent, pair_rows
+from rsslctl import Method, eval_mode, hookimpl, multi_view, nt_xent, pair_rows
 from rsslctl_plugins.methods.options import CITATION, CLAEOptions
 
 

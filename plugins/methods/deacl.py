@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, crop_flip, eval_mode, every_column, fp32, FrozenTeacher, Method
+from rsslctl import FrozenTeacher, Method, crop_flip, eval_mode, every_column, fp32, hookimpl
 from rsslctl_plugins.methods.options import CITATION, DeACLOptions
 
 #: RobustSSL benchmark fine-tuning row shared by AdvCL, A-InfoNCE and DeACL (AFF single-BN: --dualBN 0)

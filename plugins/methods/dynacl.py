@@ -10,9 +10,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rsslctl import hookimpl, ema_update, Encoder, eval_mode, every_column, Method, MIN_STRENGTH, momentum_copy, multi_view, nt_xent, pair_rows
-from rsslctl_plugins.methods.options import CITATION, DynACLOptions
+from rsslctl import (
+    MIN_STRENGTH,
+    Encoder,
+    Method,
+    ema_update,
+    eval_mode,
+    every_column,
+    hookimpl,
+    momentum_copy,
+    multi_view,
+    nt_xent,
+    pair_rows,
+)
 from rsslctl_plugins.methods.acl import LINEAR_CELLS
+from rsslctl_plugins.methods.options import CITATION, DynACLOptions
 
 
 def strength_schedule(epoch: int, total_epochs: int, period: int = 50) -> float:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, AdversarialTraining, Encoder, fp32, HostRandom, Method
-from rsslctl_plugins.methods.options import CITATION, EMPOptions, EMPAdvOptions
+from rsslctl import AdversarialTraining, Encoder, HostRandom, Method, fp32, hookimpl
+from rsslctl_plugins.methods.options import CITATION, EMPAdvOptions, EMPOptions
 
 
 def coding_rate(z: Tensor, eps: float = 0.2) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, global_similarities, Method, multi_view, positive_columns, self_mask
+from rsslctl import Method, global_similarities, hookimpl, multi_view, positive_columns, self_mask
 from rsslctl_plugins.methods.options import CITATION, IFMOptions
 
 

@@ -24,7 +24,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, Encoder, eval_mode, fp32, loss_and_grad, Method, multi_view, nt_xent, UserError
+from rsslctl import Encoder, Method, UserError, eval_mode, fp32, hookimpl, loss_and_grad, multi_view, nt_xent
 from rsslctl_plugins.methods.options import CITATION, MAEOptions
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, ema_update, fp32, Method, momentum_copy, multi_view, NegativeQueue, UserError
+from rsslctl import Method, NegativeQueue, UserError, ema_update, fp32, hookimpl, momentum_copy, multi_view
 from rsslctl_plugins.methods.options import CITATION, MoCHiOptions
 
 

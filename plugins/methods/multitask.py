@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, get_plugin, as_dict, Encoder, Method, parse_number, UserError, validate
+from rsslctl import Encoder, Method, UserError, as_dict, get_plugin, hookimpl, parse_number, validate
 from rsslctl_plugins.methods.options import CITATION, MultitaskOptions
 
 #: keys of a task table handled here; every other key is an option of the task's method

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from rsslctl import AdvTrainingOptions, Declared, hookimpl, Number, opt
+from rsslctl import AdvTrainingOptions, Declared, Number, hookimpl, opt
 
 
 @dataclasses.dataclass

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, Attack, CoresetTarget, Encoder, eval_mode, fp32, Method, UserError
-from rsslctl_plugins.methods.options import CITATION, SATOptions, JigsawOptions
+from rsslctl import Attack, CoresetTarget, Encoder, Method, UserError, eval_mode, fp32, hookimpl
+from rsslctl_plugins.methods.options import CITATION, JigsawOptions, SATOptions
 
 
 class ClassificationTask(Method):

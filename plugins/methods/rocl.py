@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rsslctl import hookimpl, eval_mode, every_column, Method, MODES, multi_view, nt_xent, pair_rows
+from rsslctl import MODES, Method, eval_mode, every_column, hookimpl, multi_view, nt_xent, pair_rows
 from rsslctl_plugins.methods.options import CITATION, RoCLOptions
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from rsslctl import hookimpl, Method, multi_view, nt_xent
+from rsslctl import Method, hookimpl, multi_view, nt_xent
 from rsslctl_plugins.methods.options import CITATION, SimCLROptions
 
 

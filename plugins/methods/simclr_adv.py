@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, AdversarialTraining, Method, multi_view, nt_xent, pair_rows, UserError
+from rsslctl import AdversarialTraining, Method, UserError, hookimpl, multi_view, nt_xent, pair_rows
 from rsslctl_plugins.methods.options import CITATION, SimCLRAdvOptions
 
 

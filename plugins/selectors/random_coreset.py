@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rsslctl import hookimpl, CoresetSelector, SelectionContext
+from rsslctl import CoresetSelector, SelectionContext, hookimpl
 
 
 class RandomCoreset(CoresetSelector):

@@ -20,7 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsslctl import hookimpl, all_gather_objects, world_size, Attack, CoresetSelector, CoresetTarget, derive_seed, eval_mode, fp32, make_attack, rank, SelectionContext, UserError
+from rsslctl import (
+    Attack,
+    CoresetSelector,
+    CoresetTarget,
+    SelectionContext,
+    UserError,
+    all_gather_objects,
+    derive_seed,
+    eval_mode,
+    fp32,
+    hookimpl,
+    make_attack,
+    rank,
+    world_size,
+)
 from rsslctl_plugins.selectors.options import CITATION, RCSOptions
 
 

@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from rsslctl.runtime.distributed import input_grad_scale
 from rsslctl.base.options import Plugin, validate
+from rsslctl.runtime.distributed import input_grad_scale
 
 #: what an attack maximises: a function of the (perturbed) input batch returning a scalar loss
 Objective = Callable[[Tensor], Tensor]

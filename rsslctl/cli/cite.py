@@ -6,9 +6,9 @@ from pathlib import Path
 import click
 
 from rsslctl.base import registry
-from rsslctl.run.recipe import OFF, PLUGIN_TABLES, Recipe
-from rsslctl.run.directory import load_run_recipe
 from rsslctl.cli.common import user_errors
+from rsslctl.run.directory import load_run_recipe
+from rsslctl.run.recipe import OFF, PLUGIN_TABLES, Recipe
 
 SELF = ("@software{rsslctl, title={rsslctl: robust self-supervised learning, one tool}, author={{rsslctl authors}}, "
         "version={0.1.0}, year={2026}}")

@@ -8,11 +8,11 @@ from typing import Any
 
 import click
 
-from rsslctl.base.errors import UserError
-from rsslctl.run.directory import RECIPE_FILE, load_run_recipe
-from rsslctl.eval.options import SuiteOptions
 from rsslctl.base.console import console, summary_table
+from rsslctl.base.errors import UserError
 from rsslctl.cli.common import SET, show_report, suite_from_flags, suite_options, user_errors
+from rsslctl.eval.options import SuiteOptions
+from rsslctl.run.directory import RECIPE_FILE, load_run_recipe
 
 EMBEDDING_FILE = "embedding.png"
 
@@ -24,11 +24,11 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True, k
     the result's ``saved_to`` says where). ``force`` replaces only an evaluation with the same settings."""
     import torch  # here, not at the top: `rsslctl evaluate --help` imports no torch
 
-    from rsslctl.runtime import distributed
+    from rsslctl.eval import store
     from rsslctl.run.build import load_split, load_trained_method, setup_device
+    from rsslctl.runtime import distributed
     from rsslctl.train.classify import Classifier, accuracy, extract_features, train_linear_probe
     from rsslctl.train.monitor import embedding_plot, knn_accuracy
-    from rsslctl.eval import store
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir, overrides)
     distributed.refuse_many("evaluate")

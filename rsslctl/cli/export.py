@@ -8,11 +8,11 @@ from typing import Any
 import click
 
 from rsslctl.base import registry
+from rsslctl.base.console import console
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import validate
-from rsslctl.run.directory import RECIPE_FILE, check_output, load_run_recipe
-from rsslctl.base.console import console
 from rsslctl.cli.common import user_errors
+from rsslctl.run.directory import RECIPE_FILE, check_output, load_run_recipe
 
 
 def export_encoder(run_dir: Path, out: Path | None = None, route: str = "auto", force: bool = False

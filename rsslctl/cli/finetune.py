@@ -16,12 +16,22 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from rsslctl.base import registry
-from rsslctl.nn.options import IMAGENET_MEAN, IMAGENET_STD
 from rsslctl.base.errors import TrainingDiverged, UserError
-from rsslctl.run.recipe import Recipe, resolve, shipped_defaults
+from rsslctl.cli.common import (
+    SET,
+    LaunchCommand,
+    launch_options,
+    launch_spec,
+    parse_eps,
+    show_report,
+    start_ranks,
+    suite_from_flags,
+    suite_options,
+    user_errors,
+)
+from rsslctl.nn.options import IMAGENET_MEAN, IMAGENET_STD
 from rsslctl.run.directory import RECIPE_FILE, RunLock, load_run_recipe, refuse_existing
-from rsslctl.cli.common import (SET, LaunchCommand, launch_options, launch_spec, parse_eps, show_report,
-                                start_ranks, suite_from_flags, suite_options, user_errors)
+from rsslctl.run.recipe import Recipe, resolve, shipped_defaults
 
 if TYPE_CHECKING:  # the torch side is imported inside the functions: `rsslctl finetune --help` imports no torch
     import torch
@@ -210,8 +220,8 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
 
     from rsslctl.base.console import console
     from rsslctl.eval.suite import forget_evaluations
-    from rsslctl.runtime import distributed
     from rsslctl.run.build import load_train_split, setup_device
+    from rsslctl.runtime import distributed
     from rsslctl.runtime.checkpoint import pid_alive
     from rsslctl.train.classify import balanced_subset, mode_dir
     out_dir = Path(out_dir)

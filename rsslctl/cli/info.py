@@ -7,13 +7,13 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from rsslctl.base.options import describe
-from rsslctl.base.errors import DataMissing, UserError
-from rsslctl.run.recipe import dumps_toml, load, shipped_recipes
-from rsslctl.run.directory import refuse_existing
-from rsslctl.base.registry import registry
 from rsslctl.base.console import console
+from rsslctl.base.errors import DataMissing, UserError
+from rsslctl.base.options import describe
+from rsslctl.base.registry import registry
 from rsslctl.cli.common import SET, user_errors
+from rsslctl.run.directory import refuse_existing
+from rsslctl.run.recipe import dumps_toml, load, shipped_recipes
 
 
 @click.command()

@@ -8,9 +8,9 @@ from typing import Any
 import click
 
 from rsslctl.base.errors import UserError
-from rsslctl.run.recipe import load
-from rsslctl.run.directory import RunLock, check_replaceable, load_run_recipe, prepare_run_dir, refuse_existing
 from rsslctl.cli.common import SET, LaunchCommand, launch_options, launch_spec, start_ranks, user_errors
+from rsslctl.run.directory import RunLock, check_replaceable, load_run_recipe, prepare_run_dir, refuse_existing
+from rsslctl.run.recipe import load
 
 
 def _trainer() -> type:

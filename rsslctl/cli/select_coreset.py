@@ -8,11 +8,11 @@ from typing import Any
 import click
 
 from rsslctl import __version__
-from rsslctl.base.errors import UserError
-from rsslctl.run.recipe import NONE, Recipe, load_raw, resolve, shipped_defaults
-from rsslctl.run.directory import RECIPE_FILE, check_output
 from rsslctl.base.console import console, summary_table
+from rsslctl.base.errors import UserError
 from rsslctl.cli.common import SET, LaunchCommand, launch_options, launch_spec, start_ranks, user_errors
+from rsslctl.run.directory import RECIPE_FILE, check_output
+from rsslctl.run.recipe import NONE, Recipe, load_raw, resolve, shipped_defaults
 
 
 def selection_recipe(recipe_file: Path | None, run_dir: Path | None, fraction: float, out: Path,
@@ -46,12 +46,18 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
     freshly initialised model; write indices + metadata to ``out``; return the metadata."""
     import torch  # here, not at the top: `rsslctl select-coreset --help` imports no torch
 
-    from rsslctl.runtime import distributed
+    from rsslctl.method.coreset import (
+        CoresetRun,
+        SelectionContext,
+        encoder_sha256,
+        precision_name,
+        run_selector,
+        save_selection,
+    )
     from rsslctl.run.build import build_method, load_train_split, load_weights, setup_device, uses_bf16
+    from rsslctl.runtime import distributed
     from rsslctl.runtime.checkpoint import load_latest, refuse_nonfinite
     from rsslctl.runtime.seeding import derive_seed
-    from rsslctl.method.coreset import (CoresetRun, SelectionContext, encoder_sha256, precision_name, run_selector,
-                                        save_selection)
     out = Path(out)
     recipe = selection_recipe(recipe_file, run_dir, fraction, out, overrides, force)
     device = setup_device(recipe)

@@ -17,8 +17,18 @@ from rich.table import Table
 from rsslctl.base.console import console
 from rsslctl.base.errors import UserError
 from rsslctl.cli.common import SET, fail, user_errors
-from rsslctl.run.sweep import LOG, MANIFEST, MAX_RUNS, SweepSpec, check_owner, expand, is_sweep_file, load_spec, \
-    parse_grid_flag, sweep_hash
+from rsslctl.run.sweep import (
+    LOG,
+    MANIFEST,
+    MAX_RUNS,
+    SweepSpec,
+    check_owner,
+    expand,
+    is_sweep_file,
+    load_spec,
+    parse_grid_flag,
+    sweep_hash,
+)
 from rsslctl.sweep.executors import TEST_CLUSTERS, SlurmOptions, check_slurm, parse_time, run_local, run_slurm
 from rsslctl.sweep.job import LOG_DIR, RunJob, run_status
 

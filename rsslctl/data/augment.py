@@ -29,6 +29,7 @@ from torch import Tensor
 
 from rsslctl.data.options import MIN_STRENGTH, AugmentOptions  # noqa: F401 (re-exported)
 
+
 class _ResizedCrop(K.RandomResizedCrop):
     """kornia's RandomResizedCrop (same torchvision-style parameter draw), resized like torchvision.
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from rsslctl.base.errors import DataMissing, UserError
-from rsslctl.data.decode import as_path, decode_bytes, decode_file, fit, image_format, is_jpeg, read_bytes
 from rsslctl.base.options import Plugin
+from rsslctl.data.decode import as_path, decode_bytes, decode_file, fit, image_format, is_jpeg, read_bytes
 
 
 @dataclasses.dataclass

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rsslctl.data.dataset import ImageSource, resize_images
-from rsslctl.data.decode import decode_on_device
 from rsslctl.base.errors import UserError
 from rsslctl.base.limits import memory_bytes
+from rsslctl.data.dataset import ImageSource, resize_images
+from rsslctl.data.decode import decode_on_device
 
 #: images per worker task when gathering arbitrary indices (coreset selection)
 GATHER_CHUNK = 256

@@ -12,16 +12,16 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from rsslctl.eval.metrics import METRICS, Metric, declared, leaderboard, register_metric
-from rsslctl.run.build import load_split, setup_device
-from rsslctl.base.files import atomic_save_figure, atomic_write_text
-from rsslctl.train.classify import accuracy, load_classifier, mode_dir
-from rsslctl.base.errors import UserError
 from rsslctl.base.console import err_console as console  # status lines go to stderr, so `--json` stdout stays parseable
-from rsslctl.run.recipe import resolve
-from rsslctl.run.directory import refuse_existing
+from rsslctl.base.errors import UserError
+from rsslctl.base.files import atomic_save_figure, atomic_write_text
+from rsslctl.eval.metrics import METRICS, Metric, declared, leaderboard, register_metric
 from rsslctl.eval.options import AA_ATTACKS, SuiteOptions  # noqa: F401 (re-exported)
 from rsslctl.eval.store import settings_key
+from rsslctl.run.build import load_split, setup_device
+from rsslctl.run.directory import refuse_existing
+from rsslctl.run.recipe import resolve
+from rsslctl.train.classify import accuracy, load_classifier, mode_dir
 
 
 def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, opts: SuiteOptions, device: torch.device,

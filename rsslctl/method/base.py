@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 from torch import Tensor, nn
 
 from rsslctl.adversary.attack import Attack
+from rsslctl.base.options import Plugin
 from rsslctl.data.augment import ViewAugment
 from rsslctl.nn.encoder import Encoder
-from rsslctl.base.options import Plugin
 
 if TYPE_CHECKING:
     from rsslctl.method.coreset import CoresetTarget

@@ -25,11 +25,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from rsslctl.runtime.checkpoint import atomic_write_text, save_tensors
-from rsslctl.runtime.seeding import derive_seed
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import Plugin
 from rsslctl.method.options import CoresetOptions, check_options  # noqa: F401 (re-exported)
+from rsslctl.runtime.checkpoint import atomic_write_text, save_tensors
+from rsslctl.runtime.seeding import derive_seed
 
 
 # -- method interface -----------------------------------------------------------------------------------------------

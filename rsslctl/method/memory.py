@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rsslctl.method.base import Method
+from rsslctl.nn.losses import fp32, pair_rows
+from rsslctl.nn.momentum import ema_update, momentum_copy
 from rsslctl.runtime.checkpoint import load_optimizer_tensors, optimizer_tensors
 from rsslctl.runtime.distributed import all_reduce_with_grad, collective, gather_with_grad, world_size
-from rsslctl.nn.losses import fp32, pair_rows
-from rsslctl.method.base import Method
-from rsslctl.nn.momentum import ema_update, momentum_copy
 
 
 class NegativeQueue(nn.Module):

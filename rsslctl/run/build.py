@@ -11,18 +11,18 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from rsslctl.runtime import agreement, distributed
 from rsslctl.base import registry
-from rsslctl.data.augment import ViewAugment
-from rsslctl.runtime.checkpoint import load_latest, refuse_nonfinite
-from rsslctl.base.limits import check_allocation
-from rsslctl.data.dataset import Dataset, HostSource, ImageData
-from rsslctl.nn.encoder import build_encoder
-from rsslctl.base.errors import UserError
-from rsslctl.method.base import Method
-from rsslctl.run.recipe import PLUGIN_TABLES, Recipe
-from rsslctl.data.stream import StreamSplit, device_memory
 from rsslctl.base.console import console
+from rsslctl.base.errors import UserError
+from rsslctl.base.limits import check_allocation
+from rsslctl.data.augment import ViewAugment
+from rsslctl.data.dataset import Dataset, HostSource, ImageData
+from rsslctl.data.stream import StreamSplit, device_memory
+from rsslctl.method.base import Method
+from rsslctl.nn.encoder import build_encoder
+from rsslctl.run.recipe import PLUGIN_TABLES, Recipe
+from rsslctl.runtime import agreement, distributed
+from rsslctl.runtime.checkpoint import load_latest, refuse_nonfinite
 
 
 def select_device(name: str, backend: str = "auto") -> torch.device:

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from rsslctl.base.console import console
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import opt
-from rsslctl.base.console import console
 
 
 @dataclasses.dataclass

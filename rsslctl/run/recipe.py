@@ -18,15 +18,16 @@ import tomllib
 from pathlib import Path
 from typing import Any, Collection, Literal
 
-from rsslctl.base.console import err_console
 from rsslctl.base import registry
-from rsslctl.data.options import AugmentOptions
-from rsslctl.method.options import CoresetOptions, check_options as check_coreset
-from rsslctl.nn.options import EncoderOptions, OptimizerOptions, ScheduleOptions
+from rsslctl.base.console import err_console
 from rsslctl.base.errors import UserError
 from rsslctl.base.limits import MAX_BATCH, MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_SEED, MAX_STEPS, check_recipe
-from rsslctl.run.logs import LoggingOptions
 from rsslctl.base.options import Number, as_dict, closest, opt, validate
+from rsslctl.data.options import AugmentOptions
+from rsslctl.method.options import CoresetOptions
+from rsslctl.method.options import check_options as check_coreset
+from rsslctl.nn.options import EncoderOptions, OptimizerOptions, ScheduleOptions
+from rsslctl.run.logs import LoggingOptions
 
 MAX_RECIPE_BYTES = 1 << 20
 NONE = "none"  # the plugin name that switches an optional plugin table off

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from rsslctl.base.errors import UserError
+from rsslctl.base.files import atomic_write_text
 from rsslctl.base.options import closest
 from rsslctl.run.recipe import CORE, dumps_toml, load_raw, parse_override, resolve
-from rsslctl.base.files import atomic_write_text
 
 FORMAT = "rsslctl-sweep"
 VERSION = 1

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rsslctl.nn.encoder import Encoder
 from rsslctl.base.errors import UserError
+from rsslctl.nn.encoder import Encoder
 
 PREFIX = "teacher."
 

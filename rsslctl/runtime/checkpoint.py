@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load as load_bytes, save_file as _save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file as _save_file
 
-from rsslctl.runtime.distributed import gather_to_main, is_main, launched, rank
 from rsslctl.base.errors import UserError
 from rsslctl.base.files import atomic_write_text  # noqa: F401 (re-exported: checkpoint files and their meta)
+from rsslctl.runtime.distributed import gather_to_main, is_main, launched, rank
 
 CKPT_DIR = "checkpoints"
 

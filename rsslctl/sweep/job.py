@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from rsslctl.run.directory import LOCK_FILE, MARKER, is_run_dir
 from rsslctl.base.files import atomic_write_text
+from rsslctl.run.directory import LOCK_FILE, MARKER, is_run_dir
 
 STATE_DIR = ".state"
 LOG_DIR = "logs"

@@ -25,19 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsslctl.runtime import distributed as dist
-from rsslctl.base import registry
 from rsslctl.adversary.attack import eval_mode, projected_ascent
-from rsslctl.run.build import autocast
-from rsslctl.nn.optim import LRSchedule
-from rsslctl.runtime.seeding import derive_seed
-from rsslctl.nn.encoder import Encoder, EncoderOptions
+from rsslctl.base import registry
+from rsslctl.base.console import err_console, progress_bar
 from rsslctl.base.errors import TrainingDiverged, UserError
 from rsslctl.base.limits import MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_STEPS, check_number
-from rsslctl.method.base import FinetuneRows
 from rsslctl.base.options import validate
+from rsslctl.method.base import FinetuneRows
+from rsslctl.nn.encoder import Encoder, EncoderOptions
+from rsslctl.nn.optim import LRSchedule
+from rsslctl.run.build import autocast
 from rsslctl.run.recipe import shipped_defaults
-from rsslctl.base.console import err_console, progress_bar
+from rsslctl.runtime import distributed as dist
+from rsslctl.runtime.seeding import derive_seed
 from rsslctl.train.step import optimizer_step
 
 #: the fine-tuning protocols: standard linear, adversarial linear, adversarial full fine-tuning

@@ -33,8 +33,14 @@ from rsslctl.run.logs import RunLogger, main_only
 from rsslctl.run.recipe import Recipe
 from rsslctl.run.validate import check_run
 from rsslctl.runtime import distributed as dist
-from rsslctl.runtime.checkpoint import (latest_checkpoint, rank_states, read_meta, remove_stale_temporaries, rng_state,
-    save_checkpoint)
+from rsslctl.runtime.checkpoint import (
+    latest_checkpoint,
+    rank_states,
+    read_meta,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+)
 from rsslctl.runtime.seeding import derive_seed
 from rsslctl.train import divergence, progress, resume
 from rsslctl.train.monitor import monitor_accuracies, monitor_splits

@@ -18,8 +18,16 @@ from rsslctl.method.base import Method
 from rsslctl.run.build import load_weights
 from rsslctl.run.logs import filter_jsonl
 from rsslctl.runtime import distributed as dist
-from rsslctl.runtime.checkpoint import (CorruptCheckpoint, checkpoints, latest_checkpoint, load_checkpoint,
-    load_checkpoint_optimizer, own_state, refuse_nonfinite, set_rng_state)
+from rsslctl.runtime.checkpoint import (
+    CorruptCheckpoint,
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    load_checkpoint_optimizer,
+    own_state,
+    refuse_nonfinite,
+    set_rng_state,
+)
 
 
 @dataclasses.dataclass(frozen=True)

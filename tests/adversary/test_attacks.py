@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsslctl.adversary.attack import eval_mode, project, random_start
-from rsslctl.nn.losses import nt_xent
 from rsslctl.base.options import validate
+from rsslctl.nn.losses import nt_xent
 from rsslctl_plugins.attacks.fgsm import FGSM, FGSMOptions
 from rsslctl_plugins.attacks.pgd import PGD, PGDOptions
 

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import assert_user_error, run
 
 

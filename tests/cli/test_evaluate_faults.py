@@ -5,7 +5,6 @@ import errno
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import assert_user_error, run
 
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import run
 
 RSSLCTL = Path(sys.executable).with_name("rsslctl")

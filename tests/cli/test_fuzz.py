@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from rsslctl.cli import main
 from rsslctl.cli import pretrain as pretrain_module
@@ -201,13 +202,13 @@ def _png(path: Path, size: int = 40) -> None:
 
 
 def _image_folder(root: Path, *extra: str) -> list[str]:
-    return [f"--set=data.name='image_folder'", f"--set=data.root={json.dumps(str(root))}",
+    return ["--set=data.name='image_folder'", f"--set=data.root={json.dumps(str(root))}",
             "--set=data.path='set'", "--set=data.limit=0", "--set=data.image_size=16", *extra]
 
 
 def test_image_folder_does_not_follow_symlinks_out_of_its_root(tmp_path: Path) -> None:
-    from rsslctl.run.recipe import resolve
     from rsslctl.run.build import load_split
+    from rsslctl.run.recipe import resolve
     root = tmp_path / "data"
     for c in ("a", "b"):
         for i in range(2):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 from click.testing import CliRunner
-
 from conftest import assert_same_tensors
+
 from rsslctl.cli import main
 from rsslctl.train.monitor import embedding_plot, knn_accuracy
 
@@ -75,6 +75,7 @@ def test_recipes_ship_inside_the_wheel_and_are_found_by_name(tmp_path: Path) -> 
     """`recipe list` / `recipe show NAME` work from an installed wheel, not only from a clone."""
     import subprocess
     import sys
+
     import pytest
     root = Path(__file__).resolve().parents[2]
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
@@ -108,7 +109,9 @@ def test_batch_job_logs_tensorboard_csv_and_monitors_leave_training_unchanged(ti
     the CSVs hold one row per logged step / epoch; monitoring does not change a single trained weight."""
     import subprocess
     import sys
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
     common = [str(tiny_recipe), "--set", "schedule.epochs=2", "--set", "evaluation.epochs=2"]
     watched, plain = tmp_path / "watched", tmp_path / "plain"

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsslctl.data.augment import AugmentOptions, ViewAugment, multi_view
-from rsslctl_plugins.methods.dynacl import strength_schedule
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import validate
+from rsslctl.data.augment import AugmentOptions, ViewAugment, multi_view
+from rsslctl_plugins.methods.dynacl import strength_schedule
 
 N = 64
 

@@ -9,23 +9,28 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import (
+    assert_same_tensors,
+    final_checkpoint,
+    kill_and_resume,
+    same_final_checkpoints,
+    sigkill_and_resume,
+    train_run,
+)
 from PIL import Image
 
 import rsslctl.run.build
-from rsslctl.data.augment import AugmentOptions, ViewAugment
-from rsslctl.run.build import load_train_split, open_train_split
-from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
-from rsslctl.cli import main
-from rsslctl.data.dataset import HostSource, ImageData
-from rsslctl.train.engine import Trainer
 from rsslctl.base.errors import UserError
-from rsslctl.run.recipe import load
-from rsslctl.run.directory import prepare_run_dir
+from rsslctl.cli import main
+from rsslctl.data.augment import AugmentOptions, ViewAugment
+from rsslctl.data.dataset import HostSource, ImageData
 from rsslctl.data.stream import StreamedImages, StreamSplit, epoch_batches, local_rows
+from rsslctl.run.build import load_train_split, open_train_split
+from rsslctl.run.directory import prepare_run_dir
+from rsslctl.run.recipe import load
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from rsslctl.train.engine import Trainer
 from rsslctl_plugins.datasets import imagenet32
-
-from conftest import (assert_same_tensors, final_checkpoint, kill_and_resume, same_final_checkpoints,
-                      sigkill_and_resume, train_run)
 
 CPU = torch.device("cpu")
 RNG = np.random.default_rng(1)

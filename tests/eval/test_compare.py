@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from cli_helpers import assert_user_error, run
+
 from rsslctl.eval import store
 from rsslctl.eval.compare import compare
 
@@ -160,7 +160,7 @@ def test_formats(runs: Path, tmp_path: Path) -> None:
     mean, std, lo, hi = stats([80, 84, 79])
     md = run("compare", *args, "--format", "markdown")
     assert md.exit_code == 0, md.output
-    assert f"| acl | probe |" in md.stdout and f"{mean:.2f} ± {std:.2f}" in md.stdout
+    assert "| acl | probe |" in md.stdout and f"{mean:.2f} ± {std:.2f}" in md.stdout
     table = run("compare", *args)
     assert table.exit_code == 0 and "simclr" in table.stdout and f"{mean:.2f} ± {std:.2f}" in table.stdout
     rows = list(csv.DictReader(io.StringIO(run("compare", *args, "--format", "csv").stdout)))

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import run
 from test_compare import fake_run
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import assert_user_error, run
 from torch import nn
 
-from cli_helpers import assert_user_error, run
 from rsslctl.eval import store
 
 PROBE = ["--set", "evaluation.epochs=2", "--set", "evaluation.steps=1", "--set", "evaluation.limit=16"]

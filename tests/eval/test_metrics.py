@@ -8,10 +8,10 @@ from typing import Any, Iterator
 import click
 import pytest
 import torch
+from cli_helpers import TinyLinear
 from click.testing import CliRunner
 from rich.console import Console
 
-from cli_helpers import TinyLinear
 from rsslctl.cli.common import suite_from_flags, suite_options
 from rsslctl.data.dataset import ImageData
 from rsslctl.eval.metrics import METRICS, Metric, Setting, register_metric, unregister_metric

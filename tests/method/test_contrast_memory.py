@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import final_checkpoint, kill_and_resume, train_run
-from rsslctl.train.engine import Trainer
+
 from rsslctl.method.memory import LearnableBank, NegativeQueue, normalized_rows_grad, softmax_logit_grad
-from rsslctl.run.recipe import load
 from rsslctl.run.directory import prepare_run_dir
+from rsslctl.run.recipe import load
+from rsslctl.train.engine import Trainer
 from rsslctl_plugins.methods.adco import adco_logits, adco_loss
 from rsslctl_plugins.methods.caco import caco_bank_direction, caco_loss
 from rsslctl_plugins.methods.hcl import hcl_loss

@@ -9,25 +9,40 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from cli_helpers import assert_user_error, run
 from conftest import assert_same_tensors, kill_and_resume, train_run
+from torch import Tensor, nn
+
 from rsslctl.base import registry
-from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
-from rsslctl.method.coreset import (CoresetTarget, SelectionContext, budget_for, load_selection, run_selector,
-    split_validation)
-from rsslctl.run.build import build_method, load_split
-from rsslctl.train.engine import Trainer
-from rsslctl.nn.losses import nt_xent
 from rsslctl.method.base import Method
+from rsslctl.method.coreset import (
+    CoresetTarget,
+    SelectionContext,
+    budget_for,
+    load_selection,
+    run_selector,
+    split_validation,
+)
+from rsslctl.nn.losses import nt_xent
 from rsslctl.nn.optim import StepClock, lr_at
-from rsslctl.run.recipe import load
+from rsslctl.run.build import build_method, load_split
 from rsslctl.run.directory import prepare_run_dir
+from rsslctl.run.recipe import load
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from rsslctl.train.engine import Trainer
 from rsslctl_plugins.attacks.pgd import PGD, PGDOptions
 from rsslctl_plugins.methods.pretext import ClassifierTarget
-from rsslctl_plugins.selectors.rcs import (RCS, RCSOptions, compute_gradients, gather, greedy,
-    representational_divergence, sketch, split_picks, unit_gradients)
+from rsslctl_plugins.selectors.rcs import (
+    RCS,
+    RCSOptions,
+    compute_gradients,
+    gather,
+    greedy,
+    representational_divergence,
+    sketch,
+    split_picks,
+    unit_gradients,
+)
 
 CORESET = ["coreset.name='rcs'", "coreset.fraction=0.4", "coreset.warmup_epochs=1", "coreset.every=2"]
 

@@ -11,8 +11,14 @@ import torch
 from torch import Tensor
 
 from rsslctl.base.options import validate
-from rsslctl.method.coreset import (CoresetOptions, CoresetRun, CoresetSelector, SelectionContext, run_selector,
-                                    split_validation)
+from rsslctl.method.coreset import (
+    CoresetOptions,
+    CoresetRun,
+    CoresetSelector,
+    SelectionContext,
+    run_selector,
+    split_validation,
+)
 from rsslctl.run.build import build_method, load_split
 from rsslctl.run.directory import prepare_run_dir
 from rsslctl.run.recipe import load

@@ -4,13 +4,21 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import assert_same_tensors
 from torch import nn
 
-from conftest import assert_same_tensors
-from rsslctl.nn.encoder import (IMAGENET_MEAN, IMAGENET_STD, DualBatchNorm, Encoder, EncoderOptions,
-    apply_cifar_stem, build_encoder, single_bn_state)
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import validate
+from rsslctl.nn.encoder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DualBatchNorm,
+    Encoder,
+    EncoderOptions,
+    apply_cifar_stem,
+    build_encoder,
+    single_bn_state,
+)
 from rsslctl_plugins.backbones.timm_backbone import TimmBackbone, TimmOptions
 
 KWARGS = {"channels": [8, 16, 32, 64]}

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import final_checkpoint, kill_and_resume, train_run
 
 import rsslctl_plugins.methods.caco as caco_module
-from conftest import final_checkpoint, kill_and_resume, train_run
 from rsslctl.run.build import build_method
 from rsslctl.run.recipe import load
 

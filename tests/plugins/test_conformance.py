@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
-
 from cli_helpers import TinyLinear
+from click.testing import CliRunner
 from conftest import teacher_overrides, tiny_backbone
-from rsslctl.cli import main
-from rsslctl.method.coreset import SelectionContext, run_selector
-from rsslctl.train.engine import Trainer
+
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import validate
-from rsslctl.run.recipe import load
 from rsslctl.base.registry import Declared, registry
+from rsslctl.cli import main
+from rsslctl.method.coreset import SelectionContext, run_selector
 from rsslctl.run.directory import prepare_run_dir
+from rsslctl.run.recipe import load
+from rsslctl.train.engine import Trainer
 
 
 def _names(kind: str) -> list[str]:

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_tensors, final_checkpoint, kill_and_resume, train_run
 from torch import nn
 
-from conftest import assert_same_tensors, final_checkpoint, kill_and_resume, train_run
-from rsslctl.runtime.checkpoint import latest_checkpoint
-from rsslctl.train.engine import Trainer
 from rsslctl.base.errors import UserError
 from rsslctl.nn.momentum import MomentumSchedule, cosine_momentum, ema_update, mlp_head
-from rsslctl.run.recipe import load
 from rsslctl.run.directory import prepare_run_dir
+from rsslctl.run.recipe import load
+from rsslctl.runtime.checkpoint import latest_checkpoint
+from rsslctl.train.engine import Trainer
 from rsslctl_plugins.methods.advcl import advcl_loss, high_frequency, nearest_centroid
 from rsslctl_plugins.methods.byorl import byol_loss, swap_views
 from rsslctl_plugins.methods.clae import clae_loss
@@ -143,6 +143,7 @@ def test_cosine_momentum_runs_from_base_to_one() -> None:
 # -- adversaries ------------------------------------------------------------------------------------------------
 def _trainer(tiny_recipe: Path, tmp_path: Path, name: str, request: pytest.FixtureRequest, *extra: str) -> Trainer:
     from conftest import teacher_overrides
+
     from rsslctl.base.registry import registry
     cls = registry().get("method", name)
     recipe = load(tiny_recipe, [f"method.name={name!r}", *SMALL, *teacher_overrides(cls, request), *extra])

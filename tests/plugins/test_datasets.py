@@ -11,10 +11,10 @@ import scipy.io
 import torch
 from PIL import Image
 
-from rsslctl.data.dataset import ImageData, safe_unpickle
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import validate
 from rsslctl.base.registry import Registry
+from rsslctl.data.dataset import ImageData, safe_unpickle
 from rsslctl_plugins.datasets import cifar, digits, image_folder, imagenet32, stl10, svhn
 
 RNG = np.random.default_rng(0)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import teacher_overrides
+
 from rsslctl.base.registry import registry
 from rsslctl.run.recipe import load
 from rsslctl.train.engine import Trainer

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cli_helpers import assert_user_error, run
+
 from rsslctl.base.errors import UserError
 from rsslctl_plugins.datasets import imagenet32
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import assert_user_error, run
 from safetensors.torch import load_file
 
-from rsslctl.runtime.checkpoint import latest_checkpoint, read_meta
-from cli_helpers import assert_user_error, run
 from rsslctl.run.build import load_trained_method
 from rsslctl.run.directory import load_run_recipe
+from rsslctl.runtime.checkpoint import latest_checkpoint, read_meta
 
 CPU = torch.device("cpu")
 TINY = (8, 16, 16, 16)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import assert_user_error, run
 from safetensors.torch import load_file
 from torch import nn
 
-from cli_helpers import assert_user_error, run
 from rsslctl.run.build import load_trained_method
 from rsslctl.run.directory import load_run_recipe
 from rsslctl.runtime.checkpoint import latest_checkpoint, read_meta

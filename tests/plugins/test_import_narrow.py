@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import assert_user_error, run
 from safetensors.torch import load_file
 
-from cli_helpers import assert_user_error, run
 from rsslctl.run.build import load_trained_method
 from rsslctl.run.directory import load_run_recipe
 from rsslctl.run.recipe import load_raw, resolve

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_BACKBONES, final_checkpoint, kill_and_resume, train_run
-from rsslctl.run.build import build_method
+
 from rsslctl.base.errors import UserError
-from rsslctl.nn.optim import make_optimizer
-from rsslctl.run.recipe import load
 from rsslctl.eval.store import load_all
+from rsslctl.nn.optim import make_optimizer
+from rsslctl.run.build import build_method
+from rsslctl.run.recipe import load
 from rsslctl.train.engine import Trainer
 from rsslctl_plugins.methods.mae import grid_coords, mae_loss, patchify, random_masking, sincos_2d
 
@@ -192,8 +192,8 @@ def test_a_vit_encoder_pretrains_evaluates_finetunes_and_exports_like_any_backbo
     from click.testing import CliRunner
     from safetensors.torch import load_file
 
-    from rsslctl.train.classify import load_classifier
     from rsslctl.cli import main
+    from rsslctl.train.classify import load_classifier
 
     def run(*args: str):
         result = CliRunner().invoke(main, list(args))

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import assert_same_tensors, final_checkpoint, kill_and_resume, train_run
-from rsslctl.run.build import build_method
+
 from rsslctl.base.errors import UserError
+from rsslctl.run.build import build_method
 from rsslctl.run.recipe import load
 
 CPU = torch.device("cpu")

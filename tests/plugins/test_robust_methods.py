@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from rsslctl.adversary.training import FreePerturbation
-from rsslctl.run.build import build_method
-from rsslctl.train.engine import Trainer
-from rsslctl_plugins.methods.dynacl import dynacl_weight
 from rsslctl.nn.optim import ScheduleOptions, lr_at
+from rsslctl.run.build import build_method
 from rsslctl.run.recipe import load
+from rsslctl.train.engine import Trainer
 from rsslctl_plugins.methods.air import invariance_regularisers
+from rsslctl_plugins.methods.dynacl import dynacl_weight
 from rsslctl_plugins.methods.empssl import coding_rate, emp_loss
 from rsslctl_plugins.methods.pretext import permutation_set
 
@@ -370,9 +370,9 @@ def test_dynacl_pp_writes_an_evaluable_run(tiny_recipe: Path, tmp_path: Path) ->
     import subprocess
     import sys
 
-    from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
     from rsslctl.cli.evaluate import evaluate_run
     from rsslctl.run.directory import prepare_run_dir
+    from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
     recipe = load(tiny_recipe, ["method.name=dynacl", "method.momentum_encoder=true", "schedule.epochs=1",
                                 "data.limit=64"])
     src = tmp_path / "src"

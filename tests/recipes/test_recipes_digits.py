@@ -8,13 +8,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from conftest import teacher_overrides, tiny_backbone
 
-from rsslctl.train.engine import Trainer
-from rsslctl.run.recipe import load, resolve
 from rsslctl.base.registry import registry
 from rsslctl.run.directory import prepare_run_dir
+from rsslctl.run.recipe import load, resolve
+from rsslctl.train.engine import Trainer
 
 # the quickstart recipes already train on digits and are exercised by test_cli/test_engine
 RECIPES = sorted(p for p in Path(__file__).resolve().parents[2].joinpath("recipes").glob("*.toml")

@@ -7,8 +7,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY
+
 from rsslctl.base import registry
 from rsslctl.run.directory import RECIPE_FILE, load_run_recipe
 from rsslctl.run.recipe import dumps_toml, load

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import TINY, TINY_BACKBONES
+
 from rsslctl.cli import main
 from rsslctl.train.engine import Trainer
 

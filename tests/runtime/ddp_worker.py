@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from rsslctl.adversary import attack
+from rsslctl.run.directory import prepare_run_dir
+from rsslctl.run.recipe import load
 from rsslctl.runtime import distributed as dist
 from rsslctl.train.engine import Trainer
-from rsslctl.run.recipe import load
-from rsslctl.run.directory import prepare_run_dir
 
 
 class FixedViews(nn.Module):
@@ -99,10 +99,9 @@ def losses(out: str) -> None:
     """Every contrastive loss built on ``losses.global_similarities`` on this rank's rows of fixed global embeddings:
     the mean over ranks of the losses, and the gradient of that mean with respect to this rank's rows; then a negative
     queue after one push of this rank's rows, and a learnable bank's direction after this rank records its own."""
+    from rsslctl.nn.losses import nt_xent
     from rsslctl_plugins.methods.hcl import hcl_loss
     from rsslctl_plugins.methods.ifm import ifm_nt_xent
-
-    from rsslctl.nn.losses import nt_xent
     dist.setup("cpu")
     z = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))  # 8 images × 2 views, interleaved
     result = {}

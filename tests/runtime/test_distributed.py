@@ -15,14 +15,14 @@ from types import ModuleType
 
 import pytest
 import torch
+from conftest import assert_same_tensors
 from safetensors.torch import load_file
 
-from conftest import assert_same_tensors
+from rsslctl.run.directory import prepare_run_dir
+from rsslctl.run.recipe import load
 from rsslctl.runtime import distributed as dist
 from rsslctl.runtime.checkpoint import latest_checkpoint, read_meta
 from rsslctl.train.engine import Trainer
-from rsslctl.run.recipe import load
-from rsslctl.run.directory import prepare_run_dir
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 EXACT = ["engine.threads=1", "engine.precision='fp32'", "engine.channels_last=false"]

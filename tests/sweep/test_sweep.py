@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_helpers import assert_user_error, run
+
 from rsslctl.run.recipe import load
 from rsslctl.run.sweep import SweepSpec, expand, recipe_hash, sweep_hash
 from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint, read_meta
@@ -312,6 +312,7 @@ def test_parallel_local_jobs_share_the_cpu_threads(tiny_recipe: Path, tmp_path: 
     """--jobs N: at most N runs at once, each verb a process limited to cores / N threads."""
     import threading
     import time
+
     from rsslctl.sweep import executors
     calls: list[tuple[str, int]] = []
     active, peak, lock = [0], [0], threading.Lock()

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from rsslctl.data.stream import StreamSplit
 from rsslctl.run.build import load_train_split, open_train_split
+from rsslctl.run.directory import prepare_run_dir
+from rsslctl.run.recipe import load
 from rsslctl.runtime.checkpoint import latest_checkpoint
 from rsslctl.train.engine import Trainer
-from rsslctl.run.recipe import load
-from rsslctl.run.directory import prepare_run_dir
-from rsslctl.data.stream import StreamSplit
 
 pytestmark = pytest.mark.cuda
 CUDA = ["engine.device='cuda'", "engine.precision='bf16'", "engine.channels_last=true"]

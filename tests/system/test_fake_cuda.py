@@ -36,11 +36,11 @@ from unittest import mock
 
 import pytest
 import torch
-from torch import nn
-from torch._subclasses.fake_tensor import (DataDependentOutputException, FakeTensorMode, unset_fake_temporarily)
-
 from cli_helpers import TinyLinear
 from conftest import teacher_overrides, tiny_backbone
+from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode, unset_fake_temporarily
+
 from rsslctl.base.options import validate
 from rsslctl.base.registry import registry
 from rsslctl.data.augment import AugmentOptions, ViewAugment

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import assert_user_error as one_line
+from cli_helpers import run
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import assert_user_error as one_line, run
-from rsslctl.runtime.checkpoint import sha256
 from rsslctl.run.directory import LOCK_FILE, MARKER, RunLock
+from rsslctl.runtime.checkpoint import sha256
 
 FAST = ["--quiet", "--set", "schedule.epochs=1", "--set", "data.limit=64", "--set", "schedule.batch_size=32"]
 
@@ -132,10 +133,10 @@ def test_readers_follow_a_writer_that_prunes(trained: Path, monkeypatch: pytest.
 
 # -- divergence ----------------------------------------------------------------------------------------------------
 def test_weights_that_diverge_after_a_finite_loss_never_become_a_checkpoint(tiny_recipe: Path, tmp_path: Path) -> None:
-    from rsslctl.train.engine import Trainer
     from rsslctl.base.errors import TrainingDiverged
-    from rsslctl.run.recipe import load
     from rsslctl.run.directory import prepare_run_dir
+    from rsslctl.run.recipe import load
+    from rsslctl.train.engine import Trainer
     recipe = load(tiny_recipe, ["schedule.epochs=2", "data.limit=64", "schedule.batch_size=32", "engine.log_every=1"])
     run_dir = prepare_run_dir(recipe, tmp_path / "div", force=False)
     trainer = Trainer(recipe, run_dir, quiet=True)

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import run
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (apt-get install tmux)")

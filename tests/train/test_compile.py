@@ -14,21 +14,19 @@ from typing import Iterator
 
 import pytest
 import torch
+from conftest import teacher_overrides, tiny_backbone
 from torch import nn
 
-from conftest import teacher_overrides
-
 import rsslctl.train.engine
-from conftest import tiny_backbone
 from rsslctl import hookimpl
 from rsslctl.base import registry
-from rsslctl.run.build import compile_step
-from rsslctl.nn.encoder import Backbone
-from rsslctl.train.engine import Trainer
 from rsslctl.base.errors import UserError
 from rsslctl.base.options import opt
-from rsslctl.run.recipe import load
+from rsslctl.nn.encoder import Backbone
+from rsslctl.run.build import compile_step
 from rsslctl.run.directory import prepare_run_dir
+from rsslctl.run.recipe import load
+from rsslctl.train.engine import Trainer
 
 
 @dataclasses.dataclass

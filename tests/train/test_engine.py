@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import final_checkpoint, kill_and_resume, same_final_checkpoints, sigkill_and_resume, train_run
 from safetensors.torch import load_file
 
-from conftest import final_checkpoint, kill_and_resume, same_final_checkpoints, sigkill_and_resume, train_run
-from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
-from rsslctl.nn.encoder import apply_cifar_stem
-from rsslctl.train.engine import Trainer
 from rsslctl.base.errors import TrainingDiverged, UserError
-from rsslctl.method.base import Method
-from rsslctl.run.recipe import load
 from rsslctl.cli.export import export_encoder
+from rsslctl.method.base import Method
+from rsslctl.nn.encoder import apply_cifar_stem
 from rsslctl.run.directory import prepare_run_dir
+from rsslctl.run.recipe import load
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from rsslctl.train.engine import Trainer
 
 CLI = [sys.executable, "-m", "rsslctl.cli"]
 

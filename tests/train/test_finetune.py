@@ -9,22 +9,29 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import TinyLinear, run
+from conftest import assert_same_tensors
 from torch import nn
 
-from rsslctl.data import corruptions as C
-from rsslctl.base import registry
 from rsslctl.adversary.attack import make_attack
-from rsslctl.run.build import build_method, load_split
-from rsslctl.train.classify import (MODES, accuracy, balanced_subset, crop_flip, resolve_config, resolve_configs,
-    trades_adversary, trades_loss)
-from cli_helpers import run
-from cli_helpers import TinyLinear
-from conftest import assert_same_tensors
-from rsslctl.cli import finetune as ft
-from rsslctl.nn.encoder import collapse_bn_state
+from rsslctl.base import registry
 from rsslctl.base.errors import UserError
-from rsslctl.run.recipe import load, resolve
+from rsslctl.cli import finetune as ft
+from rsslctl.data import corruptions as C
 from rsslctl.eval.suite import SuiteOptions, autoattack_accuracy, corruption_accuracy
+from rsslctl.nn.encoder import collapse_bn_state
+from rsslctl.run.build import build_method, load_split
+from rsslctl.run.recipe import load, resolve
+from rsslctl.train.classify import (
+    MODES,
+    accuracy,
+    balanced_subset,
+    crop_flip,
+    resolve_config,
+    resolve_configs,
+    trades_adversary,
+    trades_loss,
+)
 
 CPU = torch.device("cpu")
 
@@ -326,6 +333,7 @@ def test_finetune_and_evaluate_end_to_end(tiny_recipe: Path, tmp_path: Path) -> 
     exported = run("export", str(run_dir), "--classifier", "AFF")
     assert exported.exit_code == 0, exported.output
     import importlib.util
+
     from rsslctl.train.classify import load_classifier
     spec = importlib.util.spec_from_file_location("clf", run_dir / "classifier_AFF.py")
     module = importlib.util.module_from_spec(spec)

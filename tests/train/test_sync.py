@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import teacher_overrides, tiny_backbone
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import teacher_overrides, tiny_backbone
-from rsslctl.train.engine import Trainer
-from rsslctl.run.recipe import load
 from rsslctl.base.registry import registry
+from rsslctl.run.recipe import load
+from rsslctl.train.engine import Trainer
 
 META = torch.device("meta")
 #: ops that read device data back to the host (or, like nonzero, need its values to size their output)

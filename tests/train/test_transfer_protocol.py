@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 
 from rsslctl import hookimpl
 from rsslctl.base import registry
-from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from rsslctl.base.errors import UserError
 from rsslctl.cli import main
 from rsslctl.data.dataset import ImageData
-from rsslctl.base.errors import UserError
 from rsslctl.nn.optim import ScheduleOptions, lr_at
 from rsslctl.run.recipe import load
+from rsslctl.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from rsslctl_plugins.datasets.digits import Digits
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, Method, multi_view
+from rsslctl import Method, hookimpl, multi_view
 from rsslctl_example_plugin.declared import AlignUniformOptions
 
 

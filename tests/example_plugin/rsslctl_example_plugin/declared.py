@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rsslctl import Declared, hookimpl, Number, opt
+from rsslctl import Declared, Number, hookimpl, opt
 
 
 @dataclasses.dataclass

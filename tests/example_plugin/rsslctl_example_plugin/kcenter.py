@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsslctl import hookimpl, CoresetSelector, SelectionContext
+from rsslctl import CoresetSelector, SelectionContext, hookimpl
 from rsslctl_example_plugin.declared import KCenterOptions
 
 

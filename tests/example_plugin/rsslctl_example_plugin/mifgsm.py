@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rsslctl import hookimpl, Attack, input_grad, Objective, project
+from rsslctl import Attack, Objective, hookimpl, input_grad, project
 from rsslctl_example_plugin.declared import MIFGSMOptions
 
 
