@@ -180,7 +180,7 @@ def test_slurm_path_through_submitit_debug_executor(fast_recipe: Path, tmp_path:
     assert result.exit_code == 0, result.output
     (entry,) = _manifest(out)["runs"]
     assert entry["status"] == "done"
-    assert (out / entry["dir"] / "eval.json").is_file()
+    assert list((out / entry["dir"] / "eval").glob("*/results.json"))  # the evaluation, kept per setting
     assert "submitted as job" in (out / "sweep.log").read_text()
 
 
@@ -303,7 +303,7 @@ def test_a_multi_process_run_through_submitit_trains_distributed(fast_recipe: Pa
     (entry,) = _manifest(out)["runs"]
     assert entry["status"] == "done"
     assert read_meta(latest_checkpoint(out / entry["dir"]))["world_size"] == 2
-    assert (out / entry["dir"] / "eval.json").is_file()
+    assert list((out / entry["dir"] / "eval").glob("*/results.json"))  # the evaluation, kept per setting
     assert (out / "logs" / f"{entry['dir']}.rank1.log").is_file()
 
 

@@ -82,12 +82,12 @@ def temporaries(root: Path) -> list[str]:
 
 
 def test_ctrl_c_during_evaluate(run_dir: Path, tmp_path: Path) -> None:
-    (run_dir / "eval.json").write_text('{"earlier": true}')
     (run_dir / "embedding.png").write_bytes(b"earlier plot")
+    before = sorted(run_dir.rglob("results.json"))
     rc, pane = interrupt_in_tmux(["evaluate", str(run_dir), "--force", "--plot-embedding",
                                   "--set", "evaluation.epochs=100000"], tmp_path)
     assert_one_interrupt_line(rc, pane)
-    assert (run_dir / "eval.json").read_text() == '{"earlier": true}'
+    assert sorted(run_dir.rglob("results.json")) == before  # the interrupted evaluation stored nothing
     assert (run_dir / "embedding.png").read_bytes() == b"earlier plot" and not temporaries(run_dir)
 
 
@@ -111,14 +111,14 @@ def test_ctrl_c_during_select_coreset(run_dir: Path, tmp_path: Path) -> None:
     assert out.read_text() == '{"earlier": true}' and not temporaries(tmp_path)
 
 
-def test_ctrl_c_while_starting_up(tmp_path: Path) -> None:
-    """Pressed while torch and the plugins are still being imported (the first second of CPU time)."""
+def test_ctrl_c_while_starting_up(run_dir: Path, tmp_path: Path) -> None:
+    """Pressed while torch and the plugins are still being imported (the command's first CPU second): the CLI
+    itself starts without torch, so this is the verb importing it."""
     global BUSY_CPU_S
     busy, BUSY_CPU_S = BUSY_CPU_S, 0.3
     try:
-        rc, pane = interrupt_in_tmux(["plugins"], tmp_path)
+        rc, pane = interrupt_in_tmux(["evaluate", str(run_dir), "--force"], tmp_path)
     finally:
         BUSY_CPU_S = busy
     assert rc == 130 and "Traceback" not in pane, pane
-    assert [ln.removeprefix("^C") for ln in pane.splitlines() if "interrupted" in ln] == \
-        ["interrupted (SIGINT) while starting; nothing was done"], pane
+    assert len([ln for ln in pane.splitlines() if "interrupted (SIGINT)" in ln]) == 1, pane
