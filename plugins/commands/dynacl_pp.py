@@ -54,8 +54,9 @@ def kmeans_labels(features: Tensor, clusters: int, seed: int) -> Tensor:
     return torch.from_numpy(km.labels_).long()
 
 
-def dynacl_pp(run_dir: Path, out_dir: Path, options: PostprocessOptions = PostprocessOptions(), force: bool = False,
-              quiet: bool = True) -> dict[str, Any]:
+def dynacl_pp(run_dir: Path, out_dir: Path,
+              options: PostprocessOptions = PostprocessOptions(),  # noqa: B008 - never mutated; the default is part of the API
+              force: bool = False, quiet: bool = True) -> dict[str, Any]:
     """Post-process the newest checkpoint of ``run_dir`` into the new run directory ``out_dir``."""
     import torch
 

@@ -35,7 +35,7 @@ class LARS(torch.optim.Optimizer):
             update = torch._foreach_add(grads, params, alpha=wd) if wd else [g.clone() for g in grads]
             torch._foreach_mul_(update, list((local * lr).unbind()))
             bufs = []
-            for p, u in zip(params, update):
+            for p, _u in zip(params, update):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)

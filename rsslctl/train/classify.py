@@ -219,7 +219,7 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, device: torch.dev
         if xb.dtype == torch.uint8:
             x.div_(255)
         if attack is not None:
-            x = attack.perturb(x, lambda xa: F.cross_entropy(model(xa), y, reduction="sum"))
+            x = attack.perturb(x, lambda xa: F.cross_entropy(model(xa), y, reduction="sum"))  # noqa: B023 - called now
         with torch.no_grad():
             correct += (model(x).argmax(1) == y).sum()
     return float(correct) / len(labels)
@@ -332,7 +332,7 @@ def train_classifier(params: list[Tensor], inputs: Tensor, labels: Tensor, step_
                 if prepare is not None:
                     x = prepare(x, g)
                 (x, y), share = dist.split_batch(x, y)  # under torchrun: this rank's part of the minibatch
-                loss, logits = optimizer_step(lambda: step_loss(x, y), opt, params, device, precision, lr=lr,
+                loss, logits = optimizer_step(lambda x=x, y=y: step_loss(x, y), opt, params, device, precision, lr=lr,
                                               scale=share)
                 loss_sum += loss * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()

@@ -118,7 +118,7 @@ def test_batch_job_logs_tensorboard_csv_and_monitors_leave_training_unchanged(ti
     out = subprocess.run([sys.executable, "-m", "rsslctl.cli", "pretrain", *common, "--run-dir", str(watched), "--set",
                           "logging.knn_every=1", "--set", "logging.probe_every=2"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    lines = [l for l in out.stdout.splitlines() if l.startswith("epoch ")]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("epoch ")]
     assert len(lines) == 2 and "loss" in lines[0] and "knn accuracy" in lines[0] and "probe accuracy" in lines[1]
     events = EventAccumulator(str(watched / "tensorboard")).Reload()
     tags = events.Tags()["scalars"]

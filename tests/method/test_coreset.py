@@ -150,7 +150,7 @@ def test_greedy_follows_the_updated_validation_gradient() -> None:
 
     chosen = greedy(sketches, 4, val_sketch, step)
     v, naive, left = v0, [], set(range(10))
-    for t in range(4):
+    for _t in range(4):
         best = max(left, key=lambda r: float(sketches[r] @ v))
         naive.append(best)
         left.remove(best)
