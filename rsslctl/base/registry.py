@@ -274,7 +274,8 @@ class Registry:
             found = [i for i in found if i.package == package]
         if not found:
             names = self.names(kind)
-            raise UserError(f"{loc}unknown {kind} '{name}'{closest(bare, names)}; installed: {', '.join(names) or 'none'}"
+            raise UserError(f"{loc}unknown {kind} '{name}'{closest(bare, names)}; installed: "
+                            f"{', '.join(names) or 'none'}"
                             f" (see `rsslctl plugins`)")
         if len(found) > 1:
             both = " and ".join(f"'{i.package}'" for i in found)
