@@ -120,13 +120,15 @@ def test_pixel_adversary_raises_the_reconstruction_loss_within_its_ball(tiny_rec
     assert all(p.grad is None for p in method.parameters())  # input gradients only
     loss, metrics = method.training_step((torch.rand(8, 3, 16, 16) * 255).to(torch.uint8), torch.zeros(8))
     assert {"loss_rec", "loss_adv"} <= set(metrics)
-    assert float(loss.detach()) == pytest.approx(0.5 * float(metrics["loss_rec"]) + 0.5 * float(metrics["loss_adv"]), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(0.5 * float(metrics["loss_rec"]) + 0.5 * float(metrics["loss_adv"]),
+                                                 rel=1e-5)
 
 
 def test_contrastive_term_is_added_with_its_weight(tiny_recipe: Path) -> None:
     method = _mae(tiny_recipe, ["method.contrastive_weight=0.3", "encoder.head_layers=1"])
     loss, metrics = method.training_step((torch.rand(8, 3, 16, 16) * 255).to(torch.uint8), torch.zeros(8))
-    assert float(loss.detach()) == pytest.approx(float(metrics["loss_rec"]) + 0.3 * float(metrics["loss_con"]), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(metrics["loss_rec"]) + 0.3 * float(metrics["loss_con"]),
+                                                 rel=1e-5)
     assert float(metrics["loss_con"]) > 0
 
 
