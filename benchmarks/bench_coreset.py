@@ -2,8 +2,8 @@
 
 Usage: python benchmarks/bench_coreset.py [--epochs 10] [--size 16] [--fractions 0.2 0.05] [--out DIR] [--threads N]
 
-Every run starts from recipes/quickstart.toml (digits, narrow ResNet-18, ACL-DS, PGD-3), shown at ``--size`` px, with the same
-epochs, batch size and seed; coreset runs hold out 1 % of the training split as RCS's unlabeled validation set,
+Every run starts from recipes/quickstart.toml (digits, narrow ResNet-18, ACL-DS, PGD-3), shown at ``--size`` px, with
+the same epochs, batch size and seed; coreset runs hold out 1 % of the training split as RCS's unlabeled validation set,
 train on the whole pool for ``--warmup`` epochs, then on the coreset, re-selected every ``--every`` epochs.
 Prints wall time (selection included), speed-up over the full run, clean and PGD-20 accuracy of a linear probe,
 and the selection overhead per round relative to one full training epoch. Small and CPU-sized on purpose.
@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=16, help="image size (quickstart: 32; 16 keeps the CPU budget small)")
+    parser.add_argument("--size", type=int, default=16,
+                        help="image size (quickstart: 32; 16 keeps the CPU budget small)")
     parser.add_argument("--lr", type=float, default=0.125, help="SGD peak LR (quickstart's 0.5 at batch 128, scaled)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.2, 0.05])
     parser.add_argument("--seed", type=int, default=0)
@@ -58,7 +59,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep run directories and results.json here")
     args = parser.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_coreset_"))
-    common = [f"data.image_size={args.size}", f"schedule.epochs={args.epochs}", f"schedule.batch_size={args.batch}", f"optimizer.lr={args.lr}",
+    common = [f"data.image_size={args.size}", f"schedule.epochs={args.epochs}", f"schedule.batch_size={args.batch}",
+              f"optimizer.lr={args.lr}",
               f"run.seed={args.seed}", "engine.device='cpu'", f"engine.threads={args.threads}",
               f"engine.checkpoint_every={args.epochs}"]
     core = [f"coreset.warmup_epochs={args.warmup}", f"coreset.every={args.every}"]
@@ -70,7 +72,8 @@ def main() -> None:
                                                                          f"coreset.fraction={f}"], root))
     base = rows[0]["wall_s"]
     full_epoch = rows[0]["full_epoch_s"]
-    print(f"digits {args.size} px, narrow ResNet-18, ACL-DS PGD-3, {args.epochs} epochs, batch {args.batch}, seed {args.seed}, "
+    print(f"digits {args.size} px, narrow ResNet-18, ACL-DS PGD-3, {args.epochs} epochs, batch {args.batch}, seed "
+          f"{args.seed}, "
           f"torch threads {torch.get_num_threads()}; coreset warm-up {args.warmup}, re-selection every {args.every}")
     print("| run | images/epoch after warm-up | wall time (s) | speed-up | clean acc | PGD-20 acc | "
           "selection per round (× full epoch) |")

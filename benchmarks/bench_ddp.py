@@ -63,7 +63,8 @@ def table() -> None:
         c = model_counts(model, size, stem)
         b = step_bytes(c, w, gb // w)
         print(f"| {name} | {c['params'] / 1e6:.2f} M | {c['bn_layers']} / {c['bn_channels']:,} | {c['dim']} | "
-              f"{gb // w} | {b['gather'] / 2**20:.1f} MiB | {b['grad'] / 2**20:.1f} MiB | {b['sync_bn'] / 2**20:.2f} MiB"
+              f"{gb // w} | {b['gather'] / 2**20:.1f} MiB | {b['grad'] / 2**20:.1f} MiB | {b['sync_bn'] / 2**20:.2f} "
+              "MiB"
               f" | {b['collectives_sync_bn']} / {b['collectives_other']} |")
 
 

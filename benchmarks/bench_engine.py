@@ -10,8 +10,9 @@
    computed and thrown away), then NT-Xent of the clean views (normal BN) plus NT-Xent of the adversarial views
    (pgd BN), one backward, SGD. rsslctl is ``Trainer._step`` of the ``acl`` plugin (LR, autocast, attack with input
    gradients only, loss, backward, optimizer). Both build the same network (``backbone.stem_width`` = the first
-   stage width, so no 64-wide stem and no extra 1×1 projection): the script checks that the forward FLOPs are equal. Both augment the
-   same way (the batched ViewAugment, inside the timed step), so the difference is the training math only.
+   stage width, so no 64-wide stem and no extra 1×1 projection): the script checks that the forward FLOPs are equal.
+   Both augment the same way (the batched ViewAugment, inside the timed step), so the difference is the training math
+   only.
 2. Engine overhead: ``Trainer._epoch`` (batch indices, LR schedule, the step, metrics read back every ``log_every``
    steps) vs a bare loop calling the same method's ``training_step``, backward and optimizer on the same batches.
 
@@ -205,7 +206,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per configuration per round")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--compile", action="store_true", help="also rsslctl with engine.compile (minutes to warm up on CPU)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also rsslctl with engine.compile (minutes to warm up on CPU)")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()

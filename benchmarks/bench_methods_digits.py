@@ -1,6 +1,7 @@
 """Pretrain SimCLR, ACL, DynACL, ACL-AIR, EMP-SSL, CF-AMC-SSL, RoCL, AdvCL, BYORL, CLAE, DeACL, IFM, HCL, MoCHi,
 AdCo, CaCo, multi-task pretraining, ADIOS and, on a tiny ViT, SimCLR, MAE, adversarial MAE and AdPE on the bundled
-digits with one small budget, then evaluate each (linear probe on frozen features, clean and PGD-20 accuracy at ε 8/255).
+digits with one small budget, then evaluate each (linear probe on frozen features, clean and PGD-20 accuracy at ε
+8/255).
 
 Usage: python benchmarks/bench_methods_digits.py [--epochs 6] [--image-size 16] [--limit 640] [--eval-limit 200]
        [--out runs/bench_issue3] [--only LABEL ...] (--methods is the same; e.g. --only RoCL MAE "SimCLR (ViT)")

@@ -118,9 +118,11 @@ def main() -> None:
             _, budget, n_val = setups[pool_size]
             greedy_lin = (f"{med['greedy_images'] / (base[1]['greedy_images'] * scale):.2f}"
                           if base[1]["greedy_images"] else "–")
-            print(f"| {str(reattack).lower()} | {pool_size} | {n_val} | {pool_size // args.unit} | {budget // args.unit} | "
+            print(f"| {str(reattack).lower()} | {pool_size} | {n_val} | {pool_size // args.unit} | "
+                  f"{budget // args.unit} | "
                   f"{med['total']:.1f} | {med['bank']:.1f} | {med['greedy']:.2f} | "
-                  f"{med['bank'] / (base[1]['bank'] * scale):.2f} | {med['greedy'] / (base[1]['greedy'] * scale):.2f} | "
+                  f"{med['bank'] / (base[1]['bank'] * scale):.2f} | {med['greedy'] / (base[1]['greedy'] * scale):.2f} "
+                  "| "
                   f"{med['bank_images']:.0f} | {med['greedy_images']:.0f} | {greedy_lin} |", flush=True)
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 

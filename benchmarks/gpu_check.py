@@ -22,8 +22,8 @@ Decode: ``benchmarks/bench_decode.py --device cuda`` (torchvision ImageFolder ag
 workers and with nvJPEG), its ratio lines in ``decode``.
 
 DDP: ``torchrun --standalone --nproc_per_node=N --no-python rsslctl pretrain acl ...`` over all N visible GPUs
-(global batch 512), bf16+channels_last. It needs the torch.distributed engine (``rsslctl.runtime.distributed``); without it,
-or when the launch fails, the JSON says ``"skipped": "<why>"``.
+(global batch 512), bf16+channels_last. It needs the torch.distributed engine (``rsslctl.runtime.distributed``); without
+it, or when the launch fails, the JSON says ``"skipped": "<why>"``.
 
 Without CUDA (and without ``--cpu-smoke``) the script prints one line and exits with code 2.
 """
@@ -105,13 +105,15 @@ def run_cuda_tests(timeout: float) -> dict[str, Any]:
     files = cuda_test_files(tests)
     if not files:
         return {"skipped": "no test file carries the cuda marker"}
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rs", *files]
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rs",
+           *files]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"command": " ".join(cmd), "error": f"timed out after {timeout:.0f} s"}
-    summary = next((line for line in reversed(proc.stdout.splitlines()) if re.search(r"\d+ (passed|failed|skipped|error)", line)), "")
+    summary = next((line for line in reversed(proc.stdout.splitlines())
+                    if re.search(r"\d+ (passed|failed|skipped|error)", line)), "")
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", summary)}
     return {"command": "pytest -m cuda " + " ".join(Path(f).name for f in files), "exit_code": proc.returncode,
             "summary": summary.strip("= "), "counts": counts, "seconds": round(time.perf_counter() - t0, 1),
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 def ddp(tmp_path: Path, base: list[str], n: int, smoke: bool, timeout: float, single: dict[str, Any]) -> dict[str, Any]:
     """The DDP row: torchrun over ``n`` processes (GPUs), or ``skipped`` with the reason."""
     if importlib.util.find_spec("rsslctl.runtime.distributed") is None:
-        return {"skipped": "rsslctl.runtime.distributed is not in this build (the torch.distributed engine is not merged)"}
+        return {"skipped": "rsslctl.runtime.distributed is not in this build (the torch.distributed engine is not "
+                           "merged)"}
     if n < 1:
         return {"skipped": "no visible GPU"}
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "--no-python"]

@@ -1,5 +1,5 @@
-"""The shape of the code: no import cycle, layers that import only downward, a core that never names a built-in plugin, and a registry
-that reports every kind of broken plugin instead of failing or ignoring it."""
+"""The shape of the code: no import cycle, layers that import only downward, a core that never names a built-in plugin,
+and a registry that reports every kind of broken plugin instead of failing or ignoring it."""
 from __future__ import annotations
 
 import ast
@@ -79,7 +79,8 @@ def _layer(module: str) -> str:
 
 
 def test_every_core_module_belongs_to_a_layer() -> None:
-    stray = [n for n in map(_module_name, MODULES) if n not in ("rsslctl", "rsslctl.__main__") and _layer(n) not in LAYERS]
+    stray = [n for n in map(_module_name, MODULES)
+             if n not in ("rsslctl", "rsslctl.__main__") and _layer(n) not in LAYERS]
     assert not stray, f"modules outside every layer (add them to a layer subpackage): {stray}"
 
 

@@ -28,7 +28,8 @@ API = {
     "apply_cifar_stem", "Backbone", "Encoder", "fp32", "global_similarities", "nt_xent", "pair_rows",
     "positive_columns", "self_mask", "ema_update", "mlp_head", "momentum_copy", "MomentumSchedule", "make_optimizer",
     # data
-    "Dataset", "FileSource", "decode_file", "ImageData", "ImageSource", "missing_data", "safe_unpickle", "HostRandom", "MIN_STRENGTH",
+    "Dataset", "FileSource", "decode_file", "ImageData", "ImageSource", "missing_data", "safe_unpickle", "HostRandom",
+    "MIN_STRENGTH",
     "multi_view", "npz_memmap",
     # adversary
     "Attack", "eval_mode", "input_grad", "loss_and_grad", "make_attack", "Objective", "project", "projected_ascent",
@@ -38,7 +39,8 @@ API = {
     "CoresetTarget", "SelectionContext",
     # run
     "load_raw", "resolve", "check_replaceable", "load_run_recipe", "MARKER", "prepare_run_dir", "RECIPE_FILE",
-    "refuse_existing", "RunLock", "build_method", "load_train_split", "load_trained_method", "plugin_versions", "setup_device",
+    "refuse_existing", "RunLock", "build_method", "load_train_split", "load_trained_method", "plugin_versions",
+    "setup_device",
     "FrozenTeacher",
     # train
     "cells", "Classifier", "crop_flip", "every_column", "extract_features", "LoopSettings", "MODES",
@@ -84,7 +86,8 @@ def test_plugins_import_only_the_public_api(path: Path) -> None:
 
 def test_importing_the_api_imports_no_torch() -> None:
     """A plugin module that registers hooks costs nothing until one of its classes is used."""
-    code = "import sys, rsslctl; from rsslctl import hookimpl; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('rsslctl.')))"
+    code = ("import sys, rsslctl; from rsslctl import hookimpl; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('rsslctl.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -102,6 +105,7 @@ def test_every_public_name_is_documented() -> None:
         if inspect.isclass(obj) or inspect.isfunction(obj):
             if not (obj.__doc__ or "").strip():
                 bare.append(public)
-        elif not re.search(r"#:[^\n]*\n(#:[^\n]*\n)*" + re.escape(attribute or public) + r"\b", inspect.getsource(module)):
+        elif not re.search(r"#:[^\n]*\n(#:[^\n]*\n)*" + re.escape(attribute or public) + r"\b",
+                           inspect.getsource(module)):
             bare.append(public)
     assert not bare, f"public names without a docstring or #: comment: {bare}"

@@ -68,7 +68,8 @@ class TimmBackbone(Backbone):
                 raise UserError(f"backbone.weights: {o.weights} cannot be loaded into {o.model} ({why})") from None
             if missing or unexpected:
                 raise UserError(f"backbone.weights: {o.weights} does not fit {o.model} "
-                                f"(missing {len(missing)} keys, unexpected {len(unexpected)}); check cifar_stem/model_kwargs")
+                                f"(missing {len(missing)} keys, unexpected {len(unexpected)}); check "
+                                "cifar_stem/model_kwargs")
         return model
 
     def export_info(self) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def load_model(path: str) -> torch.nn.Module:
             return self.model((x - self.mean) / self.std)
 
     return Normalized().eval()
-'''
+'''  # noqa: E501 - the generated module's docstring line is part of the file written
         return prefix, source
 
 

@@ -54,8 +54,9 @@ def kmeans_labels(features: Tensor, clusters: int, seed: int) -> Tensor:
     return torch.from_numpy(km.labels_).long()
 
 
-def dynacl_pp(run_dir: Path, out_dir: Path, options: PostprocessOptions = PostprocessOptions(), force: bool = False,
-              quiet: bool = True) -> dict[str, Any]:
+def dynacl_pp(run_dir: Path, out_dir: Path,
+              options: PostprocessOptions = PostprocessOptions(),  # noqa: B008 - never mutated; part of the API
+              force: bool = False, quiet: bool = True) -> dict[str, Any]:
     """Post-process the newest checkpoint of ``run_dir`` into the new run directory ``out_dir``."""
     import torch
 
@@ -98,7 +99,8 @@ def dynacl_pp(run_dir: Path, out_dir: Path, options: PostprocessOptions = Postpr
     prec = recipe.engine.precision
 
     # 1. pseudo labels from normal-route features; 2. linear probe on them over frozen features
-    labels = kmeans_labels(extract_features(encoder, lambda x: encoder.features(x, "normal"), train.images, device, prec),
+    labels = kmeans_labels(extract_features(encoder, lambda x: encoder.features(x, "normal"), train.images, device,
+                                            prec),
                            o.clusters, recipe.run.seed)
     feats = extract_features(encoder, lambda x: encoder.features(x, route), train.images, device, prec)
     net = Classifier(encoder, encoder.features, feats.shape[1], o.clusters, route).to(device)

@@ -382,7 +382,8 @@ def plan_resnet(source: Source, fmt: str, layout: str) -> Plan:
         name = source.names[("encoder_q." if layout == "momentum" else "") + "normalize.std"]
         raise UserError(f"{where}: entry '{name}' = {state['normalize.std'].flatten().tolist()}: every value must be "
                         "> 0 (it divides the input); the file's normalisation is damaged")
-    mean_std = (state["normalize.mean"].flatten().tolist(), state["normalize.std"].flatten().tolist()) if has_norm else None
+    mean_std = ((state["normalize.mean"].flatten().tolist(), state["normalize.std"].flatten().tolist()) if has_norm
+                else None)
     raw = resnet_recipe(fmt, arch, layout == "momentum", mean_std)
     encoders = ("encoder.", "key_encoder.") if layout == "momentum" else ("encoder.",)
     derived = () if has_norm else tuple(e + s for e in encoders for s in ("mean", "std"))
@@ -562,7 +563,8 @@ def build_and_load(source: Source, plan: Plan, overrides: list[str]) -> tuple[An
         if dest in filled_by:
             raise UserError(f"{where}: keys '{filled_by[dest]}' and '{name}' both map to '{dest}'")
         value, want = source.state[key], target[dest]
-        if tuple(value.shape) != tuple(want.shape) and not (dest.endswith((".mean", ".std")) and value.numel() == want.numel()):
+        if tuple(value.shape) != tuple(want.shape) and not (dest.endswith((".mean", ".std"))
+                                                            and value.numel() == want.numel()):
             raise UserError(f"{where}: key '{name}' has shape {tuple(value.shape)}, but '{dest}' of the {plan.fmt} "
                             f"model has {tuple(want.shape)}; check --set overrides of the architecture")
         mapped[dest] = value.reshape(want.shape).to(want.dtype)  # normalize.* is [3], ours [1, 3, 1, 1]
@@ -613,7 +615,8 @@ def check_out(path: Path, out: Path, force: bool) -> None:
     check_replaceable(out)
 
 
-def import_checkpoint(path: Path, fmt: str, out: Path, overrides: list[str] = (), force: bool = False) -> dict[str, Any]:
+def import_checkpoint(path: Path, fmt: str, out: Path, overrides: list[str] = (), force: bool = False
+                      ) -> dict[str, Any]:
     """Convert ``path`` into the run directory ``out``; returns the import record stored in the checkpoint meta."""
     from rsslctl import plugin_versions
     path, out = Path(path), Path(out)

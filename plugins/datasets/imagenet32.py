@@ -121,7 +121,8 @@ class Imagenet32(Dataset):
         try:
             layout = [npz_memmap(p, "data") for p in paths]
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-            raise UserError(f"{paths[0].parent}: not a valid ImageNet-32 batch ({exc}); re-extract the archive") from None
+            raise UserError(f"{paths[0].parent}: not a valid ImageNet-32 batch ({exc}); "
+                            "re-extract the archive") from None
         if any(m is None for m in layout):
             return None  # compressed arrays: load whole
         for p, (dtype, shape, _) in zip(paths, layout):

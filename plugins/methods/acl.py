@@ -75,7 +75,8 @@ class ACL(Method):
                              "AFF": every_column(batch_size=128, lr=0.1, epochs=100, milestones=(40, 60))}}
 
     def adversarial_views(self, views: Tensor) -> Tensor:
-        """Attack both views jointly (A2A/DS) or only the even ones (A2S), maximising NT-Xent (see docs/methods.md, ACL)."""
+        """Attack both views jointly (A2A/DS) or only the even ones (A2S), maximising NT-Xent (see docs/methods.md,
+        ACL)."""
         tau, enc = self.options.temperature, self.encoder
         with eval_mode(enc):
             if self.options.variant == "a2s":

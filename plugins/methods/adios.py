@@ -7,10 +7,10 @@ among N masks (m_1 … m_N ≥ 0, Σ_k m_k = 1 per pixel). The encoder minimises
     L = Σ_k NT-Xent( z(v1), z(v2 ⊙ (1 − m_k)) )
 
 (each term one SimCLR loss between a view and the other view with mask k blacked out). ``form = "byol"`` replaces each
-term by the symmetric BYOL loss b(q(z(v1)), z̄(v2 ⊙ (1 − m_k))) + b(q(z(v2 ⊙ (1 − m_k))), z̄(v1)) with b(p, t) = 2 − 2·cos(p, t)
-averaged over the batch, q a predictor MLP and z̄ an EMA copy of the encoder (weights ← τ·weights + (1 − τ)·online after
-every step; the authors raise τ towards 1 over training, ours stays at ``momentum``). The occluder also pays the
-paper's sparsity penalty, which keeps every mask away from covering nothing or everything:
+term by the symmetric BYOL loss b(q(z(v1)), z̄(v2 ⊙ (1 − m_k))) + b(q(z(v2 ⊙ (1 − m_k))), z̄(v1)) with b(p, t) = 2 −
+2·cos(p, t) averaged over the batch, q a predictor MLP and z̄ an EMA copy of the encoder (weights ← τ·weights + (1 −
+τ)·online after every step; the authors raise τ towards 1 over training, ours stays at ``momentum``). The occluder also
+pays the paper's sparsity penalty, which keeps every mask away from covering nothing or everything:
 
     P = Σ_k mean_b 1 / (sin(π · s_{k,b}) + 1e−10),   s_{k,b} = mean over pixels of m_k for image b,
 
@@ -159,7 +159,8 @@ class ADIOS(Method):
             loss = loss + (weighted - weighted.detach())  # the occluder's penalty gradient, the loss value unchanged
         coverage = masks.detach().float().mean(dim=(2, 3))  # [B, N]
         return loss, {"loss_ssl": loss.detach(), "mask_penalty": penalty.detach(),
-                      "mask_coverage_min": coverage.min(1).values.mean(), "mask_coverage_max": coverage.max(1).values.mean()}
+                      "mask_coverage_min": coverage.min(1).values.mean(),
+                      "mask_coverage_max": coverage.max(1).values.mean()}
 
     def occluder_step(self) -> None:
         """Alternating mode: one gradient-ascent step of the occluder on L − α·P against the current encoder."""

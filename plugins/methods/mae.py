@@ -85,8 +85,8 @@ def grid_coords(grid: tuple[int, int], device: torch.device | str = "cpu") -> Te
     return torch.stack([rows.flatten(), cols.flatten()], 1).float()
 
 
-# eager loop around a compiled objective + gradient, as rsslctl.adversary.attack's loops: under engine.compile dynamo cannot
-# return a tensor it called requires_grad_() on
+# eager loop around a compiled objective + gradient, as rsslctl.adversary.attack's loops: under engine.compile dynamo
+# cannot return a tensor it called requires_grad_() on
 @torch.compiler.disable(recursive=False)
 def box_ascent(objective: Callable[[Tensor], Tensor], start: Tensor, step: float, steps: int, eps: float) -> Tensor:
     """``steps`` steps δ ← clip(δ + step·sign(∂objective/∂δ), −ε, ε) from ``start``; only δ is differentiated."""

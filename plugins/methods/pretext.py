@@ -21,7 +21,8 @@ from rsslctl_plugins.methods.options import CITATION, JigsawOptions, SATOptions
 
 
 class ClassificationTask(Method):
-    """Base: ``task(views, labels) -> (inputs, targets)``; cross-entropy of a linear head, PGD-AT if an attack is set."""
+    """Base: ``task(views, labels) -> (inputs, targets)``; cross-entropy of a linear head, PGD-AT if an attack is
+    set."""
 
     num_outputs = 0
     uses_projection_head = False

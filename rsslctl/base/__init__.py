@@ -1,1 +1,2 @@
-"""Layer 0, what every layer uses: user errors, declarative options, the absurd-value limits, the plugin registry and its hook specifications, console output. Imports no torch."""
+"""Layer 0, what every layer uses: user errors, declarative options, the absurd-value limits, the plugin registry and
+its hook specifications, console output. Imports no torch."""

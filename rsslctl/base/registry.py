@@ -209,7 +209,7 @@ class Registry:
         self.declarations.cache_clear()
         self._pending.cache_clear()
 
-    @functools.lru_cache(maxsize=None)
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - one process-wide registry; _clear() resets it
     def declarations(self) -> list[tuple[Declared, str, str, str]]:
         """(declaration, plugin, package, version) of every ``rsslctl_declarations`` hook (bad ones go to broken)."""
         out = []
@@ -221,7 +221,7 @@ class Registry:
                                               f"rsslctl_declarations returned {obj!r}, not a valid Declared"))
         return out
 
-    @functools.lru_cache(maxsize=None)
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - one process-wide registry; _clear() resets it
     def _pending(self, kind: str) -> list[PluginInfo]:
         """Declared plugins of ``kind`` whose module is not imported yet."""
         return [PluginInfo(kind, d.name, None, package, version, d.doc, declared=d, _registry=self)
@@ -247,7 +247,7 @@ class Registry:
             out += [(obj, impl.plugin_name, package, version) for obj in returned]
         return out
 
-    @functools.lru_cache(maxsize=None)
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - one process-wide registry; _clear() resets it
     def entries(self, kind: str) -> dict[str, list[PluginInfo]]:
         """Name → every installed class of that name (more than one = a conflict that ``get`` reports)."""
         out: dict[str, list[PluginInfo]] = {}
@@ -274,7 +274,8 @@ class Registry:
             found = [i for i in found if i.package == package]
         if not found:
             names = self.names(kind)
-            raise UserError(f"{loc}unknown {kind} '{name}'{closest(bare, names)}; installed: {', '.join(names) or 'none'}"
+            raise UserError(f"{loc}unknown {kind} '{name}'{closest(bare, names)}; installed: "
+                            f"{', '.join(names) or 'none'}"
                             f" (see `rsslctl plugins`)")
         if len(found) > 1:
             both = " and ".join(f"'{i.package}'" for i in found)
@@ -286,7 +287,7 @@ class Registry:
         """The class of plugin ``name`` (importing its module if it was only declared so far)."""
         return self.load_declared(self.info(kind, name, where)).cls  # type: ignore[return-value]
 
-    @functools.lru_cache(maxsize=None)
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - one process-wide registry; _clear() resets it
     def command_entries(self) -> list[tuple[Any, PluginInfo]]:
         """(click command, its PluginInfo) from every plugin's ``rsslctl_commands`` hook (errors go to ``broken``)."""
         import click

@@ -21,7 +21,8 @@ from rsslctl.cli.common import fail
 #: command's own.
 VERBS: dict[str, tuple[str, str]] = {
     "pretrain": ("rsslctl.cli.pretrain:pretrain", "Pretrain an encoder with RECIPE_FILE (TOML)."),
-    "evaluate": ("rsslctl.cli.evaluate:evaluate", "Without --mode: linear probe + PGD-20 (RUN_DIR/eval/<settings key>/results.json)."),
+    "evaluate": ("rsslctl.cli.evaluate:evaluate",
+                 "Without --mode: linear probe + PGD-20 (RUN_DIR/eval/<settings key>/results.json)."),
     "finetune": ("rsslctl.cli.finetune:finetune_command",
                  "Fine-tune a pretrained encoder (SLF / ALF / AFF, see docs/methods.md) and evaluate it."),
     "export": ("rsslctl.cli.export:export", "Write the encoder alone as safetensors, loadable into "

@@ -40,7 +40,8 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True, k
     route = ("pgd" if encoder.dual_bn else "normal") if ev.route == "auto" else ev.route
     train, test = load_split(recipe, recipe.data.train_split), load_split(recipe, recipe.data.test_split)
     if (train.labels < 0).all():
-        raise UserError(f"data.train_split = '{recipe.data.train_split}' has no labels; set data.train_split to a labelled split")
+        raise UserError(f"data.train_split = '{recipe.data.train_split}' has no labels; set data.train_split to a "
+                        "labelled split")
     if ev.limit:
         test = test.subset(torch.arange(min(ev.limit, len(test))))
     trained_data = tomllib.loads((run_dir / RECIPE_FILE).read_text()).get("data", {})
@@ -59,7 +60,8 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True, k
     torch.manual_seed(recipe.run.seed)
     clean = accuracy(model, test.images, test.labels, device)
     robust = accuracy(model, test.images, test.labels, device, attack)
-    result = {"checkpoint": str(ckpt), "epoch": meta["epoch"], "protocol": "linear probe on frozen features (SLF-style)",
+    result = {"checkpoint": str(ckpt), "epoch": meta["epoch"],
+              "protocol": "linear probe on frozen features (SLF-style)",
               "route": route, "test_images": len(test), "clean_accuracy": clean, "robust_accuracy": robust,
               "attack": {"name": ev.attack, "eps": ev.eps, "step_size": ev.step_size, "steps": ev.steps,
                          "clamp_start": ev.clamp_start},
@@ -69,7 +71,8 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True, k
         test_feats = extract_features(method, lambda x: method.eval_features(x, route), test.images, device,
                                       recipe.engine.precision)
         if knn:
-            result["knn"] = {"accuracy": knn_accuracy(feats, train.labels.to(device), test_feats, test.labels.to(device),
+            result["knn"] = {"accuracy": knn_accuracy(feats, train.labels.to(device), test_feats,
+                                                      test.labels.to(device),
                                                       ev.knn_k, ev.knn_temperature),
                              "k": ev.knn_k, "temperature": ev.knn_temperature, "test_images": len(test)}
         if plot_embedding:
@@ -88,14 +91,15 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), force: bool = True, k
 @click.option("--mode", type=click.Choice(["SLF", "ALF", "AFF", "ALL"]), default=None,
               help="Evaluate the fine-tuned model(s) of RUN_DIR/finetune/<MODE> with the full suite.")
 @click.option("--force", is_flag=True, help="Replace the existing evaluation with the same settings (others are kept).")
-@click.option("--knn", is_flag=True, help="Also weighted kNN accuracy on frozen features (evaluation.knn_k, knn_temperature).")
+@click.option("--knn", is_flag=True,
+              help="Also weighted kNN accuracy on frozen features (evaluation.knn_k, knn_temperature).")
 @click.option("--plot-embedding", is_flag=True, help="Also a t-SNE plot of the test features (RUN_DIR/embedding.png).")
 @suite_options
 @user_errors
 def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool, mode: str | None, force: bool, knn: bool,
              plot_embedding: bool, **kw: Any) -> None:
-    """Without --mode: linear probe + PGD-20 (RUN_DIR/eval/<settings key>/results.json). With --mode: the robustness suite of the
-    RobustSSL benchmark on fine-tuned models (see docs/methods.md)."""
+    """Without --mode: linear probe + PGD-20 (RUN_DIR/eval/<settings key>/results.json). With --mode: the robustness
+    suite of the RobustSSL benchmark on fine-tuned models (see docs/methods.md)."""
     if not Path(run_dir).is_dir():
         raise UserError(f"{run_dir}: run directory not found")
     if mode:
@@ -111,7 +115,8 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool, mode: str
     console.print(summary_table(f"evaluation of {run_dir} (epoch {result['epoch']})", {
         "protocol": result["protocol"], "BN route": result["route"], "test images": result["test_images"],
         "clean accuracy": f"{100 * result['clean_accuracy']:.2f} %",
-        f"robust accuracy ({a['name'].upper()}-{a['steps']}, ε {a['eps'] * 255:.3g}/255)": f"{100 * result['robust_accuracy']:.2f} %",
+        f"robust accuracy ({a['name'].upper()}-{a['steps']}, ε {a['eps'] * 255:.3g}/255)":
+            f"{100 * result['robust_accuracy']:.2f} %",
         **({f"kNN accuracy (k {result['knn']['k']}, τ {result['knn']['temperature']:g})":
             f"{100 * result['knn']['accuracy']:.2f} %"} if "knn" in result else {}),
         **({"embedding plot": result["embedding_plot"]} if "embedding_plot" in result else {}),

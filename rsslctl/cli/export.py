@@ -85,7 +85,8 @@ def export_classifier(run_dir: Path, mode: str, out: Path | None = None, force: 
 @click.option("--route", type=click.Choice(["auto", "normal", "pgd"]), default="auto", show_default=True,
               help="BN route of a dual-BN encoder to export.")
 @click.option("--classifier", "mode", type=click.Choice(["SLF", "ALF", "AFF"]),
-              help="Export the fine-tuned classifier of this mode (backbone + its classifier, loadable without rsslctl).")
+              help="Export the fine-tuned classifier of this mode (backbone + its classifier, loadable without "
+                   "rsslctl).")
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @user_errors
 def export(run_dir: Path, out: Path | None, route: str, mode: str | None, force: bool) -> None:
@@ -95,7 +96,8 @@ def export(run_dir: Path, out: Path | None, route: str, mode: str | None, force:
         raise UserError(f"{run_dir}: run directory not found")
     if mode:
         path, module = export_classifier(run_dir, mode, out, force)
-        console.print(f"wrote {path} and {module}; load it with:\n  import sys; sys.path.insert(0, {str(module.parent)!r})\n"
+        console.print(f"wrote {path} and {module}; load it with:\n  import sys; sys.path.insert(0, "
+                      f"{str(module.parent)!r})\n"
                       f"  from {module.stem} import load_model\n"
                       f"  model = load_model({str(path)!r})  # pixels in [0, 1], normalisation inside", highlight=False)
         return

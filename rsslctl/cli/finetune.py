@@ -260,7 +260,8 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
         results[cfg.mode] = info
         if not quiet:
             console.print(f"{cfg.mode}: {cfg.epochs} epochs, lr {cfg.lr:g}, batch {cfg.batch_size} ({cfg.hp_source}); "
-                          f"final loss {info['final']['loss']:.4f}, train accuracy {100 * info['final']['train_accuracy']:.2f} %")
+                          f"final loss {info['final']['loss']:.4f}, train accuracy "
+                          f"{100 * info['final']['train_accuracy']:.2f} %")
     return results
 
 
@@ -271,13 +272,17 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
 @click.option("--mode", type=click.Choice(["SLF", "ALF", "AFF", "ALL"]), default="ALL", show_default=True,
               help="Fine-tuning mode; ALL runs SLF, ALF and AFF from one immutable configuration.")
 @click.option("--timm", "timm_model", help="External encoder: timm model name (with --weights).")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="External encoder weights (.safetensors).")
-@click.option("--cifar-stem/--no-cifar-stem", default=None, help="External ResNet: 3×3 stem without max-pool (default: from the file's metadata, else off).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Output directory (default RUN_DIR; required with --weights).")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="External encoder weights (.safetensors).")
+@click.option("--cifar-stem/--no-cifar-stem", default=None,
+              help="External ResNet: 3×3 stem without max-pool (default: from the file's metadata, else off).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory (default RUN_DIR; required with --weights).")
 @click.option("--data", "--dataset", "data", help="Downstream dataset (transfer), e.g. cifar10 after CIFAR-100 "
               "pretraining (default: the run's dataset).")
 @click.option("--data-root", help="Data root of the downstream dataset.")
-@click.option("--image-size", type=click.IntRange(8), help="Downstream image size (e.g. 32 for STL-10 cross-task, 96 self-task).")
+@click.option("--image-size", type=click.IntRange(8),
+              help="Downstream image size (e.g. 32 for STL-10 cross-task, 96 self-task).")
 @click.option("--pretraining", default="auto", show_default=True,
               help="Row of the fine-tuning hyper-parameter table (rows come from the installed methods, see "
                    "docs/methods.md; 'other' = generic defaults; auto: the row the run's method declares).")
@@ -290,13 +295,15 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
 @click.option("--train-eps", help="Training attack radius (default 8/255).")
 @click.option("--train-step-size", help="Training attack step (default 2/255).")
 @click.option("--train-steps", type=click.IntRange(1), help="Training attack iterations (default 10).")
-@click.option("--train-attack", help="ALF's training attack plugin, e.g. fgsm (default: the recipe's evaluation.attack).")
+@click.option("--train-attack",
+              help="ALF's training attack plugin, e.g. fgsm (default: the recipe's evaluation.attack).")
 @click.option("--random-init", is_flag=True, help="No-pretraining baseline: the architecture of RUN_DIR (or --timm "
               "MODEL) with random weights.")
 @click.option("--label-fraction", type=float, help="Class-balanced seeded fraction of training labels, e.g. 0.01, 0.1.")
 @click.option("--single-bn", is_flag=True, help="AFF on a dual-BN checkpoint: single-BN TRADES (reference --dualBN 0).")
 @click.option("--seed", type=click.IntRange(0), help="Seed of the label subset, augmentation and attacks (default 0).")
-@click.option("--evaluate/--no-evaluate", "then_evaluate", default=True, show_default=True, help="Run the evaluation suite afterwards.")
+@click.option("--evaluate/--no-evaluate", "then_evaluate", default=True, show_default=True,
+              help="Run the evaluation suite afterwards.")
 @SET
 @click.option("--force", is_flag=True, help="Replace existing fine-tuning (and evaluation) outputs.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -304,9 +311,11 @@ def run_finetune(source: Pretrained, recipe: Recipe, configs: tuple[FinetuneConf
 @suite_options
 @launch_options
 @user_errors
-def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, weights: Path | None, cifar_stem: bool | None,
+def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, weights: Path | None,
+             cifar_stem: bool | None,
              out_dir: Path | None, data: str | None, data_root: str | None, image_size: int | None, pretraining: str,
-             overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool, then_evaluate: bool, **kw: Any) -> None:
+             overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool, then_evaluate: bool,
+             **kw: Any) -> None:
     """Fine-tune a pretrained encoder (SLF / ALF / AFF, see docs/methods.md) and evaluate it."""
     from rsslctl.adversary.attack import make_attack
     from rsslctl.eval.suite import evaluate_finetuned

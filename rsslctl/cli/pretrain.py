@@ -31,7 +31,8 @@ def __getattr__(name: str) -> type:
 @click.command(cls=LaunchCommand)
 @click.argument("recipe_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @SET
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default <output_dir>/<name>).")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory (default <output_dir>/<name>).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Continue the run in this directory from its last checkpoint.")
 @click.option("--from-checkpoint", "from_checkpoint", type=click.Path(file_okay=False, path_type=Path),

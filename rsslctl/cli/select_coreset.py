@@ -30,7 +30,8 @@ def selection_recipe(recipe_file: Path | None, run_dir: Path | None, fraction: f
     reads = [source] + ([Path(run_dir) / CKPT_DIR, Path(run_dir) / "metrics.jsonl"] if run_dir else [])
     check_output(out, reads, "--out file", force)
     if run_dir and not source.is_file():
-        raise UserError(f"{run_dir}: not a run directory (no {RECIPE_FILE}); pass the directory `rsslctl pretrain` created")
+        raise UserError(f"{run_dir}: not a run directory (no {RECIPE_FILE}); pass the directory `rsslctl pretrain` "
+                        "created")
     raw = load_raw(source)
     table = raw.get("coreset", {}) if isinstance(raw.get("coreset"), dict) else {}
     # this command selects once: no warm-up, no file to consume; the recipe's selector (or the default one) selects
@@ -97,7 +98,8 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
 @click.argument("recipe_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Select with this run's current encoder (its newest checkpoint) and saved recipe.")
-@click.option("--fraction", type=float, required=True, help="Coreset size as a fraction of the training pool, in (0, 1].")
+@click.option("--fraction", type=float, required=True,
+              help="Coreset size as a fraction of the training pool, in (0, 1].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output file: .safetensors (indices tensor, metadata in the header) or .json.")
 @SET
@@ -119,4 +121,5 @@ def select_coreset(recipe_file: Path | None, run_dir: Path | None, fraction: flo
         "selector": meta["selector"], "images": f"{meta['size']} of {meta['pool_size']} "
         f"(fraction {meta['fraction']:g}, {meta['validation_size']} held out for validation)",
         "encoder": f"{meta['source']} (epoch {meta['epoch']}), sha256 {meta['encoder_sha256'][:16]}…",
-        "selection time": f"{meta['seconds']:.1f} s ({meta['precision']})", "use it": f"--set coreset.indices_file={str(out)!r}"}))
+        "selection time": f"{meta['seconds']:.1f} s ({meta['precision']})",
+        "use it": f"--set coreset.indices_file={str(out)!r}"}))

@@ -24,7 +24,8 @@ from torch import Tensor
 from rsslctl.base.errors import UserError
 
 CORRUPTIONS = ("shot_noise", "gaussian_noise", "impulse_noise", "contrast", "zoom_blur", "motion_blur", "glass_blur",
-               "defocus_blur", "snow", "pixelate", "brightness", "fog", "jpeg_compression", "elastic_transform", "frost")
+               "defocus_blur", "snow", "pixelate", "brightness", "fog", "jpeg_compression", "elastic_transform",
+               "frost")
 SEVERITIES = (1, 2, 3, 4, 5)
 
 

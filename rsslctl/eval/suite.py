@@ -39,7 +39,8 @@ def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, opts: 
         index = aa_subset(len(labels), opts.aa_limit, opts.seed)
         images, labels = images[index], labels[index]
     norm = {"linf": "Linf", "l2": "L2"}[opts.norm]
-    kwargs: dict[str, Any] = {"eps": opts.eps, "norm": norm, "version": opts.aa_version, "device": device, "seed": opts.seed}
+    kwargs: dict[str, Any] = {"eps": opts.eps, "norm": norm, "version": opts.aa_version, "device": device,
+                              "seed": opts.seed}
     if opts.aa_version == "custom":
         if not opts.aa_attacks:
             raise UserError("--aa-version custom needs --aa-attacks, e.g. apgd-ce,apgd-t")
@@ -53,7 +54,8 @@ def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, opts: 
         with torch.no_grad():
             correct = torch.cat([model(xb.to(device)).argmax(1).cpu() == yb for xb, yb in zip(x.split(opts.aa_batch),
                                                                                         labels.split(opts.aa_batch))])
-        state = {"attacks": attacks, "done": [], "clean": correct.tolist(), "robust": correct.tolist(), "max_delta": 0.0}
+        state = {"attacks": attacks, "done": [], "clean": correct.tolist(), "robust": correct.tolist(),
+                 "max_delta": 0.0}
         atomic_write_text(state_path, json.dumps(state))
     robust = torch.tensor(state["robust"], dtype=torch.bool)
     for attack in attacks:
@@ -99,7 +101,8 @@ def corruption_accuracy(model: nn.Module, test: Any, folder: str, root: Path, op
         g = torch.Generator().manual_seed(opts.seed)
         for name in C.GENERATED:
             for s in C.SEVERITIES:
-                bad = torch.cat([C.generate(chunk.float().div(255), name, s, g) for chunk in images.split(opts.batch_size)])
+                bad = torch.cat([C.generate(chunk.float().div(255), name, s, g)
+                                 for chunk in images.split(opts.batch_size)])
                 acc.setdefault(name, {})[str(s)] = accuracy(model, bad, labels, device, batch=opts.batch_size)
     per_severity = {str(s): sum(v[str(s)] for v in acc.values()) / len(acc) for s in C.SEVERITIES}
     return {"source": source, "generated": folder is None, "corruptions": sorted(acc), "per_corruption": acc,
@@ -253,7 +256,8 @@ def write_report(out_dir: Path, key: str = "") -> dict[str, Any]:
         path = eval_dir / f"{mode}.json"
         if path.is_file():
             modes[mode] = json.loads(path.read_text())
-    report = {"protocol": "RobustSSL benchmark (docs/methods.md, Evaluation): fine-tuned classifier, eval mode; SA = clean, "
+    report = {"protocol": "RobustSSL benchmark (docs/methods.md, Evaluation): fine-tuned classifier, eval mode; SA = "
+                          "clean, "
                           "RA = AutoAttack, CA = mean corruption accuracy over severities 1-5 (percent)",
               "leaderboard": {m: r["leaderboard"] for m, r in modes.items()}, "modes": modes}
     differ = sorted({k for r in modes.values() for k, v in r.get("settings", {}).items()

@@ -12,7 +12,9 @@ from rsslctl.base.options import Number, opt
 class CoresetOptions:
     """The core keys of the recipe's ``[coreset]`` table (``name`` picks the selector plugin, "none" = off)."""
 
-    fraction: Number = opt(0.2, "coreset size as a fraction of the training pool (floored to whole minibatches, at least one)",
+    fraction: Number = opt(0.2,
+                           "coreset size as a fraction of the training pool (floored to whole minibatches, at least "
+                           "one)",
                            min=1e-6, max=1.0)
     warmup_epochs: int = opt(0, "epochs trained on the whole pool before the first selection (RCS reference: 100)",
                              min=0)

@@ -208,6 +208,7 @@ def build_encoder(backbone: Backbone, options: EncoderOptions, method_wants_dual
                             "not apply; set encoder.dual_bn = \"off\"")
         from rsslctl.base.console import err_console
         err_console.print(f"warning: the method asks for dual BN, but the backbone ({kind}) has no BatchNorm layer; "
-                          "training with a single route (set encoder.dual_bn = \"off\" to silence this)", highlight=False)
+                          "training with a single route (set encoder.dual_bn = \"off\" to silence this)",
+                          highlight=False)
         dual = False
     return Encoder(model, options, dual)

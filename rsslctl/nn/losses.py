@@ -29,8 +29,8 @@ def nt_xent(z: Tensor, temperature: float = 0.5, n_views: int = 2, reduction: st
     mean is the loss. Computed in fp32 whatever the autocast dtype. ``one_sided`` takes s_ab = z_a·sg(z_b) (the
     columns detached, a reference quirk of RoCL): the same value, gradients through the anchors only.
 
-    In a data-parallel step (``rsslctl.runtime.distributed``) the negatives b range over the global batch: the rows of every
-    rank are gathered with gradient, this rank's rows are the anchors, and the result is this rank's share of the
+    In a data-parallel step (``rsslctl.runtime.distributed``) the negatives b range over the global batch: the rows of
+    every rank are gathered with gradient, this rank's rows are the anchors, and the result is this rank's share of the
     global loss (the mean over ranks is the loss above on the global batch).
     """
     sim, offset = global_similarities(z, one_sided)
@@ -43,9 +43,10 @@ def nt_xent(z: Tensor, temperature: float = 0.5, n_views: int = 2, reduction: st
 
 def global_similarities(z: Tensor, one_sided: bool = False) -> tuple[Tensor, int]:
     """(cosine similarities [m, M] of this rank's m rows of ``z`` against all M rows of the global batch, the column
-    of this rank's first row). In a data-parallel step (``rsslctl.runtime.distributed``) the rows of every rank are gathered
-    with gradient, so every contrastive loss built on this sees the global batch's negatives; otherwise M = m and the
-    offset is 0. In fp32 whatever the autocast dtype. ``one_sided`` detaches the columns (RoCL's reference quirk)."""
+    of this rank's first row). In a data-parallel step (``rsslctl.runtime.distributed``) the rows of every rank are
+    gathered with gradient, so every contrastive loss built on this sees the global batch's negatives; otherwise M = m
+    and the offset is 0. In fp32 whatever the autocast dtype. ``one_sided`` detaches the columns (RoCL's reference
+    quirk)."""
     with fp32(z):
         z = F.normalize(z.float(), dim=1)
         everyone = gather_with_grad(z)

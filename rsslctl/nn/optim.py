@@ -35,7 +35,7 @@ class LARS(torch.optim.Optimizer):
             update = torch._foreach_add(grads, params, alpha=wd) if wd else [g.clone() for g in grads]
             torch._foreach_mul_(update, list((local * lr).unbind()))
             bufs = []
-            for p, u in zip(params, update):
+            for p, _u in zip(params, update):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
@@ -54,7 +54,8 @@ def make_optimizer(params: list[Tensor], o: OptimizerOptions) -> torch.optim.Opt
         return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     if o.name == "adamw":  # decoupled weight decay (Loshchilov & Hutter), the MAE/ViT optimiser
         return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    return LARS(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient)
+    return LARS(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                trust_coefficient=o.trust_coefficient)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: ScheduleOptions,
@@ -66,8 +67,9 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule:
     f(i + 1) when ``schedule.scheduler_step = "before"`` (a LambdaLR created at f(0) and stepped at the start of
     every iteration, as ACL/AIR/RCS). ``"after"`` (a scheduler stepped after the optimizer) runs the cosine at
     f(i) and keeps the warm-up at peak·(i + 1)/W, so no step trains at lr 0. The warm-up values are the same either
-    way. ``kind = "exponential"`` replaces the cosine factor by (min_lr/peak)^t, t clipped to [0, 1]. ``periodic`` lets the cosine run on past ``total_steps`` (back up, down again, ...) like an over-stepped
-    CosineAnnealingLR; only the reference free-AT schedule quirk uses it (see docs/methods.md, "Adversarial training and free AT").
+    way. ``kind = "exponential"`` replaces the cosine factor by (min_lr/peak)^t, t clipped to [0, 1]. ``periodic`` lets
+    the cosine run on past ``total_steps`` (back up, down again, ...) like an over-stepped CosineAnnealingLR; only the
+    reference free-AT schedule quirk uses it (see docs/methods.md, "Adversarial training and free AT").
     """
     if warmup_steps > 0 and step < warmup_steps:
         return peak * (step + 1) / warmup_steps

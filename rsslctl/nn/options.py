@@ -15,7 +15,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class EncoderOptions:
     """The recipe's [encoder] section."""
 
-    dual_bn: Literal["auto", "on", "off"] = opt("auto", "separate BN for clean/adversarial inputs; auto = what the method asks for")
+    dual_bn: Literal["auto", "on", "off"] = opt("auto",
+                                                "separate BN for clean/adversarial inputs; auto = what the method asks "
+                                                "for")
     head_layers: int = opt(3, "projection-head linear layers (0 = no head)", min=0, max=8)
     head_hidden: int = opt(0, "hidden width of the head (0 = backbone feature width)", min=0)
     head_dim: int = opt(0, "output width of the head (0 = backbone feature width)", min=0)

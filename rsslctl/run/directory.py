@@ -148,5 +148,6 @@ def load_run_recipe(run_dir: Path, overrides: list[str] = (), only: Collection[s
     behaviour it was made with (see ``opt(earlier=...)``)."""
     path = Path(run_dir) / RECIPE_FILE
     if not path.is_file():
-        raise UserError(f"{run_dir}: not a run directory (no {RECIPE_FILE}); pass the directory `rsslctl pretrain` created")
+        raise UserError(f"{run_dir}: not a run directory (no {RECIPE_FILE}); pass the directory `rsslctl pretrain` "
+                        "created")
     return load(path, overrides, only, load_plugins, saved=True)

@@ -62,7 +62,9 @@ class DataOptions:
 @dataclasses.dataclass
 class EngineOptions:
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
+    precision: Literal["auto", "fp32", "bf16"] = opt("auto",
+                                                     "auto = bf16 autocast on CUDA and on CPUs with native bf16 "
+                                                     "(AVX512-BF16/AMX), else fp32")
     channels_last: bool = opt(True, "channels_last memory format for model and inputs")
     compile: bool = opt(False, "torch.compile the method's training step (attack and loss; augmentation stays eager)")
     cuda_graphs: bool = opt(False, "with compile on CUDA: replay the compiled graphs as CUDA graphs (torch.compile "
@@ -94,7 +96,8 @@ class EvaluationOptions:
     lr: float = opt(0.1, "linear-probe SGD learning rate (cosine decay)", min=0)
     batch_size: int = opt(256, "linear-probe batch size", min=1, max=MAX_BATCH)
     weight_decay: float = opt(2e-4, "linear-probe weight decay", min=0)
-    route: Literal["auto", "normal", "pgd"] = opt("auto", "BN route of a dual-BN encoder (auto = pgd, as in the protocol)")
+    route: Literal["auto", "normal", "pgd"] = opt("auto",
+                                                  "BN route of a dual-BN encoder (auto = pgd, as in the protocol)")
     attack: str = opt("", "attack plugin for robust accuracy (also the PGD row of the suite and ALF's training "
                           "attack); default from defaults.toml")
     single_step_attack: str = opt("", "attack plugin of the suite's single-step (FGSM) row; default from defaults.toml")
@@ -203,7 +206,8 @@ def load_raw(path: str | Path) -> dict[str, Any]:
             raise UserError(f"{path}: {len(data):,} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES:,})")
         return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); save the recipe as UTF-8") from None
+        raise UserError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); "
+                        "save the recipe as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: invalid TOML: {exc}") from None
     except RecursionError:

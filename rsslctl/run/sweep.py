@@ -152,7 +152,7 @@ def expand(spec: SweepSpec, cap: int = MAX_RUNS, yes: bool = False) -> list[Plan
     """Every run of the sweep, each recipe fully validated; UserError (one line) on the first problem."""
     check_steps(spec.after, spec.options)
     raw = load_raw(spec.recipe)
-    for key, values in spec.grid.items():
+    for key, _values in spec.grid.items():
         path = [p for p in key.split(".") if p]
         if len(path) != 2:
             raise UserError(f"grid {key!r}: the key must be table.key, e.g. method.temperature")

@@ -3,8 +3,9 @@
 Layout of one checkpoint directory (``<run>/checkpoints/epoch-0003/``):
   model.safetensors  the method's state (encoder, heads, momentum encoders …)
   state.safetensors  optimizer tensors, RNG states and extra run state (e.g. the current coreset indices)
-  meta.json          epoch, position in the next epoch (mid-epoch checkpoints), metrics, resolved recipe, plugin versions, optimizer hyper-parameters,
-                     sha256 of both tensor files; written last, so a directory with it is complete
+  meta.json          epoch, position in the next epoch (mid-epoch checkpoints), metrics, resolved recipe, plugin
+                     versions, optimizer hyper-parameters, sha256 of both tensor files; written last, so a directory
+                     with it is complete
 The directory is assembled under a temporary name and renamed into place (atomic on POSIX).
 """
 from __future__ import annotations
@@ -289,7 +290,8 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(ckpt: Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(ckpt: Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                              dict[str, Any]]:
     """(model tensors, state tensors, meta); each file is read once and its sha256 checked against meta.json, so
     the tensors are exactly the bytes that were checked. FileNotFoundError when the directory vanished while being
     read (a writer pruned it); CorruptCheckpoint for anything else that is wrong with it."""

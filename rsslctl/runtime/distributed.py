@@ -86,7 +86,8 @@ def refuse_many(command: str) -> None:
     """UserError (on every rank alike, before any collective) for a command that does not run data-parallel yet."""
     if launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(f"rsslctl {command} runs in one process; launch it without torchrun (or with "
-                        "--nproc_per_node=1); pretrain, select-coreset and finetune are the commands that use many processes")
+                        "--nproc_per_node=1); pretrain, select-coreset and finetune are the commands that use many "
+                        "processes")
 
 
 # -- set-up --------------------------------------------------------------------------------------------------------

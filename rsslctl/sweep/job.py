@@ -197,7 +197,7 @@ class RunJob:
 
 def _last_line(path: Path) -> str:
     try:
-        lines = [l for l in Path(path).read_text(errors="replace").splitlines() if l.strip()]
+        lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
     return lines[-1][:300] if lines else ""

@@ -132,7 +132,8 @@ class FinetuneConfig:
     clamp_start: bool = True  # ALF attack: clip its random start into [0, 1] (false = reference PGD)
 
 
-USER_KEYS = tuple(f.name for f in dataclasses.fields(FinetuneConfig) if f.name not in ("mode", "pretraining", "hp_source"))
+USER_KEYS = tuple(f.name for f in dataclasses.fields(FinetuneConfig)
+                  if f.name not in ("mode", "pretraining", "hp_source"))
 
 
 def resolve_config(mode: str, rows: FinetuneRows, row: str, column: str,
@@ -219,7 +220,7 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, device: torch.dev
         if xb.dtype == torch.uint8:
             x.div_(255)
         if attack is not None:
-            x = attack.perturb(x, lambda xa: F.cross_entropy(model(xa), y, reduction="sum"))
+            x = attack.perturb(x, lambda xa: F.cross_entropy(model(xa), y, reduction="sum"))  # noqa: B023 - called now
         with torch.no_grad():
             correct += (model(x).argmax(1) == y).sum()
     return float(correct) / len(labels)
@@ -332,7 +333,7 @@ def train_classifier(params: list[Tensor], inputs: Tensor, labels: Tensor, step_
                 if prepare is not None:
                     x = prepare(x, g)
                 (x, y), share = dist.split_batch(x, y)  # under torchrun: this rank's part of the minibatch
-                loss, logits = optimizer_step(lambda: step_loss(x, y), opt, params, device, precision, lr=lr,
+                loss, logits = optimizer_step(lambda x=x, y=y: step_loss(x, y), opt, params, device, precision, lr=lr,
                                               scale=share)
                 loss_sum += loss * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
@@ -342,9 +343,11 @@ def train_classifier(params: list[Tensor], inputs: Tensor, labels: Tensor, step_
                 totals = dist.mean_across_ranks(torch.stack([loss_sum, correct.float(), loss_sum.new_tensor(seen)]))
                 loss_sum, correct, seen = totals[0] * dist.world_size(), totals[1] * dist.world_size(), round(
                     float(totals[2]) * dist.world_size())
-            summary = {"epoch": epoch, "lr": lr, "loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen}
+            summary = {"epoch": epoch, "lr": lr, "loss": float(loss_sum) / seen,
+                       "train_accuracy": float(correct) / seen}
             if not math.isfinite(summary["loss"]):
-                raise TrainingDiverged(f"{title}: loss became {summary['loss']} in epoch {epoch}; lower the learning rate")
+                raise TrainingDiverged(f"{title}: loss became {summary['loss']} in epoch {epoch}; lower the learning "
+                                       "rate")
             bar.update(task, info=f"ep {epoch}/{s.epochs} loss {summary['loss']:.4f}")
             if not quiet and not sys.stdout.isatty():  # a batch job: one plain line per epoch
                 err_console.print(f"{title}: epoch {epoch}/{s.epochs} mean loss {summary['loss']:.4f}, train accuracy "
@@ -397,7 +400,8 @@ def load_strict(module: nn.Module, state: Mapping[str, Tensor], where: str) -> N
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:4]) + (f" … ({len(keys)} in all)" if len(keys) > 4 else "") if keys else "none"
         raise UserError(f"{where}: weights do not match the model: missing {show(missing)}; unexpected "
-                        f"{show(unexpected)}; wrong shape {show(shape)}; check the model name, --cifar-stem and the checkpoint")
+                        f"{show(unexpected)}; wrong shape {show(shape)}; check the model name, --cifar-stem and the "
+                        "checkpoint")
     module.load_state_dict(dict(state))
 
 

@@ -1,7 +1,7 @@
 """The one training engine every method runs on.
 
-Whole training split resident on the device as uint8 (or streamed: ``stream``); batched on-device augmentation inside the
-method; bf16 autocast, channels_last, a compiled training step and CUDA graphs as options; per-iteration LR
+Whole training split resident on the device as uint8 (or streamed: ``stream``); batched on-device augmentation inside
+the method; bf16 autocast, channels_last, a compiled training step and CUDA graphs as options; per-iteration LR
 schedule; metrics read back from the device every ``log_every`` steps only (no host sync per step, see
 tests/train/test_sync.py);
 atomic checkpoints and exact resume (model, optimizer, RNG states, step counter).

@@ -2,7 +2,8 @@
 
 The schedule's LR, forward under autocast, backward, gradients averaged over ranks (a no-op alone), optional
 clipping, the optimizer's step. Nothing here reads a value back from the device, so a step never makes the host
-wait (tests/train/test_sync.py). There is no loss scaler: autocast is bf16 or nothing, and bf16 keeps fp32's exponent range.
+wait (tests/train/test_sync.py). There is no loss scaler: autocast is bf16 or nothing, and bf16 keeps fp32's exponent
+range.
 """
 from __future__ import annotations
 

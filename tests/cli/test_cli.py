@@ -65,19 +65,20 @@ def test_plugins_lists_builtins_third_party_and_broken() -> None:
     out = result.stdout
     for name in ("acl", "simclr", "pgd", "fgsm", "timm", "digits", "cifar10", "stl10", "svhn", "imagenet32"):
         assert f" {name} " in out, name
-    line = next(l for l in out.splitlines() if "align_uniform" in l)
+    line = next(ln for ln in out.splitlines() if "align_uniform" in ln)
     assert "rsslctl-example-plugin" in line and "0.3.0" in line and "Alignment" in line
-    broken = next(l for l in out.splitlines() if "broken_example" in l)
+    broken = next(ln for ln in out.splitlines() if "broken_example" in ln)
     assert "failed to load" in broken and "broken on purpose" in broken
     assert "temperature" in run("plugins", "--options").stdout
 
 
 def test_third_party_method_trains_from_a_recipe(tiny_recipe: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "au"
-    result = run("pretrain", str(tiny_recipe), "--run-dir", str(run_dir), "--quiet", "--set", "method.name=align_uniform",
+    result = run("pretrain", str(tiny_recipe), "--run-dir", str(run_dir), "--quiet", "--set",
+                 "method.name=align_uniform",
                  "--set", "attack.name=none", "--set", "schedule.epochs=1", "--set", "method.t=3")
     assert result.exit_code == 0, result.output
-    steps = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"align", "uniform"} <= set(steps[0])
     assert (run_dir / "checkpoints" / "epoch-0001" / "model.safetensors").is_file()
 
@@ -95,7 +96,8 @@ def test_existing_run_dir_needs_force_and_resume_rejects_extra_args(tiny_recipe:
 
 def test_pretrain_evaluate_export_end_to_end(tiny_recipe: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "e2e"
-    assert run("pretrain", str(tiny_recipe), "--run-dir", str(run_dir), "--quiet", "--set", "schedule.epochs=1").exit_code == 0
+    assert run("pretrain", str(tiny_recipe), "--run-dir", str(run_dir), "--quiet", "--set",
+               "schedule.epochs=1").exit_code == 0
     result = run("evaluate", str(run_dir), "--json")
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout)
@@ -109,7 +111,8 @@ def test_pretrain_evaluate_export_end_to_end(tiny_recipe: Path, tmp_path: Path) 
 
 
 def test_real_process_error_has_no_traceback(tiny_recipe: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "rsslctl.cli", "pretrain", str(tiny_recipe), "--set", "schedule.epochs=-1"],
+    proc = subprocess.run([sys.executable, "-m", "rsslctl.cli", "pretrain", str(tiny_recipe), "--set",
+                           "schedule.epochs=-1"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr

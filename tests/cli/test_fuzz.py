@@ -37,7 +37,8 @@ scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.integers(min_value=-(2**80), max_value=2**80),
     st.integers(min_value=-3, max_value=70), st.booleans(), st.text(max_size=12), st.sampled_from(SPECIAL))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5)
-                      | st.dictionaries(st.sampled_from(["channels", "checkpoint_path", "depth", "x"]), inner, max_size=3),
+                      | st.dictionaries(st.sampled_from(["channels", "checkpoint_path", "depth", "x"]), inner,
+                                        max_size=3),
                       max_leaves=8)
 
 

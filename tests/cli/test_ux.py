@@ -61,8 +61,10 @@ def test_written_files_follow_the_umask(tmp_path: Path) -> None:
     import stat
     import subprocess
     import sys
-    code = ("import sys, torch; from pathlib import Path; from rsslctl.runtime.checkpoint import save_tensors, atomic_write_text;"
-            "d = Path(sys.argv[1]); save_tensors(d / 'w.safetensors', {'x': torch.zeros(2)}); atomic_write_text(d / 't.json', '{}')")
+    code = ("import sys, torch; from pathlib import Path; from rsslctl.runtime.checkpoint import save_tensors, "
+            "atomic_write_text;"
+            "d = Path(sys.argv[1]); save_tensors(d / 'w.safetensors', {'x': torch.zeros(2)}); atomic_write_text(d / "
+            "'t.json', '{}')")
     for umask, mode in ((0o002, 0o664), (0o077, 0o600)):
         out = tmp_path / oct(umask)
         out.mkdir()
@@ -86,7 +88,8 @@ def test_recipes_ship_inside_the_wheel_and_are_found_by_name(tmp_path: Path) -> 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import rsslctl; assert rsslctl.__file__.startswith(sys.argv[1]);"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import rsslctl; assert "
+            "rsslctl.__file__.startswith(sys.argv[1]);"
             "from rsslctl.cli import main; main(['recipe', 'show', 'quickstart'])")
     out = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -104,7 +107,8 @@ def test_recipe_copy_refuses_to_overwrite(tmp_path: Path) -> None:
     assert again.exit_code == 2 and "--force" in again.output
 
 
-def test_batch_job_logs_tensorboard_csv_and_monitors_leave_training_unchanged(tiny_recipe: Path, tmp_path: Path) -> None:
+def test_batch_job_logs_tensorboard_csv_and_monitors_leave_training_unchanged(tiny_recipe: Path,
+                                                                              tmp_path: Path) -> None:
     """Not a terminal: one plain line per epoch with loss, kNN and probe accuracy; TensorBoard holds the scalars;
     the CSVs hold one row per logged step / epoch; monitoring does not change a single trained weight."""
     import subprocess
@@ -118,11 +122,12 @@ def test_batch_job_logs_tensorboard_csv_and_monitors_leave_training_unchanged(ti
     out = subprocess.run([sys.executable, "-m", "rsslctl.cli", "pretrain", *common, "--run-dir", str(watched), "--set",
                           "logging.knn_every=1", "--set", "logging.probe_every=2"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    lines = [l for l in out.stdout.splitlines() if l.startswith("epoch ")]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("epoch ")]
     assert len(lines) == 2 and "loss" in lines[0] and "knn accuracy" in lines[0] and "probe accuracy" in lines[1]
     events = EventAccumulator(str(watched / "tensorboard")).Reload()
     tags = events.Tags()["scalars"]
-    assert {"train/loss", "train/lr", "train/loss_adv", "epoch/loss", "epoch/knn_accuracy", "epoch/probe_accuracy"} <= set(tags)
+    assert {"train/loss", "train/lr", "train/loss_adv", "epoch/loss", "epoch/knn_accuracy",
+            "epoch/probe_accuracy"} <= set(tags)
     assert [e.step for e in events.Scalars("train/loss")] == list(range(6))
     steps = (watched / "metrics.csv").read_text().splitlines()
     assert steps[0].startswith("step,") and len(steps) == 1 + 6

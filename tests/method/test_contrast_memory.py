@@ -234,7 +234,7 @@ def test_caco_bank_pulls_positives_and_pushes_negatives() -> None:
     new = q @ bank.vectors().t()
     positives = torch.zeros_like(new, dtype=torch.bool).scatter(1, y[:, None], True)
     assert new.gather(1, y[:, None]).mean() > logits.gather(1, y[:, None]).mean()  # cooperative
-    lse = lambda l: torch.logsumexp(l.masked_fill(positives, float("-inf")) / 0.08, 1).mean()  # noqa: E731
+    lse = lambda scores: torch.logsumexp(scores.masked_fill(positives, float("-inf")) / 0.08, 1).mean()  # noqa: E731
     assert lse(new) > lse(logits)  # adversarial: the negatives' term of the loss grows
     torch.testing.assert_close(bank.vectors().norm(dim=1), torch.ones(12))
 

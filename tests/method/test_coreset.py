@@ -150,7 +150,7 @@ def test_greedy_follows_the_updated_validation_gradient() -> None:
 
     chosen = greedy(sketches, 4, val_sketch, step)
     v, naive, left = v0, [], set(range(10))
-    for t in range(4):
+    for _t in range(4):
         best = max(left, key=lambda r: float(sketches[r] @ v))
         naive.append(best)
         left.remove(best)
@@ -184,7 +184,8 @@ def test_sharded_gradients_gathered_equal_one_worker(tiny_context: SelectionCont
     assert torch.equal(merged.units, single.units) and torch.equal(merged.units, torch.arange(len(units)))
     assert torch.allclose(merged.sketches, single.sketches, atol=1e-6)
     assert torch.allclose(merged.full, single.full, atol=1e-6)
-    assert units.shape == (len(ctx.pool) // 32 * 2, 16) and not set(units.flatten().tolist()) & set(ctx.validation.tolist())
+    assert (units.shape == (len(ctx.pool) // 32 * 2, 16)
+            and not set(units.flatten().tolist()) & set(ctx.validation.tolist()))
 
 
 def test_rcs_selects_from_pool_and_leaves_the_model_untouched(tiny_context: SelectionContext) -> None:
@@ -268,10 +269,13 @@ def test_step_clock_equal_epochs_is_the_plain_schedule_and_epochs_mode_tracks_pr
     full = StepClock([5] * 6, warmup_epochs=1)
     after = ScheduleOptions(epochs=6, warmup_epochs=1, scheduler_step="after")
     for epoch in range(1, 7):  # a scheduler stepped after the optimizer: every epoch starts at the full run's LR
-        assert lr_at(*short.lr_position(epoch, 0), 1.0, after) == pytest.approx(lr_at(*full.lr_position(epoch, 0), 1.0, after))
-    for epoch in range(1, 7):  # stepped before each iteration (RCS): every epoch's last step ends where the full run's does
+        assert lr_at(*short.lr_position(epoch, 0), 1.0, after) == pytest.approx(
+            lr_at(*full.lr_position(epoch, 0), 1.0, after))
+    # stepped before each iteration (RCS): every epoch's last step ends where the full run's does
+    for epoch in range(1, 7):
         n = short.epoch_steps[epoch - 1]
-        assert lr_at(*short.lr_position(epoch, n - 1), 1.0, sched) == pytest.approx(lr_at(*full.lr_position(epoch, 4), 1.0, sched))
+        assert lr_at(*short.lr_position(epoch, n - 1), 1.0, sched) == pytest.approx(
+            lr_at(*full.lr_position(epoch, 4), 1.0, sched))
     # RCS rebuilds its schedule each epoch for the current loader length L (here 1): step i of epoch e runs at
     # position (e − 1)·L + i + 1 of E·L, with W·L warm-up steps
     assert short.lr_position(4, 0) == (3, 6, 1)
@@ -347,7 +351,8 @@ def test_select_coreset_writes_indices_with_metadata(tiny_recipe: Path, tmp_path
     result = run("select-coreset", str(tiny_recipe), "--fraction", "0.3", "--out", str(out), "--set", "coreset.unit=16")
     assert result.exit_code == 0, result.output
     indices, meta = load_selection(out)
-    assert meta["selector"] == "rcs" and meta["fraction"] == 0.3 and meta["seed"] == 3 and len(meta["encoder_sha256"]) == 64
+    assert (meta["selector"] == "rcs" and meta["fraction"] == 0.3 and meta["seed"] == 3
+            and len(meta["encoder_sha256"]) == 64)
     assert meta["train_size"] == 96 and len(indices) == meta["size"] == 32
     js = tmp_path / "sel.json"
     assert run("select-coreset", str(tiny_recipe), "--fraction", "0.3", "--out", str(js),
@@ -386,7 +391,8 @@ def test_select_coreset_needs_a_trained_encoder_in_a_run_dir(tmp_path: Path, tin
     (["coreset.name=rcs", "coreset.validation_fraction=0"], ["validation_fraction = 0", "needs an unlabeled"]),
     (["coreset.name=rcs", "method.name=simclr", "attack.name=none"], ["method 'simclr' exposes no coreset target"]),
 ])
-def test_bad_coreset_recipes_fail_before_training(tiny_recipe: Path, overrides: list[str], fragments: list[str]) -> None:
+def test_bad_coreset_recipes_fail_before_training(tiny_recipe: Path, overrides: list[str],
+                                                  fragments: list[str]) -> None:
     args = ["pretrain", str(tiny_recipe), "--quiet"]
     for o in overrides:
         args += ["--set", o]

@@ -226,7 +226,8 @@ def test_make_optimizer_by_name(name, cls):
 
 
 def test_make_optimizer_sgd_nesterov_needs_momentum():
-    opt = make_optimizer([torch.nn.Parameter(torch.randn(3))], OptimizerOptions(name="sgd", momentum=0.0, nesterov=True))
+    opt = make_optimizer([torch.nn.Parameter(torch.randn(3))],
+                         OptimizerOptions(name="sgd", momentum=0.0, nesterov=True))
     assert opt.param_groups[0]["nesterov"] is False
 
 

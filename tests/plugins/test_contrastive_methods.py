@@ -30,7 +30,8 @@ SMALL = ["schedule.epochs=1", "data.limit=16", "schedule.batch_size=8", "schedul
 
 # -- independent formulas ----------------------------------------------------------------------------------------
 def naive_contrastive(groups: list[list[torch.Tensor]], tau: float) -> torch.Tensor:
-    """Mean over (anchor, positive) pairs of −log(exp(s_ap/τ) / Σ_{b≠a} exp(s_ab/τ)); groups[k] = image k's embeddings."""
+    """Mean over (anchor, positive) pairs of −log(exp(s_ap/τ) / Σ_{b≠a} exp(s_ab/τ)); groups[k] = image k's
+    embeddings."""
     items = [(k, F.normalize(z.double(), dim=0)) for k, g in enumerate(groups) for z in g]
     terms = []
     for a, (ka, za) in enumerate(items):
@@ -137,7 +138,8 @@ def test_cosine_momentum_runs_from_base_to_one() -> None:
     assert "steps_done" in s.state_dict()  # checkpointed with the model
     assert MomentumSchedule(0.99, cosine=False).current() == 0.99
     head = mlp_head(8, 16, 4)
-    assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear] and head(torch.randn(3, 8)).shape == (3, 4)
+    assert ([type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+            and head(torch.randn(3, 8)).shape == (3, 4))
 
 
 # -- adversaries ------------------------------------------------------------------------------------------------

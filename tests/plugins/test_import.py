@@ -55,7 +55,8 @@ def reference_resnet(depth: int = 18, widths: tuple = TINY, routes: int = 2, hea
     sd["conv1.weight"] = torch.randn(64, 3, stem, stem, generator=g) * 0.2
     sd.update(_bn("bn1", 64, routes, g))
     inplanes = 64
-    conv_name, bn_name = ("downsample.conv", "downsample.bn") if downsample == "conv/bn" else ("downsample.0", "downsample.1")
+    conv_name, bn_name = (("downsample.conv", "downsample.bn") if downsample == "conv/bn"
+                          else ("downsample.0", "downsample.1"))
     for stage, (n, planes) in enumerate(zip(blocks, widths), 1):
         for b in range(n):
             p = f"layer{stage}.{b}"
@@ -85,11 +86,14 @@ def reference_emp(widths: tuple = TINY, pre: int = 32, hidden: int = 24, z: int 
     g = torch.Generator().manual_seed(5)
     sd = {f"backbone.{k}": v for k, v in reference_resnet(18, widths, 0, 0, 0, 3, "0/1", False).items()}
     feat = widths[-1]
-    sd["pre_feature.0.weight"], sd["pre_feature.0.bias"] = torch.randn(pre, feat, generator=g), torch.randn(pre, generator=g)
+    sd["pre_feature.0.weight"], sd["pre_feature.0.bias"] = (torch.randn(pre, feat, generator=g),
+                                                            torch.randn(pre, generator=g))
     sd.update(_bn("pre_feature.1", pre, 0, g))
-    sd["projection.0.weight"], sd["projection.0.bias"] = torch.randn(hidden, pre, generator=g), torch.randn(hidden, generator=g)
+    sd["projection.0.weight"], sd["projection.0.bias"] = (torch.randn(hidden, pre, generator=g),
+                                                          torch.randn(hidden, generator=g))
     sd.update(_bn("projection.1", hidden, 0, g))
-    sd["projection.3.weight"], sd["projection.3.bias"] = torch.randn(z, hidden, generator=g), torch.randn(z, generator=g)
+    sd["projection.3.weight"], sd["projection.3.bias"] = (torch.randn(z, hidden, generator=g),
+                                                          torch.randn(z, generator=g))
     return {f"module.{k}": v for k, v in sd.items()}
 
 
@@ -203,9 +207,11 @@ def test_single_bn_and_fine_tuned_files(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     model, meta, recipe = imported(tmp_path / "b")
     assert recipe.resolved["encoder"]["head_layers"] == 0 and recipe.resolved["encoder"]["dual_bn"] == "off"
-    assert not recipe.resolved["backbone"]["cifar_stem"] and recipe.resolved["data"]["name"] == "stl10" and recipe.data.image_size == 96
+    assert (not recipe.resolved["backbone"]["cifar_stem"] and recipe.resolved["data"]["name"] == "stl10"
+            and recipe.data.image_size == 96)
     assert torch.equal(model["encoder.backbone.conv1.weight"], sd["conv1.weight"])
-    assert meta["import"]["dropped"] == ["fc.weight", "fc.bias"] and not any(k.startswith("encoder.head") for k in model)
+    assert (meta["import"]["dropped"] == ["fc.weight", "fc.bias"]
+            and not any(k.startswith("encoder.head") for k in model))
     assert torch.equal(model["encoder.backbone.layer2.0.downsample.1.weight"], sd["layer2.0.downsample.1.weight"])
 
     # DynACL++ dual-BN (LPAFT_AFF model.pt) in the model-zoo container key
@@ -219,7 +225,8 @@ def test_single_bn_and_fine_tuned_files(tmp_path: Path) -> None:
 
 def test_key_names_of_other_resnet_codebases() -> None:
     from rsslctl_plugins.commands.reference_checkpoints import map_resnet_key
-    assert map_resnet_key("layer2.0.shortcut.1.bn_list.1.weight", 2) == "backbone.layer2.0.downsample.1.bn_list.1.weight"
+    assert (map_resnet_key("layer2.0.shortcut.1.bn_list.1.weight", 2)
+            == "backbone.layer2.0.downsample.1.bn_list.1.weight")
     assert map_resnet_key("bn1.bn_list.weight", 0) == "backbone.bn1.weight"  # BN built without route names
     assert map_resnet_key("fc.bn3.bn_list.0.bias", 1) == "head.7.bias"
 
@@ -237,7 +244,8 @@ def test_emp_formats(tmp_path: Path, fmt: str, mean: float, method: str) -> None
         dest = key.replace("backbone.", "encoder.backbone.").replace("projection.", "projector.")
         assert torch.equal(model[dest], value), key
     r = recipe.resolved
-    assert r["method"]["name"] == method and (r["method"]["pre_dim"], r["method"]["hidden_dim"], r["method"]["z_dim"]) == (32, 24, 16)
+    assert (r["method"]["name"] == method
+            and (r["method"]["pre_dim"], r["method"]["hidden_dim"], r["method"]["z_dim"]) == (32, 24, 16))
     assert r["encoder"]["head_layers"] == 0 and r["encoder"]["mean"] == [mean] * 3
     assert torch.all(model["encoder.mean"] == mean) and meta["import"]["dataparallel_prefix"]
 
@@ -245,7 +253,8 @@ def test_emp_formats(tmp_path: Path, fmt: str, mean: float, method: str) -> None
 # -- the mapping computes what the reference model computes --------------------------------------------------------
 
 
-def reference_forward(sd: dict, x: torch.Tensor, route: int, depth: int, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_forward(sd: dict, x: torch.Tensor, route: int, depth: int, head: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and projection of the reference ResNet + proj_head in eval mode, written from their definitions."""
     def bn(p: str, h: torch.Tensor) -> torch.Tensor:
         k = f"{p}.bn_list.{route}."
@@ -296,7 +305,8 @@ def test_imported_model_computes_the_reference_forward(tmp_path: Path, depth: in
 
 def test_auto_detects_only_unambiguous_layouts(tmp_path: Path) -> None:
     path = save(tmp_path, {"state_dict": reference_resnet()})
-    assert_user_error(run("import", str(path), "--out", str(tmp_path / "r")), "ambiguous", "acl, air, dynacl, rcs", "--format")
+    assert_user_error(run("import", str(path), "--out", str(tmp_path / "r")), "ambiguous", "acl, air, dynacl, rcs",
+                      "--format")
     path = save(tmp_path, reference_emp(), "emp.pt")
     assert_user_error(run("import", str(path), "--out", str(tmp_path / "r")), "ambiguous", "empssl, cf_amc_ssl")
     assert_user_error(run("import", str(path), "--format", "acl", "--out", str(tmp_path / "r")),

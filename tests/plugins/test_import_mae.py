@@ -230,7 +230,8 @@ def _row_first(sd: dict) -> None:  # the decoder table with the row half first: 
     (_set("blocks.0.attn.qkv.weight", torch.zeros(3 * DIM - 1, DIM)), ["'blocks.0.attn.qkv.weight' has shape"]),
     (_set("pos_embed", torch.zeros(1, 15, DIM)), ["pos_embed (1, 15, 128)", "square"]),
     (_drop("blocks.1.attn.qkv.weight"), ["no weights for 'encoder.backbone.blocks.1.attn.qkv.weight'"]),
-    (lambda sd: sd.update({k.replace("blocks.1.", "blocks.3."): sd.pop(k) for k in list(sd) if k.startswith("blocks.1.")}),
+    (lambda sd: sd.update({k.replace("blocks.1.", "blocks.3."): sd.pop(k)
+                           for k in list(sd) if k.startswith("blocks.1.")}),
      ["transformer blocks blocks.[0, 3]"]),
     (_set("head.weight", torch.zeros(10, DIM)), ["fine-tuned MAE classifier", "rsslctl finetune"]),
     (_row_first, ["decoder_pos_embed is not the fixed 2-D sin-cos table"]),

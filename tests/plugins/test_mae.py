@@ -34,15 +34,15 @@ def test_mae_loss_matches_the_formula_written_out() -> None:
     for norm_pix in (True, False):
         num, den = 0.0, 0.0
         for n in range(3):
-            for l in range(5):
-                t = target[n, l].tolist()
+            for patch in range(5):
+                t = target[n, patch].tolist()
                 if norm_pix:
                     mu = sum(t) / len(t)
                     var = sum((v - mu) ** 2 for v in t) / (len(t) - 1)
                     t = [(v - mu) / math.sqrt(var + 1e-6) for v in t]
-                err = sum((p - v) ** 2 for p, v in zip(pred[n, l].tolist(), t)) / len(t)
-                num += float(mask[n, l]) * err
-                den += float(mask[n, l])
+                err = sum((p - v) ** 2 for p, v in zip(pred[n, patch].tolist(), t)) / len(t)
+                num += float(mask[n, patch]) * err
+                den += float(mask[n, patch])
         assert float(mae_loss(pred, target, mask, norm_pix)) == pytest.approx(num / den, rel=1e-5)
 
 
@@ -74,10 +74,10 @@ def test_sincos_embedding_follows_its_formula_and_replaces_the_learned_one(tiny_
     coords = grid_coords((2, 3))
     assert coords.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
     emb = sincos_2d(coords, 8)
-    for l, (r, c) in enumerate(coords.tolist()):
+    for pos, (r, c) in enumerate(coords.tolist()):
         want = [math.sin(c), math.sin(c / 100), math.cos(c), math.cos(c / 100),  # column half first (authors')
                 math.sin(r), math.sin(r / 100), math.cos(r), math.cos(r / 100)]
-        assert emb[l].tolist() == pytest.approx(want, abs=1e-6)
+        assert emb[pos].tolist() == pytest.approx(want, abs=1e-6)
     vit = _mae(tiny_recipe).encoder.backbone
     assert torch.allclose(vit.pos_embed[0, 1:], sincos_2d(grid_coords((4, 4)), 32)) and not vit.pos_embed.requires_grad
     assert _mae(tiny_recipe, ["method.sincos_pos_embed=false"]).encoder.backbone.pos_embed.requires_grad
@@ -120,13 +120,15 @@ def test_pixel_adversary_raises_the_reconstruction_loss_within_its_ball(tiny_rec
     assert all(p.grad is None for p in method.parameters())  # input gradients only
     loss, metrics = method.training_step((torch.rand(8, 3, 16, 16) * 255).to(torch.uint8), torch.zeros(8))
     assert {"loss_rec", "loss_adv"} <= set(metrics)
-    assert float(loss.detach()) == pytest.approx(0.5 * float(metrics["loss_rec"]) + 0.5 * float(metrics["loss_adv"]), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(0.5 * float(metrics["loss_rec"]) + 0.5 * float(metrics["loss_adv"]),
+                                                 rel=1e-5)
 
 
 def test_contrastive_term_is_added_with_its_weight(tiny_recipe: Path) -> None:
     method = _mae(tiny_recipe, ["method.contrastive_weight=0.3", "encoder.head_layers=1"])
     loss, metrics = method.training_step((torch.rand(8, 3, 16, 16) * 255).to(torch.uint8), torch.zeros(8))
-    assert float(loss.detach()) == pytest.approx(float(metrics["loss_rec"]) + 0.3 * float(metrics["loss_con"]), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(metrics["loss_rec"]) + 0.3 * float(metrics["loss_con"]),
+                                                 rel=1e-5)
     assert float(metrics["loss_con"]) > 0
 
 

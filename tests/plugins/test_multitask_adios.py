@@ -27,7 +27,8 @@ def _method(tiny_recipe: Path, overrides: list[str]):
 
 def _images(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=g)
+    return (torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8),
+            torch.randint(0, 10, (n,), generator=g))
 
 
 # -- multitask -------------------------------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ def test_dynacl_key_encoder_is_ema_and_evaluated(tiny_recipe: Path) -> None:
     for b0, b1 in zip(buffers, m.key_encoder.buffers()):
         assert torch.equal(b0, b1)
     # one training step: view 2 goes through the key encoder, gradients reach only the trained encoder
-    loss, _ = m.training_step(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    loss, _ = m.training_step(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8),
+                              torch.zeros(8, dtype=torch.long))
     loss.backward()
     assert all(p.grad is None for p in m.key_encoder.parameters())
     assert any(p.grad is not None for p in m.encoder.parameters())
@@ -115,7 +116,8 @@ def test_air_training_step_uses_original_images(tiny_recipe: Path) -> None:
     seen = []
     forward = m.encoder.forward
     m.encoder.forward = lambda x, route="normal": (seen.append(x.shape[0]), forward(x, route))[1]
-    loss, metrics = m.training_step(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    loss, metrics = m.training_step(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8),
+                                    torch.zeros(8, dtype=torch.long))
     assert {"sir", "air", "loss_nat", "loss_adv"} <= set(metrics)
     assert seen[-1] == 8  # last forward: the 8 un-augmented originals (views are 16 rows)
     assert torch.isfinite(loss)
@@ -135,7 +137,8 @@ def test_emp_loss_matches_formula() -> None:
     z = F.normalize(torch.randn(n * N, d, dtype=torch.float64), dim=1)
     patches = [z[p * N:(p + 1) * N] for p in range(n)]  # patch-major rows
     mean = sum(patches) / n
-    tcr = sum(0.5 * float(torch.logdet(torch.eye(d, dtype=torch.float64) + d / (N * eps) * Z.t() @ Z)) for Z in patches) / n
+    tcr = sum(0.5 * float(torch.logdet(torch.eye(d, dtype=torch.float64) + d / (N * eps) * Z.t() @ Z))
+              for Z in patches) / n
     inv = sum(float(F.cosine_similarity(Z[b], mean[b], dim=0)) for Z in patches for b in range(N)) / (n * N)
     loss, got_tcr, got_inv = emp_loss(z.float(), n, eps, lam, 1.0)
     assert float(got_tcr) == pytest.approx(tcr, rel=1e-4)

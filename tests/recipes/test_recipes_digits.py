@@ -22,7 +22,8 @@ TINY = ["data.name=digits", "data.limit=32", "data.image_size=16", "schedule.epo
         "schedule.batch_size=16",
         "engine.device=cpu", "engine.log_every=1"]
 PER_METHOD = {  # shrink the expensive method options
-    "empssl": ["method.n_views=2", "method.pre_dim=32", "method.hidden_dim=32", "method.z_dim=16", "method.eval_views=2"],
+    "empssl": ["method.n_views=2", "method.pre_dim=32", "method.hidden_dim=32", "method.z_dim=16",
+               "method.eval_views=2"],
     "empssl_adv": ["method.n_views=2", "method.pre_dim=32", "method.hidden_dim=32", "method.z_dim=16",
                    "method.eval_views=2", "method.replays=2"],
     "mae": ["method.decoder_width=32", "method.decoder_depth=1", "engine.compile=false"],

@@ -109,7 +109,8 @@ def test_a_jsonl_log_that_links_to_a_device_is_refused(tmp_path: Path, device: s
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("content", [b'{"step": 1}\n\xff\xfe\x00\x01binary\n' * 50, b'{"step": 1}\n' + b"9" * (2 << 20)])
+@pytest.mark.parametrize("content", [b'{"step": 1}\n\xff\xfe\x00\x01binary\n' * 50,
+                                     b'{"step": 1}\n' + b"9" * (2 << 20)])
 def test_an_undecodable_jsonl_log_is_one_line_and_left_as_it_was(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(content)

@@ -4,7 +4,8 @@ set by the test, or alone for the single-process reference).
     python ddp_worker.py step RECIPE OUT [--set k=v ...]       one training step on fixed views; saves what it saw
     python ddp_worker.py train RECIPE RUN_DIR KILL_AT [--set ...]  pretrain; SIGKILL itself after optimizer step KILL_AT
     python ddp_worker.py coreset RECIPE OUT [--set ...]         one RCS selection on the untrained model
-    python ddp_worker.py losses OUT                              contrastive losses of fixed embeddings, and their gradients
+    python ddp_worker.py losses OUT                              contrastive losses of fixed embeddings, and their
+                                                                 gradients
 """
 from __future__ import annotations
 

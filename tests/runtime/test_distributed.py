@@ -1,7 +1,8 @@
 """Multi-process training on torch.distributed (gloo, CPU): two ranks at global batch 2B equal one process at 2B,
 a SIGKILLed two-process run resumes bit-identically, coreset selection sharded over two ranks picks what one picks,
-SLF fine-tuning on two ranks trains the head one process trains, and bad input stops every rank with one line. Each test launches real processes with torchrun's environment
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), so they take a few seconds each."""
+SLF fine-tuning on two ranks trains the head one process trains, and bad input stops every rank with one line. Each test
+launches real processes with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), so they take a few
+seconds each."""
 from __future__ import annotations
 
 import importlib.util
@@ -135,7 +136,8 @@ def test_two_ranks_killed_and_resumed_end_bit_identical(tiny_recipe: Path, tmp_p
     trainer.fit()
     keys = ("kind", "epoch", "step", "lr")
     assert [{k: r.get(k) for k in keys} for r in records(alone)] == [{k: r.get(k) for k in keys} for r in records(full)]
-    assert "world_size" in read_meta(latest_checkpoint(alone)) and read_meta(latest_checkpoint(alone))["world_size"] == 1
+    assert ("world_size" in read_meta(latest_checkpoint(alone))
+            and read_meta(latest_checkpoint(alone))["world_size"] == 1)
 
 
 def records(run: Path) -> list[dict]:

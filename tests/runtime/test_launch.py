@@ -205,8 +205,10 @@ def test_nproc_per_node_trains_what_the_torchrun_path_trains(tiny_recipe: Path, 
         for k in ta:
             assert torch.equal(ta[k], tb[k]), f"{name}: {k}"
     assert "rank1.rng.cpu" in load_file(a / "state.safetensors")
-    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_s")}
-                         for line in (run / "metrics.jsonl").read_text().splitlines()]
+    def strip(run: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_s")}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
     assert strip(tmp_path / "a") == strip(tmp_path / "b")
 
 

@@ -31,7 +31,7 @@ def _train(recipe_path: Path, run_dir: Path, overrides: list[str] = (), on_step=
 def test_training_writes_metrics_checkpoints_and_recipe(tiny_recipe: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     _train(tiny_recipe, run)
-    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "step"]
     assert [r["step"] for r in steps] == list(range(9))  # 3 epochs × 3 steps, one line each
     assert all({"loss", "lr", "loss_nat", "loss_adv"} <= set(r) for r in steps)
@@ -54,8 +54,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_recipe: Path, tmp_pa
 
     # step 7: epoch 3 (steps 6-8) is half done; only epochs 1-2 are checkpointed
     kill_and_resume(load(tiny_recipe), broken, 7, reference=full, before_resume=only_epochs_1_and_2_saved)
-    steps = [json.loads(l)["step"] for l in (broken / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["kind"] == "step"]
+    steps = [json.loads(ln)["step"] for ln in (broken / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["kind"] == "step"]
     assert steps == list(range(9))  # the killed run's partial epoch was dropped from the log
 
 

@@ -196,7 +196,8 @@ def test_trades_loss_matches_formula() -> None:
 def test_pgd_accuracy_not_above_clean_and_trades_adversary_in_ball(pretrained) -> None:
     src, x, y = pretrained
     net = src.net(10, dual=False)
-    cfg = config("SLF", "other", "digits", 16, {"epochs": 15, "batch_size": 16, "lr": 0.5, "crop_padding": 0, "weight_decay": 0.0})
+    cfg = config("SLF", "other", "digits", 16, {"epochs": 15, "batch_size": 16, "lr": 0.5, "crop_padding": 0,
+                                                "weight_decay": 0.0})
     ft.train(cfg, net, x, y, CPU)
     net.eval()
     clean = accuracy(net, x, y, CPU)
@@ -274,7 +275,8 @@ def test_generated_corruptions_are_labelled_and_grow_with_severity(tmp_path: Pat
     torch.manual_seed(0)
     x = torch.rand(4, 3, 32, 32) * 0.6 + 0.2
     for name in C.GENERATED:
-        dist = [float((C.generate(x, name, s, torch.Generator().manual_seed(0)) - x).abs().mean()) for s in C.SEVERITIES]
+        dist = [float((C.generate(x, name, s, torch.Generator().manual_seed(0)) - x).abs().mean())
+                for s in C.SEVERITIES]
         assert dist[0] < dist[-1], name
         out = C.generate(x, name, 3, torch.Generator().manual_seed(0))
         assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
@@ -289,10 +291,12 @@ def test_generated_corruptions_are_labelled_and_grow_with_severity(tmp_path: Pat
 
 def test_finetune_and_evaluate_end_to_end(tiny_recipe: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    assert run("pretrain", str(tiny_recipe), "--run-dir", str(run_dir), "--quiet", "--set", "schedule.epochs=1").exit_code == 0
+    assert run("pretrain", str(tiny_recipe), "--run-dir", str(run_dir), "--quiet", "--set",
+               "schedule.epochs=1").exit_code == 0
     common = ["--epochs", "1", "--batch-size", "32", "--train-steps", "1", "--pgd-steps", "2", "--test-limit", "32",
               "--eps-curve", "0,8", "--set", "data.limit=64", "--quiet"]
-    result = run("finetune", str(run_dir), "--mode", "ALL", "--corruptions", "--corruption-limit", "8", "--json", *common)
+    result = run("finetune", str(run_dir), "--mode", "ALL", "--corruptions", "--corruption-limit", "8", "--json",
+                 *common)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     folder = Path(report["folder"])
@@ -324,7 +328,8 @@ def test_finetune_and_evaluate_end_to_end(tiny_recipe: Path, tmp_path: Path) -> 
     assert other.exit_code == 0, other.output
     assert len(list((run_dir / "evaluation").glob("*/SLF.json"))) == 2
     assert (folder / "SLF.json").is_file() and Path(json.loads(other.stdout)["folder"]) != folder
-    assert run("evaluate", str(run_dir), "--mode", "SLF", "--test-limit", "8", "--force", "--eps-curve", "").exit_code == 0
+    assert run("evaluate", str(run_dir), "--mode", "SLF", "--test-limit", "8", "--force", "--eps-curve",
+               "").exit_code == 0
     # a fine-tuned model replaced: the evaluations of the old one go with it
     assert run("finetune", str(run_dir), "--mode", "SLF", "--force", "--no-evaluate", *common).exit_code == 0
     assert not list((run_dir / "evaluation").glob("*/SLF.json")) and (folder / "ALF.json").is_file()
@@ -348,15 +353,18 @@ def test_finetune_and_evaluate_end_to_end(tiny_recipe: Path, tmp_path: Path) -> 
     assert run("export", str(run_dir)).exit_code == 0
     ext = tmp_path / "ext"
     weights = str(run_dir / "encoder.safetensors")
-    result = run("finetune", "--weights", weights, "--out", str(ext), "--mode", "SLF", "--set", "data.image_size=16", *common)
+    result = run("finetune", "--weights", weights, "--out", str(ext), "--mode", "SLF", "--set", "data.image_size=16",
+                 *common)
     assert result.exit_code == 0, result.output
     assert "SLF" in result.stdout and len(list((ext / "evaluation").glob("*/SLF.json"))) == 1
-    bad = run("finetune", "--weights", weights, "--timm", "resnet34", "--out", str(tmp_path / "bad"), "--mode", "SLF", *common)
+    bad = run("finetune", "--weights", weights, "--timm", "resnet34", "--out", str(tmp_path / "bad"), "--mode", "SLF",
+              *common)
     assert bad.exit_code == 2 and "missing layer" in bad.stderr and "wrong shape" in bad.stderr
 
 
 def test_transfer_recipe_swaps_the_dataset_only() -> None:
-    base = {"data": {"name": "cifar100", "labels": "coarse", "root": "/d", "image_size": 32}, "engine": {"device": "cpu"}}
+    base = {"data": {"name": "cifar100", "labels": "coarse", "root": "/d", "image_size": 32},
+            "engine": {"device": "cpu"}}
     r = ft.downstream_recipe(base, "stl10", None, 32, [])
     assert r.resolved["data"]["name"] == "stl10" and r.data.root == "/d" and r.data.image_size == 32
     assert resolve(base).resolved["data"]["labels"] == "coarse"

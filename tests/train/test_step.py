@@ -64,7 +64,8 @@ def test_the_pretraining_schedule_is_warmup_then_cosine() -> None:
     total, warm = epochs * per_epoch, warm_epochs * per_epoch
 
     def f(s: int) -> float:  # LambdaLR's value at s; step i runs at f(i + 1), its warm-up at peak·(i + 1)/W
-        return peak * s / warm if s <= warm else lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+        return (peak * s / warm if s <= warm
+                else lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))))
 
     for i in range(total):
         assert schedule.at(1 + i // per_epoch, i % per_epoch) == pytest.approx(f(i + 1), rel=1e-12), i

@@ -147,14 +147,16 @@ def test_an_epoch_reads_metrics_back_only_every_log_every_steps(tiny_recipe: Pat
     assert flushed == [2, 2, 2]
 
 
-def test_a_streamed_epoch_reads_nothing_back(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_streamed_epoch_reads_nothing_back(tiny_recipe: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The streamed path (host batches copied to the device ahead of use) keeps the epoch free of reads as well."""
     from rsslctl.data.stream import StreamSplit, on_device
     trainer = _trainer(tiny_recipe, tmp_path, "acl", ["data.limit=48", "engine.log_every=3", "data.stream='on'",
                                                       "data.workers=0"])
     assert isinstance(trainer.train, StreamSplit)
     flushed: list[int] = []
-    monkeypatch.setattr(trainer, "_flush", lambda pending, epoch, log: flushed.append(len(pending)) or [0.0] * len(pending))
+    monkeypatch.setattr(trainer, "_flush",
+                        lambda pending, epoch, log: flushed.append(len(pending)) or [0.0] * len(pending))
     from rsslctl.run.logs import LoggingOptions, RunLogger
     trainer._t_run, trainer._steps_at_start = 0.0, 0
     trainer.logger = RunLogger(tmp_path, LoggingOptions(tensorboard=False, csv=False), {}, quiet=True)
