@@ -89,7 +89,7 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     (carrying the signal) when interrupted — the elastic agent has stopped every rank by then."""
     import logging
 
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -106,12 +106,13 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
             min_nodes=spec.nnodes, max_nodes=spec.nnodes, nproc_per_node=spec.nproc_per_node,
             run_id="rsslctl" if spec.nnodes > 1 else uuid.uuid4().hex, role="rsslctl",
             rdzv_endpoint=spec.rdzv_endpoint or "localhost:0", rdzv_backend=backend, rdzv_configs=configs,
-            max_restarts=0, monitor_interval=0.1, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=logs),
+            max_restarts=0, monitor_interval=0.1, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=logs, redirects=Std.ERR),
             shutdown_timeout=SHUTDOWN_S)
         os.environ[CHILD_ENV] = "1"
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks must not each take every core
         try:
             elastic_launch(config, sys.executable)("-m", "rsslctl.cli", *argv)
+            replay_stderr(Path(logs))
         except ChildFailedError as exc:
             raise failure(Path(logs), {r: f.exitcode for r, f in exc.failures.items()}) from None
         except SignalException as exc:
@@ -124,6 +125,14 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
             raise
         finally:
             os.environ.pop(CHILD_ENV, None)
+
+
+def replay_stderr(logs: Path) -> None:
+    """After a successful run, what local rank 0 wrote to stderr (notes, warnings). The ranks' stderr goes to files
+    so that what a failing run's C++ runtime prints as its ranks are stopped ("terminate called …") never reaches
+    the terminal beside the ranks' one-line errors."""
+    for path in sorted(logs.glob("*/attempt_*/0/stderr.log")):
+        sys.stderr.write(path.read_text(errors="replace"))
 
 
 # -- the error records -------------------------------------------------------------------------------------------
