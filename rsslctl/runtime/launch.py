@@ -106,7 +106,8 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
             min_nodes=spec.nnodes, max_nodes=spec.nnodes, nproc_per_node=spec.nproc_per_node,
             run_id="rsslctl" if spec.nnodes > 1 else uuid.uuid4().hex, role="rsslctl",
             rdzv_endpoint=spec.rdzv_endpoint or "localhost:0", rdzv_backend=backend, rdzv_configs=configs,
-            max_restarts=0, monitor_interval=0.1, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=logs, redirects=Std.ERR),
+            max_restarts=0, monitor_interval=0.1, start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=logs, redirects=Std.ERR),
             shutdown_timeout=SHUTDOWN_S)
         os.environ[CHILD_ENV] = "1"
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks must not each take every core
