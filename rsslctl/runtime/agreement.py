@@ -54,13 +54,13 @@ def join(backend: str, device: torch.device | None, join_timeout_s: float, timeo
 
 
 def code_fingerprint(classes: tuple[type, ...] = ()) -> str:
-    """sha256 of rsslctl's and torch's versions, rsslctl's sources and the source files of ``classes`` (the plugins a
-    run uses)."""
+    """sha256 of torch's version, rsslctl's sources (its version included) and the source files of ``classes``
+    (the plugins a run uses)."""
     import inspect
 
-    import rsslctl
-    h = hashlib.sha256(f"{rsslctl.__version__} torch {torch.__version__}".encode())
-    root = Path(rsslctl.__file__).parent
+    # rsslctl's version is in its sources (the package root), which are hashed below: nothing here imports the root
+    h = hashlib.sha256(f"torch {torch.__version__}".encode())
+    root = Path(__file__).resolve().parents[1]
     files = [(str(p.relative_to(root)), p) for p in sorted(root.rglob("*.py"))]
     for cls in classes:
         source = inspect.getsourcefile(cls)
