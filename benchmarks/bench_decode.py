@@ -27,23 +27,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
+from bench_stream import write_jpegs  # the same synthetic 500×375 JPEGs
 
 from rsslctl.data.stream import StreamSplit
 from rsslctl_plugins.datasets.image_folder import ImageFolder, ImageFolderOptions
-
-
-def write_jpegs(root: Path, n: int, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        folder = root / "train" / f"c{i % 10}"
-        folder.mkdir(parents=True, exist_ok=True)
-        small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((500, 375), Image.Resampling.BICUBIC)
-        noisy = np.clip(np.asarray(img, dtype=np.int16) + rng.integers(-12, 13, (375, 500, 3)), 0, 255)
-        Image.fromarray(noisy.astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
 
 
 def torchvision_epoch(root: Path, size: int, rows: torch.Tensor, workers: int) -> Callable[[], int]:
