@@ -101,6 +101,20 @@ def tiny_recipe(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run pretrained through the CLI (one epoch of 64 digits), one per test module: the modules that
+    interrupt or lock fine-tuning and evaluation write beside its checkpoint, never into another module's run."""
+    from cli_helpers import run
+    root = tmp_path_factory.mktemp("pretrained")
+    (root / "tiny.toml").write_text(TINY)
+    out = root / "run"
+    result = run("pretrain", str(root / "tiny.toml"), "--run-dir", str(out), "--quiet", "--set", "schedule.epochs=1",
+                 "--set", "schedule.warmup_epochs=0", "--set", "data.limit=64")
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny simclr run (one epoch of two steps): the teacher of two-stage methods (DeACL, AdvCL)."""

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import run
 
 RSSLCTL = Path(sys.executable).with_name("rsslctl")
 #: holds the lock with the same helper finetune uses, until stdin closes (the lock object must stay referenced)
@@ -26,19 +25,6 @@ FAST = ["--mode", "SLF", "--batch-size", "32", "--test-limit", "32", "--set", "d
         "--no-evaluate"]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny pretrained run for both tests (neither leaves a fine-tuned model in it)."""
-    from conftest import TINY
-    root = tmp_path_factory.mktemp("lock")
-    (root / "tiny.toml").write_text(TINY)
-    out = root / "run"
-    result = run("pretrain", str(root / "tiny.toml"), "--run-dir", str(out), "--quiet", "--set", "schedule.epochs=1",
-                 "--set", "schedule.warmup_epochs=0", "--set", "data.limit=64")
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def _files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
@@ -51,26 +37,26 @@ def _one_line_refusal(proc: subprocess.CompletedProcess, *fragments: str) -> Non
         assert fragment in err, err
 
 
-def test_a_finetune_is_refused_while_another_process_holds_the_lock(run_dir: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir / "finetune")], stdin=subprocess.PIPE,
+def test_a_finetune_is_refused_while_another_process_holds_the_lock(pretrained_run: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(pretrained_run / "finetune")], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        before = _files(run_dir)
-        second = subprocess.run([str(RSSLCTL), "finetune", str(run_dir), "--epochs", "1", *FAST],
+        before = _files(pretrained_run)
+        second = subprocess.run([str(RSSLCTL), "finetune", str(pretrained_run), "--epochs", "1", *FAST],
                                 capture_output=True, text=True, timeout=120)
         _one_line_refusal(second, "in use by", f"process {holder.pid}", "fine-tuning")
-        assert _files(run_dir) == before  # nothing written or removed
+        assert _files(pretrained_run) == before  # nothing written or removed
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
 
 
 @pytest.mark.slow  # three real processes and a pretrained run's fine-tuning start-up
-def test_two_real_finetunes_the_second_is_refused_naming_the_first(run_dir: Path) -> None:
+def test_two_real_finetunes_the_second_is_refused_naming_the_first(pretrained_run: Path) -> None:
     # runs after the test above: that the first takes the lock also shows the holder's lock was released
-    lock = run_dir / "finetune" / ".rsslctl.lock"
-    first = subprocess.Popen([str(RSSLCTL), "finetune", str(run_dir), "--epochs", "100000", *FAST],
+    lock = pretrained_run / "finetune" / ".rsslctl.lock"
+    first = subprocess.Popen([str(RSSLCTL), "finetune", str(pretrained_run), "--epochs", "100000", *FAST],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -78,7 +64,7 @@ def test_two_real_finetunes_the_second_is_refused_naming_the_first(run_dir: Path
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline, "the first finetune never took the lock"
             time.sleep(0.2)
-        second = subprocess.run([str(RSSLCTL), "finetune", str(run_dir), "--epochs", "1", *FAST],
+        second = subprocess.run([str(RSSLCTL), "finetune", str(pretrained_run), "--epochs", "1", *FAST],
                                 capture_output=True, text=True, timeout=120)
         _one_line_refusal(second, "in use by", f"rsslctl process {first.pid} (fine-tuning)")
         assert first.poll() is None  # the first goes on undisturbed
@@ -86,6 +72,6 @@ def test_two_real_finetunes_the_second_is_refused_naming_the_first(run_dir: Path
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=60)
     assert first.returncode == 128 + signal.SIGTERM, err
-    assert not (run_dir / "finetune" / "SLF").exists()  # the interrupted mode left nothing behind
-    assert not list((run_dir / "finetune").glob(".SLF.tmp-*"))
+    assert not (pretrained_run / "finetune" / "SLF").exists()  # the interrupted mode left nothing behind
+    assert not list((pretrained_run / "finetune").glob(".SLF.tmp-*"))
     assert os.path.isfile(lock)  # the lock file stays (it is what keeps writers apart); the lock itself is gone

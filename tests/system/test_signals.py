@@ -11,24 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import run
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (apt-get install tmux)")
 RSSLCTL = Path(sys.executable).with_name("rsslctl")
 #: CPU seconds the command has spent before Ctrl-C: past the imports, inside the verb's own work
 BUSY_CPU_S = 6.0
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import TINY
-    root = tmp_path_factory.mktemp("signals")
-    (root / "tiny.toml").write_text(TINY)
-    out = root / "run"
-    result = run("pretrain", str(root / "tiny.toml"), "--run-dir", str(out), "--quiet", "--set", "schedule.epochs=1",
-                 "--set", "schedule.warmup_epochs=0", "--set", "data.limit=64")
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def _tmux(*args: str) -> str:
@@ -81,43 +68,43 @@ def temporaries(root: Path) -> list[str]:
     return [str(p) for p in root.rglob("*") if ".tmp" in p.name]
 
 
-def test_ctrl_c_during_evaluate(run_dir: Path, tmp_path: Path) -> None:
-    (run_dir / "embedding.png").write_bytes(b"earlier plot")
-    before = sorted(run_dir.rglob("results.json"))
-    rc, pane = interrupt_in_tmux(["evaluate", str(run_dir), "--force", "--plot-embedding",
+def test_ctrl_c_during_evaluate(pretrained_run: Path, tmp_path: Path) -> None:
+    (pretrained_run / "embedding.png").write_bytes(b"earlier plot")
+    before = sorted(pretrained_run.rglob("results.json"))
+    rc, pane = interrupt_in_tmux(["evaluate", str(pretrained_run), "--force", "--plot-embedding",
                                   "--set", "evaluation.epochs=100000"], tmp_path)
     assert_one_interrupt_line(rc, pane)
-    assert sorted(run_dir.rglob("results.json")) == before  # the interrupted evaluation stored nothing
-    assert (run_dir / "embedding.png").read_bytes() == b"earlier plot" and not temporaries(run_dir)
+    assert sorted(pretrained_run.rglob("results.json")) == before  # the interrupted evaluation stored nothing
+    assert (pretrained_run / "embedding.png").read_bytes() == b"earlier plot" and not temporaries(pretrained_run)
 
 
-def test_ctrl_c_during_finetune(run_dir: Path, tmp_path: Path) -> None:
-    earlier = run_dir / "finetune" / "SLF"
+def test_ctrl_c_during_finetune(pretrained_run: Path, tmp_path: Path) -> None:
+    earlier = pretrained_run / "finetune" / "SLF"
     earlier.mkdir(parents=True, exist_ok=True)
     (earlier / "config.json").write_text('{"earlier": true}')
-    rc, pane = interrupt_in_tmux(["finetune", str(run_dir), "--mode", "SLF", "--force", "--epochs", "100000",
+    rc, pane = interrupt_in_tmux(["finetune", str(pretrained_run), "--mode", "SLF", "--force", "--epochs", "100000",
                                   "--batch-size", "32", "--set", "data.limit=64", "--no-evaluate"], tmp_path)
     assert_one_interrupt_line(rc, pane)
-    assert (earlier / "config.json").read_text() == '{"earlier": true}' and not temporaries(run_dir)
+    assert (earlier / "config.json").read_text() == '{"earlier": true}' and not temporaries(pretrained_run)
 
 
-def test_ctrl_c_during_select_coreset(run_dir: Path, tmp_path: Path) -> None:
+def test_ctrl_c_during_select_coreset(pretrained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "coreset.json"
     out.write_text('{"earlier": true}')
-    rc, pane = interrupt_in_tmux(["select-coreset", "--run-dir", str(run_dir), "--fraction", "0.5", "--out", str(out),
-                                  "--force", "--set", "data.limit=0", "--set", "coreset.name='rcs'",
+    rc, pane = interrupt_in_tmux(["select-coreset", "--run-dir", str(pretrained_run), "--fraction", "0.5",
+                                  "--out", str(out), "--force", "--set", "data.limit=0", "--set", "coreset.name='rcs'",
                                   "--set", "schedule.batch_size=8"], tmp_path)
     assert_one_interrupt_line(rc, pane)
     assert out.read_text() == '{"earlier": true}' and not temporaries(tmp_path)
 
 
-def test_ctrl_c_while_starting_up(run_dir: Path, tmp_path: Path) -> None:
+def test_ctrl_c_while_starting_up(pretrained_run: Path, tmp_path: Path) -> None:
     """Pressed while torch and the plugins are still being imported (the command's first CPU second): the CLI
     itself starts without torch, so this is the verb importing it."""
     global BUSY_CPU_S
     busy, BUSY_CPU_S = BUSY_CPU_S, 0.3
     try:
-        rc, pane = interrupt_in_tmux(["evaluate", str(run_dir), "--force"], tmp_path)
+        rc, pane = interrupt_in_tmux(["evaluate", str(pretrained_run), "--force"], tmp_path)
     finally:
         BUSY_CPU_S = busy
     assert rc == 130 and "Traceback" not in pane, pane
