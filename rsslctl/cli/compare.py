@@ -20,9 +20,12 @@ from rsslctl.runtime.checkpoint import atomic_write_text
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="table (terminal), markdown, csv, json, latex (booktabs) or html (one offline file).")
 @click.option("--out", type=click.Path(path_type=Path), help="Write to this file instead of standard output.")
+@click.option("--columns", metavar="KEY,…",
+              help="Recipe keys and evaluation settings to show as columns, comma-separated ('none' for none; "
+                   "default: every one that differs between rows). Rows are grouped by the whole recipe either way.")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @user_errors
-def compare_command(paths: tuple[Path, ...], fmt: str, out: Path | None, force: bool) -> None:
+def compare_command(paths: tuple[Path, ...], fmt: str, out: Path | None, columns: str | None, force: bool) -> None:
     """Compare the evaluations of run directories and sweep directories (RUN_OR_SWEEP…): runs whose recipes differ
     only in run.seed form a group; per group and evaluation setting, mean ± std and a 95 % Student-t interval."""
     if out is not None:  # checked before anything is read, so a refusal costs nothing
@@ -32,7 +35,8 @@ def compare_command(paths: tuple[Path, ...], fmt: str, out: Path | None, force: 
         check_output(out, reads, "--out file", force)
         if fmt == "html" and out.suffix.lower() not in (".html", ".htm"):
             raise UserError(f"--out {out}: name an .html file for --format html")
-    result = compare(paths)
+    chosen = None if columns is None else [c.strip() for c in columns.split(",") if c.strip() not in ("", "none")]
+    result = compare(paths, chosen)
     if fmt == "table":
         if out is None:
             console.print(table(result))

@@ -58,16 +58,24 @@ def flat(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def expand(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
     """Run directories named by ``paths`` (a sweep directory stands for its finished runs), each once; plus notes on
     the runs of a sweep that are left out. A path that is neither is a UserError."""
+    return _expand(paths)[:2]
+
+
+def _expand(paths: Iterable[Path]) -> tuple[list[Path], list[str], dict[Path, str]]:
+    """``expand`` plus the name of the path each run came from (a sweep's or a run's directory name)."""
     runs: list[Path] = []
     notes: list[str] = []
+    source: dict[Path, str] = {}
     for path in map(Path, paths):
         if (path / SWEEP_FILE).is_file():
             done, left = sweep_runs(path)
             runs += done
+            source.update({r.resolve(): path.resolve().name for r in done})
             if left:
                 notes.append(f"{path}: {len(left)} run(s) of the sweep not finished, left out ({', '.join(left[:5])})")
         elif path.is_dir() and is_run_dir(path):
             runs.append(path)
+            source.setdefault(path.resolve(), path.resolve().name)
         elif not path.exists():
             raise UserError(f"{path}: not found; pass run directories or sweep directories (with {SWEEP_FILE})")
         else:
@@ -79,7 +87,7 @@ def expand(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
         if run.resolve() not in seen:
             seen.add(run.resolve())
             unique.append(run)
-    return unique, notes
+    return unique, notes, source
 
 
 def sweep_runs(sweep_dir: Path) -> tuple[list[Path], list[str]]:
@@ -130,6 +138,8 @@ def measurements(run_dir: Path) -> list[Measured]:
 
 def suite_measured(run_dir: Path, seed: Any, recipe: dict[str, Any], mode: str, r: dict[str, Any]) -> Measured:
     """A fine-tuned mode's result: the report columns of the registered metrics, its suite and fine-tuning settings."""
+    import rsslctl.eval.suite  # noqa: F401  registers the built-in metrics, whose columns read the result
+
     figures = {}
     for m in METRICS.values():
         for title, get in m.columns:
@@ -206,10 +216,13 @@ def _key(d: Mapping[str, Any]) -> str:
     return json.dumps(sorted(d.items(), key=lambda kv: kv[0]), default=str)
 
 
-def compare(paths: Iterable[Path]) -> dict[str, Any]:
+def compare(paths: Iterable[Path], columns: list[str] | None = None) -> dict[str, Any]:
     """The comparison of the runs and sweeps named by ``paths`` (see the module doc); a UserError when none of them
-    holds an evaluation."""
-    runs, notes = expand(paths)
+    holds an evaluation. With several sweeps every row is named by the sweep directory its runs came from (``name``).
+    ``columns`` chooses the recipe and evaluation-setting columns shown (default: every key that differs between
+    rows); rows are grouped by the whole recipe either way."""
+    paths = list(paths)
+    runs, notes, source = _expand(paths)
     measured: list[Measured] = []
     unevaluated = []
     for run in runs:
@@ -228,6 +241,22 @@ def compare(paths: Iterable[Path]) -> dict[str, Any]:
     recipe_cols = _differing([m.recipe for m in measured])
     setting_cols = {p: _differing([m.settings for m in measured if m.protocol == p])
                     for p in dict.fromkeys(m.protocol for m in measured)}
+    differing_settings = {p: cols for p, cols in setting_cols.items() if cols}
+    if columns is not None:
+        known = {k for m in measured for k in (*m.recipe, *m.settings)}
+        unknown = [c for c in columns if c not in known]
+        if unknown:
+            differ = recipe_cols + sorted({c for cols in setting_cols.values() for c in cols})
+            raise UserError(f"--columns {unknown[0]}: no compared run has this recipe key or evaluation setting; "
+                            f"keys that differ here: {', '.join(differ) or 'none'}")
+        hidden = [c for c in recipe_cols if c not in columns]
+        if hidden:
+            notes.append(f"{len(hidden)} recipe key(s) that differ between rows are not shown (--columns): "
+                         f"{', '.join(hidden[:8])}{' …' if len(hidden) > 8 else ''}")
+        recipe_cols = [c for c in columns if any(c in m.recipe for m in measured)]
+        setting_cols = {p: [c for c in columns if c not in recipe_cols and any(c in m.settings for m in measured
+                                                                                if m.protocol == p)]
+                        for p in setting_cols}
     figures = list(dict.fromkeys(f for m in measured for f in m.figures))
     out_rows = []
     for (_, protocol, _), group in rows.items():
@@ -238,6 +267,7 @@ def compare(paths: Iterable[Path]) -> dict[str, Any]:
             notes.append(f"{first.run}: seed(s) {', '.join(doubled)} appear more than once in a group "
                          "(copies of one run?); each copy counts")
         out_rows.append({
+            "name": ", ".join(dict.fromkeys(source.get(m.run.resolve(), m.run.name) for m in group)),
             "recipe": {k: first.recipe.get(k) for k in recipe_cols},
             "evaluation": protocol,
             "settings": {k: first.settings.get(k) for k in setting_cols[protocol]},
@@ -248,12 +278,12 @@ def compare(paths: Iterable[Path]) -> dict[str, Any]:
             "eps_curve": _mean_curve([m.eps_curve for m in group]), "eps_unit": first.eps_unit,
             "training": _mean_curve([training_curve(m.run) for m in group]),
         })
-    for p, cols in setting_cols.items():
+    for p, cols in differing_settings.items():
         if cols:
             notes.append(f"{p}: runs were evaluated with different settings ({', '.join(cols)}); "
                          "they are kept in separate rows, never averaged together")
     return {"format": "rsslctl-compare", "version": 1, "unit": "%", "level": LEVEL,
-            "recipe_columns": recipe_cols,
+            "name_column": sum((Path(p) / SWEEP_FILE).is_file() for p in paths) > 1, "recipe_columns": recipe_cols,
             "setting_columns": list(dict.fromkeys(c for cols in setting_cols.values() for c in cols)),
             "figures": figures, "rows": out_rows, "notes": notes}
 

@@ -32,11 +32,13 @@ def _stat(s: dict[str, Any] | None, ci: bool = True) -> str:
 
 
 def _header(cmp: dict[str, Any]) -> list[str]:
-    return [*cmp["recipe_columns"], "evaluation", *cmp["setting_columns"], "seeds"]
+    return [*(["name"] if cmp.get("name_column") else []), *cmp["recipe_columns"], "evaluation",
+            *cmp["setting_columns"], "seeds"]
 
 
 def _lead(cmp: dict[str, Any], row: dict[str, Any]) -> list[str]:
-    return [*(_text(row["recipe"].get(c)) for c in cmp["recipe_columns"]), row["evaluation"],
+    return [*([row["name"]] if cmp.get("name_column") else []),
+            *(_text(row["recipe"].get(c)) for c in cmp["recipe_columns"]), row["evaluation"],
             *(_text(row["settings"].get(c)) if c in row["settings"] else "" for c in cmp["setting_columns"]),
             str(len(row["seeds"]))]
 

@@ -200,3 +200,35 @@ def test_bad_input_is_one_line(runs: Path, tmp_path: Path) -> None:
     (tmp_path / "bad-sweep").mkdir()
     (tmp_path / "bad-sweep" / "sweep.json").write_text("{not json")
     assert_user_error(run("compare", str(tmp_path / "bad-sweep")), "sweep.json", "unreadable")
+
+
+def _sweep(root: Path, name: str, method: str, results: list[tuple[float, float]], epochs: int = 10) -> Path:
+    sweep = root / name
+    entries = []
+    for seed, probe in enumerate(results):
+        fake_run(sweep, f"r{seed}", seed, method=method, probe=probe, epochs=epochs)
+        entries.append({"name": f"seed{seed}", "dir": f"r{seed}", "seed": seed, "overrides": {}, "status": "done"})
+    (sweep / "sweep.json").write_text(json.dumps({"format": "rsslctl-sweep", "version": 1, "sweep_hash": name,
+                                                  "runs": entries}))
+    return sweep
+
+
+def test_sweeps_name_their_rows_and_columns_choose_what_is_shown(tmp_path: Path) -> None:
+    a = _sweep(tmp_path, "acl-board", "acl", [(0.8, 0.5), (0.82, 0.52)])
+    b = _sweep(tmp_path, "simclr-board", "simclr", [(0.81, 0.3), (0.79, 0.32)], epochs=20)
+    result = compare([a, b])
+    assert result["name_column"] and result["recipe_columns"] == ["method.name", "schedule.epochs"]
+    assert {r["name"]: r["recipe"]["method.name"] for r in result["rows"]} == {"acl-board": "acl",
+                                                                            "simclr-board": "simclr"}
+    md = run("compare", str(a), str(b), "--columns", "none", "--format", "markdown")
+    assert md.exit_code == 0, md.output
+    assert md.stdout.splitlines()[0] == "| name | evaluation | seeds | clean | PGD-20 |"
+    assert "| acl-board | probe | 2 | 81.00 ± 1.41" in md.stdout
+    assert "2 recipe key(s) that differ between rows are not shown (--columns): method.name, schedule.epochs" \
+        in md.stdout
+    only = compare([a, b], ["schedule.epochs"])
+    assert only["recipe_columns"] == ["schedule.epochs"] and len(only["rows"]) == 2  # still grouped by the whole recipe
+    one = compare([a])
+    assert not one["name_column"]
+    assert_user_error(run("compare", str(a), str(b), "--columns", "method.nme"), "--columns method.nme",
+                      "method.name")
