@@ -7,9 +7,11 @@ Synthetic ImageNet-like JPEGs (500×375, quality 90, smooth content plus noise) 
 ImageFolder layout. Per target size, each round reads one shuffled epoch in minibatches of ``--batch`` through
 
 * ``torchvision``: ``torchvision.datasets.ImageFolder`` with PIL's antialiased bicubic ``Resize`` and
-  ``PILToTensor``, a ``DataLoader`` with ``--workers`` workers: what the resident loader used to do per image;
-* ``rsslctl``: ``StreamSplit`` over the ``image_folder`` plugin's ``FileSource`` (torchvision.io decode, tensor
-  resize) with the same number of workers and the same order;
+  ``PILToTensor``, one ``DataLoader`` with ``--workers`` persistent workers for all rounds (what a training script
+  does at its best): what the resident loader used to do per image;
+* ``rsslctl``: one ``StreamSplit`` over the ``image_folder`` plugin's ``FileSource`` (torchvision.io decode, tensor
+  resize, batches decoded into shared memory, workers kept between epochs) with the same number of workers and
+  the same order;
 * ``rsslctl-nvjpeg`` (``--device cuda`` only): the same, decoding the JPEGs in batches on the GPU.
 
 Both produce uint8 [B, 3, S, S] batches of the same pixels within rounding (the script checks the first batch).
@@ -41,9 +43,11 @@ def torchvision_epoch(root: Path, size: int, rows: torch.Tensor, workers: int) -
     tf = transforms.Compose([transforms.Resize((size, size), transforms.InterpolationMode.BICUBIC),
                              transforms.PILToTensor()])
     ds = torchvision.datasets.ImageFolder(str(root / "train"), transform=tf)
+    # one loader for every round, its workers kept between epochs, as a training script would do
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=rows.tolist(), num_workers=workers,
+                                         persistent_workers=workers > 0)
 
     def run(first: list | None = None) -> int:
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=rows.tolist(), num_workers=workers)
         n = 0
         for x, _ in loader:
             if first is not None and not first:
@@ -56,9 +60,9 @@ def torchvision_epoch(root: Path, size: int, rows: torch.Tensor, workers: int) -
 def rsslctl_epoch(root: Path, size: int, rows: torch.Tensor, workers: int, device: torch.device,
                   on_device: bool) -> Callable[[], int]:
     source = ImageFolder(ImageFolderOptions(image_size=size), root).source("train")
+    split = StreamSplit(source, size, workers=workers, decode_on_device=on_device)  # one per run, as in training
 
     def run(first: list | None = None) -> int:
-        split = StreamSplit(source, size, workers=workers, decode_on_device=on_device)
         n = 0
         for x, _ in split.batches(rows, device):
             if first is not None and not first:

@@ -77,9 +77,29 @@ def test_workers_resume_position_and_gather(tiny_recipe: Path, tmp_path: Path) -
     tail = list(split.batches(rows, CPU, start=4))  # resumed at step 4 of the epoch
     assert len(full) == 6 and len(tail) == 2
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[4:], tail))
+    # an epoch left half read (a run stopped inside it), then the next epoch's order through the same workers
+    other = torch.randperm(48, generator=torch.Generator().manual_seed(2)).view(6, 8)
+    next(iter(split.batches(other, CPU)))
+    for idx, (x, y) in zip(other, split.batches(other, CPU), strict=True):
+        assert torch.equal(x, resident.images[idx]) and torch.equal(y, resident.labels[idx])
     lazy = StreamedImages(split, CPU)
     idx = torch.tensor([47, 3, 3, 0])
     assert lazy.shape == resident.images.shape and torch.equal(lazy[idx], resident.images[idx])
+
+
+def test_workers_serve_every_epoch_of_a_run(tmp_path: Path) -> None:
+    """The worker processes start once per split, not once per epoch (their warm-up cost every epoch)."""
+    import os
+
+    class Pids(HostSource):
+        def read(self, i: int) -> torch.Tensor:
+            return torch.full((3, 4, 4), os.getpid() % 251, dtype=torch.uint8)
+
+    images = ImageData(torch.zeros((16, 3, 4, 4), dtype=torch.uint8), torch.zeros(16, dtype=torch.long), ["a"], "x")
+    split = StreamSplit(Pids(images), 4, workers=2)
+    rows = torch.arange(16).view(4, 4)
+    seen = [{int(x[0, 0, 0, 0]) for x, _ in split.batches(rows, CPU)} for _ in range(3)]
+    assert len(seen[0]) == 2 and seen[0] == seen[1] == seen[2]
 
 
 @pytest.mark.parametrize("stream", ["on", "off"])
