@@ -377,6 +377,8 @@ def finetune_command(run_dir: Path | None, mode: str, timm_model: str | None, we
     if ranks is not None:  # everything above is checked once here, before any rank starts
         for c in configs:
             refuse_existing(mode_dir(out_dir, c.mode), "fine-tuning output", force)
+        from rsslctl.run.validate import check_before_launch
+        check_before_launch(recipe)  # the downstream data can be read, the engine fits the device
         return start_ranks(ranks, recipe.engine.join_timeout_s)
     # one fine-tuning (and its evaluation) per output directory at a time: a second one would replace the first's
     # mode directories while it reads them; refused in one line naming the holder, released when this one ends

@@ -32,6 +32,10 @@ def selection_recipe(recipe_file: Path | None, run_dir: Path | None, fraction: f
     if run_dir and not source.is_file():
         raise UserError(f"{run_dir}: not a run directory (no {RECIPE_FILE}); pass the directory `rsslctl pretrain` "
                         "created")
+    if run_dir:
+        from rsslctl.runtime.checkpoint import latest_checkpoint
+        if latest_checkpoint(Path(run_dir)) is None:
+            raise no_encoder(run_dir)
     raw = load_raw(source)
     table = raw.get("coreset", {}) if isinstance(raw.get("coreset"), dict) else {}
     # this command selects once: no warm-up, no file to consume; the recipe's selector (or the default one) selects
@@ -39,6 +43,11 @@ def selection_recipe(recipe_file: Path | None, run_dir: Path | None, fraction: f
     fixed = [] if table.get("name", NONE) != NONE else [f"coreset.name={default}"]
     return resolve(raw, fixed + ['coreset.indices_file=""', "coreset.warmup_epochs=0", *overrides,
                                  f"coreset.fraction={fraction!r}"], str(source))
+
+
+def no_encoder(run_dir: Path) -> UserError:
+    return UserError(f"{run_dir}: no checkpoint yet, so there is no encoder to select with; pretrain first (or pass "
+                     "the RECIPE to select with the untrained model)")
 
 
 def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: float, out: Path,
@@ -67,9 +76,8 @@ def select_standalone(recipe_file: Path | None, run_dir: Path | None, fraction: 
     ckpt, epoch = None, 0
     if run_dir:
         found = load_latest(Path(run_dir))
-        if found is None:
-            raise UserError(f"{run_dir}: no checkpoint yet, so there is no encoder to select with; pretrain first "
-                            "(or pass the RECIPE to select with the untrained model)")
+        if found is None:  # removed since selection_recipe looked
+            raise no_encoder(run_dir)
         ckpt, state, _, meta = found
         refuse_nonfinite(state, str(ckpt))
         load_weights(method, state, ckpt)
@@ -115,6 +123,8 @@ def select_coreset(recipe_file: Path | None, run_dir: Path | None, fraction: flo
     ranks = launch_spec(**launch)
     if ranks is not None:  # the arguments and the recipe are checked once here, before any rank starts
         recipe = selection_recipe(recipe_file, run_dir, fraction, out, list(overrides), force)
+        from rsslctl.run.validate import check_before_launch
+        check_before_launch(recipe)  # the data can be read, the engine fits the device
         return start_ranks(ranks, recipe.engine.join_timeout_s)
     meta = select_standalone(recipe_file, run_dir, fraction, out, list(overrides), force)
     console.print(summary_table(f"coreset written to {out}", {

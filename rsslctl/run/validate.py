@@ -40,6 +40,13 @@ def train_size(recipe: Recipe) -> int:
     return min(n, recipe.data.limit) if recipe.data.limit else n
 
 
+def check_before_launch(recipe: Recipe) -> int:
+    """What a launcher checks once before it starts the ranks of a verb that reads ``recipe``'s data: the engine
+    options on the device the ranks will use and that the training split can be read; its size."""
+    check_engine(recipe, planned_device(recipe))
+    return train_size(recipe)
+
+
 def planned_device(recipe: Recipe) -> torch.device:
     """The device a single-process run of the recipe would use, without joining a process group."""
     return distributed.setup(recipe.engine.device, recipe.engine.backend) if not distributed.launched() else \

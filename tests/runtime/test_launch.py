@@ -93,6 +93,27 @@ def test_resuming_with_another_number_of_ranks_is_refused_before_any_starts(tiny
     assert not started
 
 
+def test_finetune_and_selection_check_data_and_encoder_before_any_rank_starts(
+        pretrained_run: Path, tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    started = []
+    monkeypatch.setattr(launch, "launch", lambda *a: started.append(a))
+    missing = tmp_path / "no-data"
+    result = run("finetune", str(pretrained_run), "--mode", "SLF", "--out", str(tmp_path / "ft"), "--data", "cifar10",
+                 "--data-root", str(missing), "--nproc-per-node", "2")
+    assert_user_error(result, str(missing))
+    unpretrained = tmp_path / "fresh"
+    from rsslctl.run.directory import prepare_run_dir
+    from rsslctl.run.recipe import load
+    prepare_run_dir(load(tiny_recipe), unpretrained, False)
+    result = run("select-coreset", "--run-dir", str(unpretrained), "--fraction", "0.5", "--out",
+                 str(tmp_path / "c.json"), "--nproc-per-node", "2")
+    assert_user_error(result, "no checkpoint yet")
+    result = run("select-coreset", str(tiny_recipe), "--fraction", "0.5", "--out", str(tmp_path / "c.json"),
+                 "--nproc-per-node", "2", "--set", "data.name='cifar10'", "--set", f"data.root='{missing}'")
+    assert_user_error(result, str(missing))
+    assert not started and not (tmp_path / "ft").exists() and not (tmp_path / "c.json").exists()
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--rdzv-endpoint", "host:99999", "--nnodes", "2"], "'99999' is not a TCP port"),
     (["--rdzv-endpoint", "host:x", "--nnodes", "2"], "'x' is not a TCP port"),
