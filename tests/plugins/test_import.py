@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_helpers import assert_user_error, run
+from cli_helpers import assert_user_error, reference_bn, run
 from safetensors.torch import load_file
 
 from rsslctl.run.build import load_trained_method
@@ -29,19 +29,6 @@ BLOCKS = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3
 # -- reference layouts, written by the test ---------------------------------------------------------------------
 
 
-def _bn(prefix: str, c: int, routes: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """A BN in the reference layout: bn_list.{0..routes-1}.* (routes 0 = plain torchvision BN)."""
-    out = {}
-    for r in range(routes) if routes else [None]:
-        p = f"{prefix}.bn_list.{r}." if r is not None else f"{prefix}."
-        out[p + "weight"] = torch.rand(c, generator=g) + 0.5
-        out[p + "bias"] = torch.randn(c, generator=g) * 0.1
-        out[p + "running_mean"] = torch.randn(c, generator=g) * 0.1
-        out[p + "running_var"] = torch.rand(c, generator=g) + 0.5
-        out[p + "num_batches_tracked"] = torch.tensor(7 + (r or 0))
-    return out
-
-
 def reference_resnet(depth: int = 18, widths: tuple = TINY, routes: int = 2, head: int = 3, classifier: int = 0,
                      stem: int = 3, downsample: str = "conv/bn", normalize: bool = True, seed: int = 0) -> dict:
     """State dict of the ACL-family ResNet (models/resnet_multi_bn.py of the four repositories) + proj_head."""
@@ -53,7 +40,7 @@ def reference_resnet(depth: int = 18, widths: tuple = TINY, routes: int = 2, hea
         sd["normalize.mean"] = torch.tensor([0.485, 0.456, 0.406])
         sd["normalize.std"] = torch.tensor([0.229, 0.224, 0.225])
     sd["conv1.weight"] = torch.randn(64, 3, stem, stem, generator=g) * 0.2
-    sd.update(_bn("bn1", 64, routes, g))
+    sd.update(reference_bn("bn1", 64, routes, g))
     inplanes = 64
     conv_name, bn_name = (("downsample.conv", "downsample.bn") if downsample == "conv/bn"
                           else ("downsample.0", "downsample.1"))
@@ -65,16 +52,16 @@ def reference_resnet(depth: int = 18, widths: tuple = TINY, routes: int = 2, hea
                      else [(planes, inplanes, 3), (planes, planes, 3)])
             for i, (o, c, k) in enumerate(convs, 1):
                 sd[f"{p}.conv{i}.weight"] = torch.randn(o, c, k, k, generator=g) * (2 / (c * k * k)) ** 0.5
-                sd.update(_bn(f"{p}.bn{i}", o, routes, g))
+                sd.update(reference_bn(f"{p}.bn{i}", o, routes, g))
             if b == 0 and (stride != 1 or inplanes != planes * expansion):
                 sd[f"{p}.{conv_name}.weight"] = torch.randn(planes * expansion, inplanes, 1, 1, generator=g) * 0.2
-                sd.update(_bn(f"{p}.{bn_name}", planes * expansion, routes, g))
+                sd.update(reference_bn(f"{p}.{bn_name}", planes * expansion, routes, g))
             inplanes = planes * expansion
     for n in range(1, head + 1):  # fc1 with bias, later layers without (proj_head)
         sd[f"fc.fc{n}.weight"] = torch.randn(inplanes, inplanes, generator=g) * 0.2
         if n == 1:
             sd["fc.fc1.bias"] = torch.randn(inplanes, generator=g) * 0.1
-        sd.update(_bn(f"fc.bn{n}", inplanes, routes, g))
+        sd.update(reference_bn(f"fc.bn{n}", inplanes, routes, g))
     if classifier:
         sd["fc.weight"] = torch.randn(classifier, inplanes, generator=g)
         sd["fc.bias"] = torch.zeros(classifier)
@@ -88,10 +75,10 @@ def reference_emp(widths: tuple = TINY, pre: int = 32, hidden: int = 24, z: int 
     feat = widths[-1]
     sd["pre_feature.0.weight"], sd["pre_feature.0.bias"] = (torch.randn(pre, feat, generator=g),
                                                             torch.randn(pre, generator=g))
-    sd.update(_bn("pre_feature.1", pre, 0, g))
+    sd.update(reference_bn("pre_feature.1", pre, 0, g))
     sd["projection.0.weight"], sd["projection.0.bias"] = (torch.randn(hidden, pre, generator=g),
                                                           torch.randn(hidden, generator=g))
-    sd.update(_bn("projection.1", hidden, 0, g))
+    sd.update(reference_bn("projection.1", hidden, 0, g))
     sd["projection.3.weight"], sd["projection.3.bias"] = (torch.randn(z, hidden, generator=g),
                                                           torch.randn(z, generator=g))
     return {f"module.{k}": v for k, v in sd.items()}

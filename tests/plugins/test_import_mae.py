@@ -7,14 +7,13 @@ eps 1e-6; fixed sin-cos positions with the column half first), at a tiny size.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_helpers import assert_user_error, run
+from cli_helpers import assert_user_error, evaluate_finetune_export, run
 from safetensors.torch import load_file
 from torch import nn
 
@@ -167,17 +166,7 @@ def test_imported_mae_encoder_evaluates_finetunes_and_exports(tmp_path: Path) ->
     result = run("import", str(path), "--format", "mae", "--out", str(out), "--quiet", "--set", "data.name=digits",
                  "--set", "engine.device=cpu")
     assert result.exit_code == 0, result.output
-    result = run("evaluate", str(out), "--json", "--set", "evaluation.epochs=2", "--set", "evaluation.limit=32",
-                 "--set", "evaluation.steps=1")
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["test_images"] == 32
-    result = run("finetune", str(out), "--mode", "SLF", "--epochs", "1", "--batch-size", "32", "--train-steps", "1",
-                 "--pgd-steps", "1", "--test-limit", "32", "--eps-curve", "0,8", "--set", "data.limit=64", "--quiet",
-                 "--json")
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["modes"]["SLF"]["test_images"] == 32
-    assert run("export", str(out)).exit_code == 0
-    exported = load_file(str(out / "encoder.safetensors"))
+    exported = evaluate_finetune_export(out)
     assert torch.equal(exported["blocks.1.attn.qkv.weight"], torch.load(path, weights_only=True)["model"][
         "blocks.1.attn.qkv.weight"])
 

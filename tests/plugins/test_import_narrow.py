@@ -6,13 +6,12 @@ That is the CIFAR ResNet rsslctl's narrow recipes build with ``backbone.stem_wid
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_helpers import assert_user_error, run
+from cli_helpers import assert_user_error, evaluate_finetune_export, reference_bn, run
 from safetensors.torch import load_file
 
 from rsslctl.run.build import load_trained_method
@@ -25,16 +24,6 @@ SHIPPED = {"acl": "acl", "dynacl": "dynacl", "air": "dynacl_air", "rcs": "acl", 
            "cf_amc_ssl": "cf_amc_ssl"}
 
 
-def _bn(sd: dict, prefix: str, c: int, routes: int, g: torch.Generator) -> None:
-    for r in range(routes) if routes else [None]:
-        p = f"{prefix}.bn_list.{r}." if r is not None else f"{prefix}."
-        sd[p + "weight"] = torch.rand(c, generator=g) + 0.5
-        sd[p + "bias"] = torch.randn(c, generator=g) * 0.1
-        sd[p + "running_mean"] = torch.randn(c, generator=g) * 0.1
-        sd[p + "running_var"] = torch.rand(c, generator=g) + 0.5
-        sd[p + "num_batches_tracked"] = torch.tensor(3)
-
-
 def narrow_resnet(widths: tuple = NARROW, bottleneck: bool = False, routes: int = 2, head: int = 3,
                   shortcut: tuple = ("downsample.conv", "downsample.bn"), seed: int = 0, stem: int = 0) -> dict:
     """A ResNet-18 (or ResNet-50) state dict as the reference code saves it, narrowed: ``inplanes`` starts at the
@@ -45,7 +34,7 @@ def narrow_resnet(widths: tuple = NARROW, bottleneck: bool = False, routes: int 
     sd: dict[str, torch.Tensor] = {"normalize.mean": torch.tensor([0.4914, 0.4822, 0.4465]),
                                    "normalize.std": torch.tensor([0.2470, 0.2435, 0.2616])}
     sd["conv1.weight"] = torch.randn(inplanes, 3, 3, 3, generator=g) * 0.3
-    _bn(sd, "bn1", inplanes, routes, g)
+    sd.update(reference_bn("bn1", inplanes, routes, g, tracked=3))
     for stage, (n, planes) in enumerate(zip(blocks, widths), 1):
         for b in range(n):
             p, stride = f"layer{stage}.{b}", (2 if b == 0 and stage > 1 else 1)
@@ -53,16 +42,16 @@ def narrow_resnet(widths: tuple = NARROW, bottleneck: bool = False, routes: int 
                      else [(planes, inplanes, 3), (planes, planes, 3)])
             for i, (o, c, k) in enumerate(convs, 1):
                 sd[f"{p}.conv{i}.weight"] = torch.randn(o, c, k, k, generator=g) * (2 / (c * k * k)) ** 0.5
-                _bn(sd, f"{p}.bn{i}", o, routes, g)
+                sd.update(reference_bn(f"{p}.bn{i}", o, routes, g, tracked=3))
             if stride != 1 or inplanes != planes * expansion:
                 sd[f"{p}.{shortcut[0]}.weight"] = torch.randn(planes * expansion, inplanes, 1, 1, generator=g) * 0.3
-                _bn(sd, f"{p}.{shortcut[1]}", planes * expansion, routes, g)
+                sd.update(reference_bn(f"{p}.{shortcut[1]}", planes * expansion, routes, g, tracked=3))
             inplanes = planes * expansion
     for n in range(1, head + 1):  # proj_head: fc1 with bias, the others without
         sd[f"fc.fc{n}.weight"] = torch.randn(inplanes, inplanes, generator=g) * 0.3
         if n == 1:
             sd["fc.fc1.bias"] = torch.randn(inplanes, generator=g) * 0.1
-        _bn(sd, f"fc.bn{n}", inplanes, routes, g)
+        sd.update(reference_bn(f"fc.bn{n}", inplanes, routes, g, tracked=3))
     return sd
 
 
@@ -73,9 +62,9 @@ def narrow_emp(widths: tuple = NARROW, pre: int = 24, hidden: int = 20, z: int =
     res = narrow_resnet(widths, routes=0, head=0, shortcut=("downsample.0", "downsample.1"))
     sd = {f"backbone.{k}": v for k, v in res.items() if not k.startswith("normalize.")}
     sd["pre_feature.0.weight"], sd["pre_feature.0.bias"] = torch.randn(pre, widths[-1], generator=g), torch.zeros(pre)
-    _bn(sd, "pre_feature.1", pre, 0, g)
+    sd.update(reference_bn("pre_feature.1", pre, 0, g, tracked=3))
     sd["projection.0.weight"], sd["projection.0.bias"] = torch.randn(hidden, pre, generator=g), torch.zeros(hidden)
-    _bn(sd, "projection.1", hidden, 0, g)
+    sd.update(reference_bn("projection.1", hidden, 0, g, tracked=3))
     sd["projection.3.weight"], sd["projection.3.bias"] = torch.randn(z, hidden, generator=g), torch.zeros(z)
     return {f"module.{k}": v for k, v in sd.items()}
 
@@ -221,15 +210,5 @@ def test_narrowed_acl_file_computes_the_reference_forward_and_runs_end_to_end(tm
             feat, z = reference_forward(sd, x, route)
             assert torch.allclose(encoder.features(x, name), feat, rtol=0, atol=2e-6 * feat.abs().max())
             assert torch.allclose(encoder(x, name), z, rtol=0, atol=2e-6 * z.abs().max())
-    result = run("evaluate", str(out), "--json", "--set", "evaluation.epochs=2", "--set", "evaluation.limit=32",
-                 "--set", "evaluation.steps=1")
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["test_images"] == 32
-    result = run("finetune", str(out), "--mode", "SLF", "--epochs", "1", "--batch-size", "32", "--train-steps", "1",
-                 "--pgd-steps", "1", "--test-limit", "32", "--eps-curve", "0,8", "--set", "data.limit=64", "--quiet",
-                 "--json")
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["modes"]["SLF"]["test_images"] == 32
-    assert run("export", str(out)).exit_code == 0
-    exported = load_file(str(out / "encoder.safetensors"))
+    exported = evaluate_finetune_export(out)
     assert exported["conv1.weight"].shape == (8, 3, 3, 3) and torch.equal(exported["conv1.weight"], sd["conv1.weight"])
