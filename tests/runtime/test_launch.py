@@ -252,3 +252,27 @@ def test_an_interrupted_launch_stops_every_rank_with_one_line(tiny_recipe: Path,
     assert p.returncode == 130, err[-2000:]
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted (SIGINT)"), err[-2000:]
+
+
+def test_two_machines_meeting_at_a_rendezvous_train_what_one_machine_trains(tiny_recipe: Path, tmp_path: Path) -> None:
+    """`--nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT`, one process per "machine" (two launchers on this one,
+    sharing the run directory as a cluster's shared file system does): the same weights as `--nproc-per-node 2`."""
+    args = ["pretrain", str(tiny_recipe), "--quiet", *sets(*SMALL)]
+    port = str(free_port())
+    nodes = [subprocess.Popen(cli(*args, "--run-dir", str(tmp_path / "nodes"), "--nproc-per-node", "1", "--nnodes",
+                                  "2", "--node-rank", str(r), "--rdzv-endpoint", f"127.0.0.1:{port}"),
+                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        done = [(p.wait(TIMEOUT), p.communicate()[1]) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+    assert [rc for rc, _ in done] == [0, 0], done
+    one = subprocess.run(cli(*args, "--run-dir", str(tmp_path / "one"), "--nproc-per-node", "2"), capture_output=True,
+                         text=True, timeout=TIMEOUT, env=env())
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = latest_checkpoint(tmp_path / "nodes"), latest_checkpoint(tmp_path / "one")
+    assert a.name == b.name and json.loads((a / "meta.json").read_text())["world_size"] == 2
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
