@@ -51,7 +51,10 @@ def interrupt_in_tmux(args: list[str], tmp_path: Path, timeout: float = 240) -> 
         while not (rc_file.exists() and rc_file.read_text().strip()):
             assert time.monotonic() < deadline, "the command did not stop after Ctrl-C"
             time.sleep(0.2)
-        return int(rc_file.read_text()), _tmux("capture-pane", "-p", "-J", "-S", "-200", "-t", session)
+        pane = _tmux("capture-pane", "-p", "-J", "-S", "-200", "-t", session).rstrip()
+        # what the pane's shell was started with (the tmux server's environment): shown when an assertion fails
+        names = " ".join(v.split("=")[0] for v in _tmux("show-environment", "-g").split())
+        return int(rc_file.read_text()), f"{pane}\n[tmux server environment: {names}]"
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=30)
 
