@@ -55,14 +55,10 @@ def flat(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # -- inputs --------------------------------------------------------------------------------------------------------
-def expand(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
-    """Run directories named by ``paths`` (a sweep directory stands for its finished runs), each once; plus notes on
-    the runs of a sweep that are left out. A path that is neither is a UserError."""
-    return _expand(paths)[:2]
-
-
-def _expand(paths: Iterable[Path]) -> tuple[list[Path], list[str], dict[Path, str]]:
-    """``expand`` plus the name of the path each run came from (a sweep's or a run's directory name)."""
+def expand(paths: Iterable[Path]) -> tuple[list[Path], list[str], dict[Path, str]]:
+    """Run directories named by ``paths`` (a sweep directory stands for its finished runs), each once; notes on the
+    runs of a sweep that are left out; the name of the path each run came from (a sweep's or a run's directory
+    name). A path that is neither is a UserError."""
     runs: list[Path] = []
     notes: list[str] = []
     source: dict[Path, str] = {}
@@ -222,7 +218,7 @@ def compare(paths: Iterable[Path], columns: list[str] | None = None) -> dict[str
     ``columns`` chooses the recipe and evaluation-setting columns shown (default: every key that differs between
     rows); rows are grouped by the whole recipe either way."""
     paths = list(paths)
-    runs, notes, source = _expand(paths)
+    runs, notes, source = expand(paths)
     measured: list[Measured] = []
     unevaluated = []
     for run in runs:
