@@ -7,10 +7,10 @@ holds here.
 
 The budget is the quickstart's (recipes/quickstart.toml): digits at 32 px, the narrow ResNet-18 (stem and stages
 16-32-64-128), 10 epochs of batch 128, a 3-step training attack, SGD lr 0.5 for the contrastive methods, and one
-evaluator for every run (the recipe's linear probe, 50 epochs, then clean and PGD-20 accuracy at ε 8/255 on the 450
-test digits). Each method starts from its paper recipe (recipes/<name>.toml) and only the overrides listed in ROWS
-change it; the MAE rows and their reference train a tiny ViT instead (4×4 patches, width 64, 4 blocks). The
-two-stage methods (AdvCL, DeACL) take the seed-0 SimCLR run as their teacher.
+evaluator for every run (a linear probe of 50 epochs, batch 256, lr 0.1, weight decay 2e-4, then clean and PGD-20
+accuracy at ε 8/255 on the 450 test digits). Each method starts from its paper recipe (recipes/<name>.toml) and
+only the overrides listed in ROWS change it; the MAE rows and their reference train a tiny ViT instead (4×4 patches,
+width 64, 4 blocks). The two-stage methods (AdvCL, DeACL) take the seed-0 SimCLR run as their teacher.
 
 Each command is printed before it runs. Re-running the script skips finished runs (the sweeps resume). With
 ``--lanes N`` N sweeps run at a time, each with 1/N of the CPU threads.
@@ -31,7 +31,8 @@ RSSLCTL = [sys.executable, "-m", "rsslctl.cli"]
 #: what every ResNet row shares: the quickstart's data, model, budget and evaluator
 BUDGET = ["data.name=digits", "data.image_size=32", "backbone.model=resnet18", "backbone.cifar_stem=true",
           "backbone.stem_width=16", "backbone.model_kwargs={channels=[16,32,64,128]}", "schedule.epochs=10",
-          "schedule.batch_size=128", "engine.checkpoint_every=5", "evaluation.epochs=50", "evaluation.lr=0.1"]
+          "schedule.batch_size=128", "engine.checkpoint_every=5", "evaluation.epochs=50", "evaluation.lr=0.1",
+          "evaluation.batch_size=256", "evaluation.weight_decay=2e-4"]
 QUICK_OPT = ["optimizer.name=sgd", "optimizer.lr=0.5", "optimizer.weight_decay=1e-4", "schedule.warmup_epochs=1"]
 EMP = ["method.n_views=8", "method.pre_dim=512", "method.hidden_dim=512", "method.z_dim=128", "method.eval_views=4"]
 VIT = ["backbone.model=vit_tiny_patch16_224", "backbone.cifar_stem=false", "backbone.stem_width=0",
