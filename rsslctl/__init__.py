@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 __version__ = "0.1.0"
-__api_version__ = "1.2"
+__api_version__ = "1.3"
 
 #: Decorator for plugin hook implementations (the hooks are specified in ``rsslctl.base.hookspecs``).
 hookimpl = pluggy.HookimplMarker("rsslctl")

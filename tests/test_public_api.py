@@ -12,7 +12,8 @@ import rsslctl
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: API 1.2 (1.1 added load_raw; 1.2 Declared, FileSource, decode_file and opt(earlier=...)). Changing this
+#: API 1.3 (1.1 added load_raw; 1.2 Declared, FileSource, decode_file and opt(earlier=...); 1.3
+#: Method.parameter_groups). Changing this
 #: list is an API change: bump ``rsslctl.__api_version__`` (MAJOR when a
 #: name goes or changes meaning, MINOR when one is added) and say so in docs/plugins.md.
 API = {
@@ -53,7 +54,7 @@ API = {
 def test_the_exported_names_are_the_versioned_list() -> None:
     assert set(rsslctl.__all__) == API, "an API change: update API here and bump __api_version__"
     assert len(rsslctl.__all__) == len(set(rsslctl.__all__))
-    assert rsslctl.__api_version__ == "1.2"
+    assert rsslctl.__api_version__ == "1.3"
 
 
 @pytest.mark.parametrize("name", sorted(API))

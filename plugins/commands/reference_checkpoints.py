@@ -588,7 +588,7 @@ def write_run(out: Path, recipe: Any, method: Any, epoch: int, meta: dict[str, A
     try:
         prepare_run_dir(recipe, tmp, force=True)
         # a fresh optimizer: the reference optimizer state is not imported (its LARS is not ours)
-        optimizer = make_optimizer([p for p in method.parameters() if p.requires_grad], recipe.optimizer)
+        optimizer = make_optimizer(method.parameter_groups(), recipe.optimizer)  # the groups a resume builds
         save_checkpoint(tmp, epoch, method, optimizer, meta, keep=1)
         if out.exists():
             if any(out.iterdir()) and not force:  # appeared while we worked

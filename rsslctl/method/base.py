@@ -86,6 +86,13 @@ class Method(nn.Module, Plugin):
         steps them itself (``after_optimizer_step``) and returns that optimizer's state from ``run_state``."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The engine optimizer's param groups over ``optimizer_parameters`` (torch's format: a dict with ``params``
+        and any setting of the recipe's optimizer, e.g. ``weight_decay``, plus ``lr_scale``: the group trains at the
+        schedule's LR × lr_scale). Default: one group, every setting from the recipe. A method overrides it to exempt
+        some tensors from weight decay or to train one part at another rate."""
+        return [{"params": self.optimizer_parameters()}]
+
     def run_state(self) -> dict[str, Tensor]:
         """Tensors outside the module state that exact resume needs (e.g. free AT's persistent δ, the state of a
         method's own optimizer: see ``rsslctl.runtime.checkpoint.optimizer_tensors``)."""

@@ -45,8 +45,9 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_sub_(params, bufs)
 
 
-def make_optimizer(params: list[Tensor], o: OptimizerOptions) -> torch.optim.Optimizer:
-    """The torch optimizer the ``[optimizer]`` table describes, over ``params``."""
+def make_optimizer(params: list[Tensor] | list[dict], o: OptimizerOptions) -> torch.optim.Optimizer:
+    """The torch optimizer the ``[optimizer]`` table describes, over ``params`` (tensors, or param groups whose own
+    settings override the table's)."""
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
                                weight_decay=o.weight_decay)

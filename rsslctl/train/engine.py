@@ -69,8 +69,9 @@ class Trainer:
         self._distribute()
         e = recipe.engine  # check_run has refused cuda_graphs without compile on CUDA
         self.training_step = compile_step(self.method, e.cuda_graphs) if e.compile else self.method.training_step
-        self.params = self.method.optimizer_parameters()
-        self.optimizer = make_optimizer(self.params, recipe.optimizer)
+        groups = self.method.parameter_groups()
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = make_optimizer(groups, recipe.optimizer)
         self.replays = self.method.replays
         # the LR schedule counts optimizer steps, so replayed minibatches (free AT) stay aligned with it; coreset
         # epochs are shorter, and the clock keeps the schedule aligned with training progress. A method may ask for

@@ -21,14 +21,14 @@ T = TypeVar("T")
 def optimizer_step(forward: Callable[[], tuple[Tensor, T]], optimizer: torch.optim.Optimizer, params: list[Tensor],
                    device: torch.device, precision: str, *, lr: float | None = None, scale: float = 1.0,
                    grad_clip: float = 0.0, cuda_graphs: bool = False) -> tuple[Tensor, T]:
-    """Set ``lr`` (the schedule's value for this step) on every param group, run ``forward() -> (loss, outputs)``
-    and take one step of ``optimizer`` on ``loss`` × ``scale`` (a rank's share
-    of an uneven minibatch, see ``dist.split_batch``); returns the detached loss and the outputs, still on the device.
+    """Set ``lr`` (the schedule's value for this step) on every param group (× the group's ``lr_scale``), run
+    ``forward() -> (loss, outputs)`` and take one step of ``optimizer`` on ``loss`` × ``scale`` (a rank's share of an
+    uneven minibatch, see ``dist.split_batch``); returns the detached loss and the outputs, still on the device.
     ``cuda_graphs``: the step replays CUDA graphs, so it marks a new iteration first and copies the loss and a dict
     of output tensors out of the graphs' static memory (the next replay overwrites it)."""
     if lr is not None:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
     if cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()
     with autocast(device, precision), dist.data_parallel_step():
