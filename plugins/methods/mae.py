@@ -4,14 +4,19 @@ Per image, a random subset of (1 − r)·L of its L patches is kept (argsort of 
 image); the ViT encoder sees only the kept patches (with their positional embeddings), a light transformer decoder
 fills the masked positions with a shared mask token plus its own fixed 2-D sin-cos positional embedding, and the loss
 is the mean squared error on the masked patches only, against per-patch normalised pixels (``norm_pix_loss``).
+MAE+ (the AdPE authors' baseline, ``mae_plus``): the encoder also takes a learned mask token at every masked position,
+and the decoder reads its whole output.
 
 Adversaries (see docs/methods.md, "MAE, adversarial MAE and AdPE"):
 
 * adversarial MIM: with an [attack] table, the attack maximises the reconstruction loss in pixel space (masks fixed,
   target = the clean patches) and the training loss mixes the clean and adversarial reconstruction losses;
   ``contrastive_weight`` adds an NT-Xent term on two views' pooled encoder features (adversarial views when attacked);
-* AdPE (Wang et al., 2023): a bounded perturbation of the encoder's positional embeddings ("embedding") or of the
-  patch coordinates fed to the sin-cos embedding ("coordinate"), found by sign-gradient ascent on the MAE loss.
+* AdPE (Wang et al., 2023): an adversarial token at the masked positions ("embedding") or an adversarial shift of
+  the coordinates fed to the sin-cos embedding ("coordinate"). By default as the authors' code: on MAE+ (the encoder
+  also takes mask tokens), δ is a parameter that the run's optimizer ascends (its gradient reversed) in the same step
+  as the model descends, projected after each step. ``adpe_update = "ascent"`` keeps our earlier formulation:
+  sign-gradient ascent each step on the visible patches' positions of a plain MAE.
 
 Evaluation uses the full, unmasked ViT with its own pooling (``encoder.features``).
 """
@@ -85,6 +90,12 @@ def grid_coords(grid: tuple[int, int], device: torch.device | str = "cpu") -> Te
     return torch.stack([rows.flatten(), cols.flatten()], 1).float()
 
 
+def reverse_gradient(x: Tensor) -> Tensor:
+    """x in the forward pass, −∂/∂x in the backward (2·sg(x) − x, exactly x in floating point): the optimizer that
+    descends the model's loss ascends it in a parameter used through this."""
+    return 2 * x.detach() - x
+
+
 # eager loop around a compiled objective + gradient, as rsslctl.adversary.attack's loops: under engine.compile dynamo
 # cannot return a tensor it called requires_grad_() on
 @torch.compiler.disable(recursive=False)
@@ -98,15 +109,17 @@ def box_ascent(objective: Callable[[Tensor], Tensor], start: Tensor, step: float
 
 
 class MAEDecoder(nn.Module):
-    """Linear embed → mask tokens + fixed sin-cos positions → ``depth`` transformer blocks → LayerNorm → pixels."""
+    """Linear embed → mask tokens + fixed sin-cos positions → ``depth`` transformer blocks → LayerNorm → pixels.
+    ``mask_tokens = False`` (MAE+): the encoder already holds a token for every position, so there are none here."""
 
     def __init__(self, embed_dim: int, grid: tuple[int, int], patch_dim: int, prefix: int, width: int, depth: int,
-                 heads: int) -> None:
+                 heads: int, mask_tokens: bool = True) -> None:
         super().__init__()
         self.prefix = prefix
         self.embed = nn.Linear(embed_dim, width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        nn.init.normal_(self.mask_token, std=0.02)
+        if mask_tokens:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+            nn.init.normal_(self.mask_token, std=0.02)
         pos = torch.cat([torch.zeros(prefix, width), sincos_2d(grid_coords(grid), width)])
         self.register_buffer("pos", pos[None], persistent=False)  # fixed, rebuilt from the shapes
         layer_norm = functools.partial(nn.LayerNorm, eps=1e-6)  # the authors' norm_layer, in every block and norm
@@ -119,8 +132,12 @@ class MAEDecoder(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
+    def forward(self, latent: Tensor, ids_restore: Tensor | None) -> Tensor:
+        """Pixels [N, L, P] from the encoder's tokens: the kept ones, reordered with ``ids_restore``, or (None, MAE+)
+        a token for every position already in patch order."""
         x = self.embed(latent)
+        if ids_restore is None:
+            return self.pred(self.norm(self.blocks(x + self.pos)))[:, self.prefix:]
         n, length = ids_restore.shape
         kept = x[:, self.prefix:]
         full = torch.cat([kept, self.mask_token.expand(n, length - kept.shape[1], -1).to(kept.dtype)], 1)
@@ -151,9 +168,16 @@ class MAE(Method):
 
     @classmethod
     def check_options(cls, o: MAEOptions, where: str = "method") -> None:
+        key = where.rpartition(": ")[2]  # the table's own name, for the fixes the messages suggest
         if o.adpe == "coordinate" and not o.sincos_pos_embed:
             raise UserError(f"{where}.adpe = \"coordinate\" perturbs the coordinates of a sin-cos embedding; set "
-                            f"{where}.sincos_pos_embed = true or {where}.adpe = \"embedding\"")
+                            f"{key}.sincos_pos_embed = true or {key}.adpe = \"embedding\"")
+        if o.adpe != "off" and o.adpe_update == "joint" and o.mae_plus == "off":
+            raise UserError(f"{where}.adpe_update = \"joint\" perturbs the masked positions inside an MAE+ encoder; "
+                            f"set {key}.mae_plus = \"auto\" (or \"on\"), or {key}.adpe_update = \"ascent\"")
+        if o.adpe != "off" and o.adpe_update == "ascent" and o.mae_plus == "on":
+            raise UserError(f"{where}.adpe_update = \"ascent\" perturbs the visible patches of a plain MAE; set "
+                            f"{key}.mae_plus = \"auto\" (or \"off\"), or {key}.adpe_update = \"joint\"")
         if o.mask_ratio <= 0:  # the loss averages over the masked patches only: with none it is 0/0 = NaN
             raise UserError(f"{where}.mask_ratio = {o.mask_ratio} masks no patch, so there is nothing to reconstruct "
                             f"and the loss is undefined; use a value in (0, 0.99], e.g. 0.75")
@@ -188,15 +212,23 @@ class MAE(Method):
                 vit.pos_embed[:, self.prefix:] = sincos_2d(grid_coords(self.grid), dim)
                 vit.pos_embed[:, :self.prefix] = 0
             vit.pos_embed.requires_grad_(False)
+        self.joint = options.adpe != "off" and options.adpe_update == "joint"
+        self.mae_plus = options.mae_plus == "on" or (options.mae_plus == "auto" and self.joint)
         channels = int(vit.patch_embed.proj.in_channels)
         self.decoder = MAEDecoder(dim, self.grid, self.patch ** 2 * channels, int(vit.num_prefix_tokens),
-                                  options.decoder_width, options.decoder_depth, options.decoder_heads)
+                                  options.decoder_width, options.decoder_depth, options.decoder_heads,
+                                  mask_tokens=not self.mae_plus)
         per = 1 if options.adpe_shared else self.length
         shape = (per, 2) if options.adpe == "coordinate" else (1, per, dim)
-        # the AdPE perturbation carried between steps (adpe_persistent): run state, not module state
-        self.register_buffer("adpe_delta", torch.zeros(shape), persistent=False)
+        if self.joint:  # the adversary: a zero shift, or a token drawn like a mask token (it replaces the mask token)
+            init = torch.zeros(shape) if options.adpe == "coordinate" else torch.randn(shape) * 0.02
+            self.adpe_parameter = nn.Parameter(init)
+        else:  # the ascent's δ carried between steps (adpe_persistent): run state, not module state
+            self.register_buffer("adpe_delta", torch.zeros(shape), persistent=False)
+        if self.mae_plus and not (self.joint and options.adpe == "embedding"):
+            self.encoder_mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
 
-    # -- encoder on the visible patches ------------------------------------------------------------
+    # -- encoder on the visible patches (MAE+: on every position) ---------------------------------
     def patch_positions(self, delta: Tensor | None) -> Tensor:
         """[1, L, D] positional embedding of the patches, perturbed by ``delta`` when AdPE is on."""
         vit = self.encoder.backbone
@@ -207,11 +239,22 @@ class MAE(Method):
             return sincos_2d(grid_coords(self.grid, pos.device) + delta, pos.shape[-1])[None].to(pos.dtype)
         return pos + delta
 
-    def encode(self, x: Tensor, ids_keep: Tensor, delta: Tensor | None = None) -> Tensor:
-        """Encoder tokens [N, prefix + K, D] of the kept patches of pixels ``x`` in [0, 1]."""
+    def encode(self, x: Tensor, masks: tuple[Tensor, Tensor, Tensor], delta: Tensor | None = None) -> Tensor:
+        """Encoder tokens of pixels ``x`` in [0, 1]: [N, prefix + K, D] of the kept patches, or with MAE+
+        [N, prefix + L, D], where each masked position holds the mask token (AdPE embedding: δ) and its positional
+        embedding (AdPE coordinate: at the shifted coordinates)."""
         vit, enc = self.encoder.backbone, self.encoder
-        tokens = vit.patch_embed((x - enc.mean) / enc.std) + self.patch_positions(delta)
-        tokens = tokens.gather(1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))
+        tokens = vit.patch_embed((x - enc.mean) / enc.std)
+        if self.mae_plus:
+            masked = masks[2].bool()[..., None]
+            fill = delta if delta is not None and self.options.adpe == "embedding" else self.encoder_mask_token
+            pos = vit.pos_embed[:, self.prefix:]
+            tokens = torch.where(masked, fill.to(tokens.dtype), tokens)
+            moved = self.patch_positions(delta) if delta is not None and self.options.adpe == "coordinate" else pos
+            tokens = tokens + torch.where(masked, moved, pos)
+        else:
+            tokens = tokens + self.patch_positions(delta)
+            tokens = tokens.gather(1, masks[0][..., None].expand(-1, -1, tokens.shape[-1]))
         prefix = [t.expand(len(x), -1, -1) for t in (vit.cls_token, getattr(vit, "reg_token", None)) if t is not None]
         if prefix:
             first = torch.cat(prefix, 1)
@@ -221,9 +264,9 @@ class MAE(Method):
     def reconstruction(self, x: Tensor, target: Tensor, masks: tuple[Tensor, Tensor, Tensor],
                        delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(MAE loss of input ``x`` against ``target`` patches with fixed ``masks``, encoder tokens)."""
-        ids_keep, ids_restore, mask = masks
-        latent = self.encode(x, ids_keep, delta)
-        return mae_loss(self.decoder(latent, ids_restore), target, mask, self.options.norm_pix_loss), latent
+        latent = self.encode(x, masks, delta)
+        pred = self.decoder(latent, None if self.mae_plus else masks[1])
+        return mae_loss(pred, target, masks[2], self.options.norm_pix_loss), latent
 
     # -- adversaries ---------------------------------------------------------------------------------
     def adversarial_positions(self, objective: Callable[[Tensor], Tensor]) -> Tensor:
@@ -243,7 +286,10 @@ class MAE(Method):
         masks = random_masking(len(x), self.length, o.mask_ratio, x.device)
         metrics: dict[str, Tensor] = {}
         delta = None
-        if o.adpe != "off":
+        if self.joint:
+            delta = reverse_gradient(self.adpe_parameter)
+            metrics["adpe_delta"] = self.adpe_parameter.detach().abs().max()
+        elif o.adpe != "off":
             with eval_mode(self):
                 delta = self.adversarial_positions(lambda d: self.reconstruction(x, target, masks, d)[0])
             metrics["adpe_delta"] = delta.abs().max().detach()
@@ -265,6 +311,34 @@ class MAE(Method):
             loss = loss + o.contrastive_weight * loss_con
             metrics["loss_con"] = loss_con.detach()
         return loss, metrics
+
+    def parameter_groups(self) -> list[dict]:
+        """The authors' groups: weight decay on the weights but not on biases and 1-D tensors (unless
+        ``decay_biases_and_norms``); the joint AdPE parameter at lr × ``adpe_lr_scale`` with its own weight decay."""
+        o, adversary = self.options, getattr(self, "adpe_parameter", None)
+        trained = {id(p) for p in self.optimizer_parameters()} - {id(adversary)}
+        decay, exempt = [], []
+        for name, p in self.named_parameters():
+            if id(p) in trained:
+                flat = p.ndim <= 1 or name.endswith(".bias")
+                (exempt if flat and not o.decay_biases_and_norms else decay).append(p)
+        groups: list[dict] = [{"params": decay}] + ([{"params": exempt, "weight_decay": 0.0}] if exempt else [])
+        if self.joint:
+            groups.append({"params": [adversary], "weight_decay": o.adpe_weight_decay, "lr_scale": o.adpe_lr_scale})
+        return groups
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Joint AdPE: project δ back onto its ball, per position (as the authors' optimizer after its ascent)."""
+        o = self.options
+        if not self.joint or o.adpe_norm == "none":
+            return
+        rows = self.adpe_parameter.view(-1, self.adpe_parameter.shape[-1])
+        if o.adpe_norm == "linf":
+            rows.clamp_(-o.adpe_eps, o.adpe_eps)
+        else:
+            norm = rows.norm(dim=1, keepdim=True)
+            rows.mul_(torch.where(norm > o.adpe_eps, o.adpe_eps / norm, torch.ones_like(norm)))
 
     def run_state(self) -> dict[str, Tensor]:
         return {"adpe_delta": self.adpe_delta} if self.options.adpe_persistent else {}

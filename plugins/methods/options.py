@@ -185,14 +185,29 @@ class MAEOptions:
     contrastive_weight: float = opt(0.0, "λ of an NT-Xent term on two views' pooled encoder features (0 = off)",
                                     min=0)
     temperature: float = opt(0.5, "NT-Xent temperature τ of the contrastive term", min=1e-3)
+    decay_biases_and_norms: bool = opt(False, "apply weight decay to biases and 1-D tensors (norm weights) too; "
+                                              "false exempts them, as the authors' code", earlier=True)
+    mae_plus: Literal["auto", "on", "off"] = opt(
+        "auto", "MAE+ (the AdPE authors' baseline): the encoder also takes a mask token at every masked position and "
+                "the decoder reads its whole output; auto = on with AdPE's joint update", earlier="off")
     adpe: Literal["off", "embedding", "coordinate"] = opt(
-        "off", "AdPE: perturb the positional embeddings (embedding) or the patch coordinates (coordinate)")
-    adpe_eps: Number = opt(0.5, "AdPE L∞ bound (embedding units, or patches in coordinate mode)", min=0)
-    adpe_step_size: Number = opt(0.25, "AdPE ascent step size", min=0)
-    adpe_steps: int = opt(1, "AdPE sign-gradient ascent steps per training step", min=1, max=100)
-    adpe_shared: bool = opt(False, "one perturbation for all patches (coordinate mode: a global shift of the grid, as "
-                                   "the authors' code) instead of one per patch")
-    adpe_persistent: bool = opt(False, "carry the AdPE perturbation over from step to step (warm start, kept in "
+        "off", "AdPE: perturb the embeddings (embedding) or the coordinates (coordinate) of the positions")
+    adpe_update: Literal["joint", "ascent"] = opt(
+        "joint", "joint: δ is a parameter the run's optimizer ascends in the same step as the model descends, on the "
+                 "masked positions of MAE+ (the authors'); ascent: sign-gradient ascent each step on the visible "
+                 "patches of a plain MAE (our earlier formulation)", earlier="ascent")
+    adpe_norm: Literal["none", "l2", "linf"] = opt(
+        "none", "joint update: the ball δ is projected onto after every step, per position (the authors' --norm "
+                "0/1/2); the ascent update is always L∞")
+    adpe_eps: Number = opt(1.0, "radius of AdPE's ball (embedding units, or patches in coordinate mode)", min=0)
+    adpe_lr_scale: Number = opt(1.0, "joint update: δ's learning rate as a multiple of the schedule's (the "
+                                     "authors' adv_lr / lr)", min=0)
+    adpe_weight_decay: Number = opt(0.0, "joint update: δ's weight decay (the authors' adv_wd)", min=0)
+    adpe_step_size: Number = opt(0.25, "ascent update: step size", min=0)
+    adpe_steps: int = opt(1, "ascent update: sign-gradient steps per training step", min=1, max=100)
+    adpe_shared: bool = opt(True, "one perturbation for every position (coordinate: one global shift of the grid; "
+                                  "embedding: one adversarial token), as the authors, instead of one per position")
+    adpe_persistent: bool = opt(False, "ascent update: carry δ over from step to step (warm start, kept in "
                                        "checkpoints) instead of starting each step from 0")
 
 

@@ -154,7 +154,7 @@ def test_import_maps_every_tensor_and_computes_the_authors_forward(tmp_path: Pat
     with torch.no_grad():
         theirs = ref.forward_encoder((x - MEAN) / STD, torch.arange(length).expand(4, -1))
         assert torch.allclose(method.encoder.features(x), theirs[:, 0], atol=1e-5)  # class token after the norm
-        latent = method.encode(x, ids_keep)
+        latent = method.encode(x, (ids_keep, ids_restore, _))
         want = ref.forward_encoder((x - MEAN) / STD, ids_keep)
         assert torch.allclose(latent, want, atol=1e-5)
         assert torch.allclose(method.decoder(latent, ids_restore), ref.forward_decoder(want, ids_restore), atol=1e-5)

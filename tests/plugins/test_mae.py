@@ -3,6 +3,7 @@ support of the core (dual BN refusal, AdamW)."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,7 @@ def test_encoder_on_all_patches_equals_the_vits_own_forward(tiny_recipe: Path) -
     x = torch.rand(2, 3, 16, 16)
     keep = torch.arange(16).repeat(2, 1)
     full = vit.forward_features((x - enc.mean) / enc.std)
-    assert torch.allclose(method.encode(x, keep), full, atol=1e-5)
+    assert torch.allclose(method.encode(x, (keep, keep, torch.zeros(2, 16))), full, atol=1e-5)
     assert torch.allclose(method.eval_features(x, "normal"), vit.forward_head(full, pre_logits=True), atol=1e-5)
 
 
@@ -134,8 +135,8 @@ def test_contrastive_term_is_added_with_its_weight(tiny_recipe: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["embedding", "coordinate"])
 def test_adpe_raises_the_loss_and_respects_its_bound(tiny_recipe: Path, mode: str) -> None:
-    method = _mae(tiny_recipe, [f"method.adpe='{mode}'", "method.adpe_eps=0.3", "method.adpe_step_size=0.2",
-                                "method.adpe_steps=3"]).eval()
+    method = _mae(tiny_recipe, [f"method.adpe='{mode}'", "method.adpe_update='ascent'", "method.adpe_shared=false",
+                                "method.adpe_eps=0.3", "method.adpe_step_size=0.2", "method.adpe_steps=3"]).eval()
     x = torch.rand(4, 3, 16, 16)
     target = patchify((x - method.encoder.mean) / method.encoder.std, 4)
     masks = random_masking(4, 16, 0.5, "cpu")
@@ -149,7 +150,8 @@ def test_adpe_raises_the_loss_and_respects_its_bound(tiny_recipe: Path, mode: st
 
 
 def test_persistent_adpe_resumes_exactly(tiny_recipe: Path, tmp_path: Path) -> None:
-    extra = VIT + ["method.adpe='coordinate'", "method.adpe_persistent=true", "method.adpe_step_size=0.05",
+    extra = VIT + ["method.adpe='coordinate'", "method.adpe_update='ascent'", "method.adpe_shared=false",
+                   "method.adpe_persistent=true", "method.adpe_step_size=0.05",
                    "method.adpe_eps=0.3", "schedule.epochs=3", "data.limit=48", "schedule.batch_size=16",
                    "optimizer.name='adamw'", "optimizer.lr=0.001"]
     full, broken = tmp_path / "full", tmp_path / "broken"
@@ -160,6 +162,143 @@ def test_persistent_adpe_resumes_exactly(tiny_recipe: Path, tmp_path: Path) -> N
 
     kill_and_resume(load(tiny_recipe, extra), broken, 7, reference=full, before_resume=delta_saved)  # mid epoch 3
     assert torch.equal(final_checkpoint(full)[1]["method.adpe_delta"], final_checkpoint(broken)[1]["method.adpe_delta"])
+
+
+def _authors_mae_plus_loss(method, x: torch.Tensor, masks: tuple, mode: str, adversary: torch.Tensor | None
+                           ) -> torch.Tensor:
+    """MAE+ with AdPE written out in the AdPE authors' order (model/ad_ape.py): embed, keep the visible tokens, append
+    mask tokens (embedding mode: the adversarial token), unshuffle, add the positions (coordinate mode: the masked
+    ones at shifted coordinates, ``adversary`` = (column, row) shift), class token, blocks; the decoder reads every
+    token; the loss on the masked patches against per-patch standardised pixels."""
+    vit, enc, dec = method.encoder.backbone, method.encoder, method.decoder
+    ids_keep, ids_restore, mask = masks
+    pixels = (x - enc.mean) / enc.std
+    t = vit.patch_embed(pixels)
+    n, length, dim = t.shape
+    kept = torch.gather(t, 1, ids_keep[..., None].repeat(1, 1, dim))
+    token = adversary if mode == "embedding" else method.encoder_mask_token
+    t = torch.cat([kept, token.repeat(n, length - kept.shape[1], 1)], 1)
+    t = torch.gather(t, 1, ids_restore[..., None].repeat(1, 1, dim))
+    pos = vit.pos_embed[:, 1:]
+    if mode == "coordinate":
+        omega = 1.0 / 10000 ** (torch.arange(dim // 4).float() / (dim // 4))
+        side = int(length ** 0.5)
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        halves = [(c.reshape(-1) + a)[:, None] * omega for c, a in ((cols, adversary[0]), (rows, adversary[1]))]
+        moved = torch.cat([f(h) for h in halves for f in (torch.sin, torch.cos)], 1)
+        m = mask[..., None]
+        t = t + moved * m + (1 - m) * pos
+    else:
+        t = t + pos
+    t = torch.cat([(vit.cls_token + vit.pos_embed[:, :1]).expand(n, -1, -1), t], 1)
+    z = vit.norm(vit.blocks(t))
+    pred = dec.pred(dec.norm(dec.blocks(dec.embed(z) + dec.pos)))[:, 1:]
+    target = patchify(pixels, 4)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("mode", ["off", "embedding", "coordinate"])
+def test_mae_plus_and_joint_adpe_compute_the_authors_loss(tiny_recipe: Path, mode: str) -> None:
+    method = _mae(tiny_recipe, [f"method.adpe='{mode}'", "method.mae_plus='on'"]).eval()
+    assert method.mae_plus and method.joint == (mode != "off") and not hasattr(method.decoder, "mask_token")
+    x = torch.rand(2, 3, 16, 16)
+    masks = random_masking(2, 16, 0.75, "cpu")
+    target = patchify((x - method.encoder.mean) / method.encoder.std, 4)
+    adversary, delta = None, None
+    if mode == "coordinate":
+        delta = torch.tensor([[0.3, -0.7]])  # ours: (row, column)
+        adversary = torch.tensor([-0.7, 0.3])  # theirs: (column, row)
+    elif mode == "embedding":
+        delta = adversary = method.adpe_parameter.detach()
+        assert delta.shape == (1, 1, 32) and not hasattr(method, "encoder_mask_token")
+    with torch.no_grad():
+        ours = method.reconstruction(x, target, masks, delta)[0]
+        theirs = _authors_mae_plus_loss(method, x, masks, mode, adversary)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_joint_adpe_ascends_in_the_step_that_descends_the_model(tiny_recipe: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import rsslctl_plugins.methods.mae as mae
+    from rsslctl.train.step import optimizer_step
+    method = _mae(tiny_recipe, ["method.adpe='coordinate'", "method.adpe_lr_scale=0.5", "optimizer.name='adamw'",
+                                "optimizer.weight_decay=0.05"])
+    images = (torch.rand(4, 3, 16, 16) * 255).to(torch.uint8)
+    labels = torch.zeros(4)
+
+    def gradients() -> dict[str, torch.Tensor]:
+        method.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        method.training_step(images, labels)[0].backward()
+        return {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+
+    reversed_ = gradients()
+    with monkeypatch.context() as m:
+        m.setattr(mae, "reverse_gradient", lambda t: t)
+        plain = gradients()
+    assert reversed_.keys() == plain.keys() and plain["adpe_parameter"].abs().min() > 0
+    torch.testing.assert_close(reversed_["adpe_parameter"], -plain["adpe_parameter"])  # δ's gradient reversed ...
+    assert all(torch.equal(reversed_[k], plain[k]) for k in plain if k != "adpe_parameter")  # ... and nothing else's
+
+    groups = method.parameter_groups()  # weights decay; biases and 1-D tensors don't; δ at half the LR, no decay
+    assert [g.get("weight_decay") for g in groups] == [None, 0.0, 0.0] and groups[2]["lr_scale"] == 0.5
+    names = {id(p): n for n, p in method.named_parameters()}
+    assert all(p.ndim > 1 and not names[id(p)].endswith(".bias") for p in groups[0]["params"])
+    assert all(p.ndim <= 1 or names[id(p)].endswith(".bias") for p in groups[1]["params"]) and groups[1]["params"]
+    recipe = load(tiny_recipe, VIT + ["optimizer.name='adamw'", "optimizer.weight_decay=0.05"])
+    optimizer = make_optimizer(groups, recipe.optimizer)
+    before = method.adpe_parameter.detach().clone()
+    torch.manual_seed(3)
+    optimizer_step(lambda: method.training_step(images, labels), optimizer, [p for g in groups for p in g["params"]],
+                   torch.device("cpu"), "fp32", lr=0.01)
+    # AdamW's first step moves each entry by lr·g/(|g| + eps): δ along +sign(∂L/∂δ), at lr × 0.5
+    torch.testing.assert_close(method.adpe_parameter.detach() - before, 0.005 * plain["adpe_parameter"].sign(),
+                               atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["none", "linf", "l2"])
+@pytest.mark.parametrize("mode", ["embedding", "coordinate"])
+def test_joint_adpe_is_projected_per_position_after_each_step(tiny_recipe: Path, mode: str, norm: str) -> None:
+    method = _mae(tiny_recipe, [f"method.adpe='{mode}'", f"method.adpe_norm='{norm}'", "method.adpe_eps=0.4",
+                                "method.adpe_shared=false"])
+    big = torch.randn_like(method.adpe_parameter) * 3
+    big.view(-1, big.shape[-1])[0] = 0.01  # a position already inside the ball stays as it is
+    with torch.no_grad():
+        method.adpe_parameter.copy_(big)
+    method.after_optimizer_step()
+    rows, was = method.adpe_parameter.detach().view(-1, big.shape[-1]), big.view(-1, big.shape[-1])
+    assert rows.shape[0] == 16
+    if norm == "none":
+        assert torch.equal(rows, was)
+    elif norm == "linf":
+        torch.testing.assert_close(rows, was.clamp(-0.4, 0.4))
+    else:
+        torch.testing.assert_close(rows[1:].norm(dim=1), torch.full((15,), 0.4))
+        torch.testing.assert_close(rows[1:], was[1:] / was[1:].norm(dim=1, keepdim=True) * 0.4)
+    torch.testing.assert_close(rows[0], was[0])
+
+
+def test_joint_adpe_resumes_exactly(tiny_recipe: Path, tmp_path: Path) -> None:
+    extra = VIT + ["method.adpe='coordinate'", "method.adpe_norm='linf'", "method.adpe_eps=0.3",
+                   "schedule.epochs=3", "data.limit=48", "schedule.batch_size=16", "optimizer.name='adamw'",
+                   "optimizer.lr=0.001"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    train_run(load(tiny_recipe, extra), full)
+    weights = final_checkpoint(full)[0]
+    assert weights[next(k for k in weights if k.endswith("adpe_parameter"))].abs().max() > 0
+    kill_and_resume(load(tiny_recipe, extra), broken, 7, reference=full, state_prefix="optim.")
+
+
+@pytest.mark.parametrize(("sets", "says"), [
+    (["method.adpe='coordinate'", "method.mae_plus='off'"], "perturbs the masked positions inside an MAE+ encoder"),
+    (["method.adpe='embedding'", "method.adpe_update='ascent'", "method.mae_plus='on'"],
+     "perturbs the visible patches of a plain MAE"),
+])
+def test_adpe_forms_refuse_the_other_encoder(tiny_recipe: Path, sets: list[str], says: str) -> None:
+    with pytest.raises(UserError, match=re.escape(says)) as refused:
+        load(tiny_recipe, VIT + sets)
+    assert str(refused.value).count(str(tiny_recipe)) == 1
 
 
 def test_mae_refuses_a_backbone_without_patch_tokens(tiny_recipe: Path) -> None:
@@ -236,7 +375,8 @@ def test_compiled_adversarial_mae_with_adpe_steps_like_eager(tiny_recipe: Path, 
     """engine.compile: the pixel attack, AdPE's ascent loop and the carried δ give what the eager step gives."""
     from rsslctl.run.build import compile_step
     recipe = load(tiny_recipe, VIT + ["attack.name='pgd'", "attack.steps=2", "method.adpe='coordinate'",
-                                      "method.adpe_persistent=true", "data.limit=32", "schedule.batch_size=8",
+                                      "method.adpe_update='ascent'", "method.adpe_persistent=true", "data.limit=32",
+                                      "schedule.batch_size=8",
                                       "engine.precision='fp32'"])
     eager, compiled = (Trainer(recipe, tmp_path / tag, quiet=True) for tag in ("eager", "compiled"))
     compiled.method.load_state_dict(eager.method.state_dict())

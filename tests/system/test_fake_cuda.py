@@ -145,7 +145,9 @@ def test_every_method_training_step_forward_on_fake_cuda(name: str, tiny_recipe:
     ("empssl_adv", ["method.training='free'"]),
     ("sat", ["attack.random_start=false", "attack.norm='l2'"]),
     ("mae", ["attack.name='pgd'", "method.contrastive_weight=0.5", "encoder.head_layers=1"]),
-    ("mae", ["method.adpe='coordinate'", "method.adpe_persistent=true"]),
+    ("mae", ["method.adpe='coordinate'", "method.adpe_update='ascent'", "method.adpe_persistent=true"]),
+    ("mae", ["method.adpe='coordinate'", "method.adpe_norm='l2'"]),
+    ("mae", ["method.adpe='embedding'", "method.adpe_norm='linf'"]),
     ("adios", ["method.form='byol'", "method.update='simultaneous'"]),
 ])
 def test_method_variants_forward_on_fake_cuda(name: str, extra: list[str], tiny_recipe: Path,

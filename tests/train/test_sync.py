@@ -118,8 +118,10 @@ def test_every_method_steps_without_a_host_sync(name: str, tiny_recipe: Path, tm
     ("empssl_adv", ["method.training='free'"]),
     ("sat", ["attack.random_start=false", "attack.norm='l2'"]),
     ("mae", ["attack.name='pgd'", "method.contrastive_weight=0.5", "encoder.head_layers=1"]),
-    ("mae", ["method.adpe='coordinate'", "method.adpe_persistent=true"]),
-    ("mae", ["method.adpe='embedding'", "method.adpe_shared=true"]),
+    ("mae", ["method.adpe='coordinate'", "method.adpe_update='ascent'", "method.adpe_persistent=true"]),
+    ("mae", ["method.adpe='embedding'", "method.adpe_update='ascent'"]),
+    ("mae", ["method.adpe='coordinate'", "method.adpe_norm='l2'"]),
+    ("mae", ["method.adpe='embedding'", "method.adpe_norm='linf'", "method.adpe_shared=false"]),
     ("adios", ["method.form='byol'", "method.update='simultaneous'"]),
 ])
 def test_method_variants_step_without_a_host_sync(name: str, extra: list[str], tiny_recipe: Path,
