@@ -16,6 +16,8 @@ pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux
 RSSLCTL = Path(sys.executable).with_name("rsslctl")
 #: CPU seconds the command has spent before Ctrl-C: past the imports, inside the verb's own work
 BUSY_CPU_S = 6.0
+#: printed by the pane's shell after the command and its exit code
+FINISHED = "rsslctl-test-finished"
 
 
 def _tmux(*args: str) -> str:
@@ -31,7 +33,9 @@ def interrupt_in_tmux(args: list[str], tmp_path: Path, timeout: float = 240) -> 
     """Run ``rsslctl ARGS`` in a fresh tmux pane, press Ctrl-C once it is busy; (exit code, pane text)."""
     session = f"rsslctl-test-{os.getpid()}-{time.monotonic_ns()}"
     rc_file = tmp_path / "rc"
-    line = f"{shlex.join([str(RSSLCTL), *args])}; echo $? > {shlex.quote(str(rc_file))}"
+    # the marker is typed split in two, so only the shell's output of it (not the echo of the typed line) matches
+    marker = f"{FINISHED[:4]}''{FINISHED[4:]}"
+    line = f"{shlex.join([str(RSSLCTL), *args])}; echo $? > {shlex.quote(str(rc_file))}; echo {marker}"
     _tmux("new-session", "-d", "-s", session, "-x", "220", "-y", "60", "bash --norc --noprofile")
     try:
         shell = int(_tmux("display-message", "-p", "-t", session, "#{pane_pid}").strip())
@@ -51,10 +55,12 @@ def interrupt_in_tmux(args: list[str], tmp_path: Path, timeout: float = 240) -> 
         while not (rc_file.exists() and rc_file.read_text().strip()):
             assert time.monotonic() < deadline, "the command did not stop after Ctrl-C"
             time.sleep(0.2)
-        pane = _tmux("capture-pane", "-p", "-J", "-S", "-200", "-t", session).rstrip()
-        # what the pane's shell was started with (the tmux server's environment): shown when an assertion fails
-        names = " ".join(v.split("=")[0] for v in _tmux("show-environment", "-g").split())
-        return int(rc_file.read_text()), f"{pane}\n[tmux server environment: {names}]"
+        # the rc file can exist before the tmux server has drawn the command's last output: wait for the marker,
+        # printed after it, so the pane holds everything the command wrote
+        while FINISHED not in (pane := _tmux("capture-pane", "-p", "-J", "-S", "-200", "-t", session)).splitlines():
+            assert time.monotonic() < deadline, f"the pane never showed the end of the command:\n{pane}"
+            time.sleep(0.2)
+        return int(rc_file.read_text()), pane.rstrip()
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=30)
 
