@@ -6,6 +6,7 @@ defaults to false here and is passed to every model that has the option.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +38,25 @@ class TimmBackbone(Backbone):
         if o.weights and not Path(o.weights).is_file():
             raise UserError(f"{where}.weights: file not found: {Path(o.weights).resolve()}")
 
+    @staticmethod
+    def _create(o: TimmOptions, kwargs: dict[str, Any]) -> nn.Module:
+        try:
+            return timm.create_model(o.model, pretrained=False, num_classes=0, zero_init_last=o.zero_init_last,
+                                     **kwargs)
+        except TypeError as exc:
+            if "zero_init_last" not in str(exc):
+                raise
+            # a model without residual blocks (ViT, MobileNet, ...) has no such option
+            return timm.create_model(o.model, pretrained=False, num_classes=0, **kwargs)
+
     def build(self) -> nn.Module:
         o = self.options
         self.check_options(o)
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in o.model_kwargs.items()}
         try:
-            try:
-                model = timm.create_model(o.model, pretrained=False, num_classes=0, zero_init_last=o.zero_init_last,
-                                          **kwargs)
-            except TypeError as exc:
-                if "zero_init_last" not in str(exc):
-                    raise
-                # a model without residual blocks (ViT, MobileNet, ...) has no such option
-                model = timm.create_model(o.model, pretrained=False, num_classes=0, **kwargs)
+            with warnings.catch_warnings():  # zero-size layers warn from torch's init; refused below in one line
+                warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+                model = self._create(o, kwargs)
         except Exception as exc:  # noqa: BLE001 — timm raises many kinds for unusable kwargs (zero channels, …)
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise UserError(f"backbone.model_kwargs: {o.model} cannot be built with {o.model_kwargs} ({why})") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -162,7 +163,12 @@ def test_malformed_recipe_files_give_one_line(tmp_path: Path, content: bytes, fr
     ("backbone.model_kwargs={channels=[0,0,0,0]}", "without weights"),
 ])
 def test_absurd_values_are_refused_before_any_directory(tiny_recipe: Path, override: str, fragment: str) -> None:
-    result = CliRunner().invoke(main, ["pretrain", str(tiny_recipe), "--quiet", "--set", override])
+    with warnings.catch_warnings(record=True) as shown:  # what Python's default filters would print beside the line
+        warnings.simplefilter("always")
+        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=hidden)
+        result = CliRunner().invoke(main, ["pretrain", str(tiny_recipe), "--quiet", "--set", override])
+    assert not shown, [str(w.message) for w in shown]
     assert_one_line_error(result)
     assert fragment in result.stderr, result.stderr
     assert not (tiny_recipe.parent / "runs").exists()
