@@ -26,7 +26,18 @@ def fail(message: str, code: int = 2) -> None:
 
     from rsslctl.base.console import err_console
     err_console.print(f"[bold red]error:[/] {escape(_one_line(message))}", highlight=False, soft_wrap=True)
+    if _launched() and _writes_to_fd2():  # torch's teardown of a process group whose peer is gone can still warn
+        sys.stderr.flush()  # on stderr: the line above stays the last
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     sys.exit(code)
+
+
+def _writes_to_fd2() -> bool:
+    """sys.stderr is the process's standard error (not a stream a caller captures in memory)."""
+    try:
+        return sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return False
 
 
 def os_error_message(exc: OSError) -> str:
