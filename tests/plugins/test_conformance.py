@@ -40,6 +40,8 @@ def test_every_method_trains_a_step_on_digits(name: str, tiny_recipe: Path, tmp_
     recipe = load(tiny_recipe, overrides)
     run = tmp_path / name
     trainer = Trainer(recipe, run, quiet=True)
+    grouped = [id(p) for g in trainer.method.parameter_groups() for p in g["params"]]  # each trained tensor once
+    assert sorted(grouped) == sorted(id(p) for p in trainer.method.optimizer_parameters()), name
     before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
     prepare_run_dir(recipe, run, force=False)
     summary = trainer.fit()
