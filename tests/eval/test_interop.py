@@ -95,6 +95,54 @@ def test_exported_classifier_meets_the_robustbench_model_contract(finetuned: Pat
     assert clean_accuracy(model, x.detach(), y, batch_size=5, device=torch.device("cpu")) == ours["clean_accuracy"]
 
 
+class _GitHubAutoAttack:
+    """The AutoAttack interface robustbench 1.1.1 calls (fra31/auto-attack's: ``log_path=``, ``bs=``, the adversarial
+    images returned), on pyautoattack, the package its metadata installs; the seed is rsslctl's (``--eval-seed 0``),
+    where robustbench leaves it to the clock."""
+
+    def __init__(self, model: nn.Module, norm: str, eps: float, version: str, device: torch.device,
+                 log_path: str | None = None) -> None:
+        from pyautoattack import AutoAttack
+        self.attack = AutoAttack(model, norm=norm, eps=eps, version=version, device=device, seed=0)
+
+    def run_standard_evaluation(self, x: torch.Tensor, y: torch.Tensor, bs: int, state_path=None) -> torch.Tensor:
+        return self.attack.run_standard_evaluation(x, y, batch_size=bs, state_path=state_path)[0]
+
+
+@pytest.mark.slow
+def test_robustbench_benchmark_gives_rsslctls_autoattack_accuracy(finetuned: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """RobustBench's own ``benchmark`` (clean accuracy, standard AutoAttack, accuracy on its adversarial images) of
+    the exported classifier on 8 test images gives what ``rsslctl evaluate --autoattack`` stores. ε = 1/255, so that
+    some images survive and the two must agree on which (minutes on a CPU: every attack of the standard version
+    runs on the survivors, twice)."""
+    _robustbench_clean_accuracy()
+    import robustbench.eval as rb_eval
+    assert run("export", str(finetuned), "--classifier", "SLF", "--force").exit_code == 0
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rb_clf_aa", finetuned / "classifier_SLF.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.load_model(str(finetuned / "classifier_SLF.safetensors"))
+    from rsslctl.run.build import load_split
+    from rsslctl.run.directory import load_run_recipe
+    recipe = load_run_recipe(finetuned)
+    test = load_split(recipe, recipe.data.test_split)
+    x, y = test.images[:8].float().div(255), test.labels[:8]
+    result = run("evaluate", str(finetuned), "--mode", "SLF", "--test-limit", "8", "--pgd-steps", "1", "--eps",
+                 "1/255", "--eps-curve", "", "--autoattack")
+    assert result.exit_code == 0, result.output
+    [ours] = [r for r in map(json.loads, map(Path.read_text, (finetuned / "evaluation").glob("*/SLF.json")))
+              if "autoattack" in r]
+    monkeypatch.setattr(rb_eval, "load_clean_dataset", lambda *args, **kwargs: (x, y))  # its test data: our images
+    monkeypatch.setattr(rb_eval, "AutoAttack", _GitHubAutoAttack)
+    clean, robust = rb_eval.benchmark(model, n_examples=8, dataset="cifar10", threat_model="Linf", eps=1 / 255,
+                                      batch_size=8, device=torch.device("cpu"))
+    assert clean == pytest.approx(ours["clean_accuracy"]) and clean > 0
+    assert robust == pytest.approx(ours["autoattack"]["robust_accuracy"]), (robust, ours["autoattack"])
+    assert robust > 0
+
+
 def test_a_single_folder_suite_result_still_loads_and_is_kept_when_other_settings_run(finetuned: Path) -> None:
     import shutil
     [folder] = [p.parent for p in (finetuned / "evaluation").glob("*/SLF.json")]
