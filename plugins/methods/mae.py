@@ -341,7 +341,7 @@ class MAE(Method):
             rows.mul_(torch.where(norm > o.adpe_eps, o.adpe_eps / norm, torch.ones_like(norm)))
 
     def run_state(self) -> dict[str, Tensor]:
-        return {"adpe_delta": self.adpe_delta} if self.options.adpe_persistent else {}
+        return {"adpe_delta": self.adpe_delta} if self.options.adpe_persistent and not self.joint else {}
 
     def load_run_state(self, state: dict[str, Tensor]) -> None:
         if "adpe_delta" in state:
