@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -64,21 +65,27 @@ def _robustbench_clean_accuracy():
     return clean_accuracy
 
 
-def test_exported_classifier_meets_the_robustbench_model_contract(finetuned: Path) -> None:
-    clean_accuracy = _robustbench_clean_accuracy()
-    assert run("export", str(finetuned), "--classifier", "SLF").exit_code == 0
+def _exported_classifier(run_dir: Path, *export_flags: str) -> tuple[nn.Module, Any]:
+    """The SLF classifier ``rsslctl export --classifier SLF`` writes, loaded the RobustBench way (its module's
+    ``load_model``), and the run's test split."""
+    assert run("export", str(run_dir), "--classifier", "SLF", *export_flags).exit_code == 0
     import importlib.util
-    spec = importlib.util.spec_from_file_location("rb_clf", finetuned / "classifier_SLF.py")
+    spec = importlib.util.spec_from_file_location(f"rb_clf_{run_dir.name}", run_dir / "classifier_SLF.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    model = module.load_model(str(finetuned / "classifier_SLF.safetensors"))
+    from rsslctl.run.build import load_split
+    from rsslctl.run.directory import load_run_recipe
+    recipe = load_run_recipe(run_dir)
+    test = load_split(recipe, recipe.data.test_split)
+    return module.load_model(str(run_dir / "classifier_SLF.safetensors")), test
+
+
+def test_exported_classifier_meets_the_robustbench_model_contract(finetuned: Path) -> None:
+    clean_accuracy = _robustbench_clean_accuracy()
+    model, test = _exported_classifier(finetuned)
     # RobustBench's contract: a plain nn.Module in eval mode; forward takes [0, 1] NCHW floats and returns logits
     assert isinstance(model, nn.Module) and not model.training
 
-    from rsslctl.run.build import load_split
-    from rsslctl.run.directory import load_run_recipe
-    recipe = load_run_recipe(finetuned)
-    test = load_split(recipe, recipe.data.test_split)
     x, y = test.images[:16].float().div(255), test.labels[:16]  # the 16 images `evaluate --test-limit 16` used
     x.requires_grad_(True)
     logits = model(x)
@@ -118,16 +125,7 @@ def test_robustbench_benchmark_gives_rsslctls_autoattack_accuracy(finetuned: Pat
     runs on the survivors, twice)."""
     _robustbench_clean_accuracy()
     import robustbench.eval as rb_eval
-    assert run("export", str(finetuned), "--classifier", "SLF", "--force").exit_code == 0
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("rb_clf_aa", finetuned / "classifier_SLF.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.load_model(str(finetuned / "classifier_SLF.safetensors"))
-    from rsslctl.run.build import load_split
-    from rsslctl.run.directory import load_run_recipe
-    recipe = load_run_recipe(finetuned)
-    test = load_split(recipe, recipe.data.test_split)
+    model, test = _exported_classifier(finetuned, "--force")
     x, y = test.images[:8].float().div(255), test.labels[:8]
     result = run("evaluate", str(finetuned), "--mode", "SLF", "--test-limit", "8", "--pgd-steps", "1", "--eps",
                  "1/255", "--eps-curve", "", "--autoattack")
